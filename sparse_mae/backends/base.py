@@ -1,0 +1,51 @@
+"""The one small interface every encoder backend implements.
+
+A backend owns no parameters. It runs the forward of a dense `ConvNeXtV2` encoder (the
+canonical parameter layout) over the visible patches only, so a checkpoint from any
+backend loads into any other by construction.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # the models import the backends, not the other way round
+    from sparse_mae.models.convnextv2 import ConvNeXtV2
+
+# Down-sampling factor from the 1/32 mask grid to each stage's grid (1/4, 1/8, 1/16, 1/32).
+STAGE_UPSAMPLE = (8, 4, 2, 1)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend whose dependencies are not installed; the message says how to install them."""
+
+
+class EncoderBackend:
+    name: str = "?"
+    #: device types ("cpu", "cuda") on which the backend runs under torch.autocast
+    autocast_devices: tuple[str, ...] = ()
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """(available, reason-if-not). Must not raise."""
+        return True, ""
+
+    def encode(self, encoder: "ConvNeXtV2", imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Run the encoder over the visible patches.
+
+        imgs: (N, C_in, H, W), H and W multiples of 32.
+        mask: (N, H/32, W/32), 1 = removed, 0 = visible; every sample keeps >= 1 patch.
+        returns: (N, C3, H/32, W/32) features, exactly zero at removed sites.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, h, w) -> (N, h*factor, w*factor), nearest."""
+    if factor == 1:
+        return mask
+    return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)

@@ -1,0 +1,42 @@
+"""`sparse-mae <command> [args]`: one entry point, one line per app in COMMANDS.
+
+Hydra apps read their overrides from sys.argv, so the dispatcher hands each app the rest
+of the command line as its own argv.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> ("module:function", one-line help). The function takes no arguments.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("sparse_mae.apps.demo:main", "one FCMAE step per available backend on built-in images"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: sparse-mae <command> [args]", "", "commands:"]
+    lines += [f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items()]
+    lines += ["", "`sparse-mae <command> --help` shows a command's own options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"sparse-mae: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    target, _ = COMMANDS[command]
+    module, func = target.split(":")
+    sys.argv = [f"sparse-mae {command}", *rest]
+    result = getattr(importlib.import_module(module), func)()
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""FCMAE: fully convolutional masked autoencoder (ConvNeXt V2, arXiv 2301.00808).
+
+The forward is split into named steps, shapes in the docstrings:
+patchify -> random_masking -> forward_encoder (any backend) -> forward_decoder -> forward_loss.
+Mask convention: (N, L), 1 = removed, 0 = kept; L = (H/32) * (W/32).
+
+Parameter names: `encoder.*` (the canonical ConvNeXt V2 layout without `head.*`),
+`proj`, `mask_token`, `decoder.{j}.*` (dense Blocks), `pred`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sparse_mae.backends import get_backend
+from sparse_mae.models.convnextv2 import PATCH, VARIANTS, Block, ConvNeXtV2, check_images, init_weights
+
+
+class FCMAE(nn.Module):
+    def __init__(
+        self,
+        depths=(3, 3, 9, 3),
+        dims=(96, 192, 384, 768),
+        in_chans: int = 3,
+        backend: str = "dense_masked",
+        mask_ratio: float = 0.6,
+        norm_pix_loss: bool = True,
+        decoder_dim: int = 512,
+        decoder_depth: int = 1,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        check_mask_ratio(mask_ratio)
+        if decoder_depth < 1 or decoder_dim < 1:
+            raise ValueError(f"decoder_depth and decoder_dim must be >= 1, got {decoder_depth}, {decoder_dim}")
+        self.patch_size = PATCH
+        self.in_chans = in_chans
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.backend = get_backend(backend)
+        self.encoder = ConvNeXtV2(depths, dims, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
+        self.proj = nn.Conv2d(dims[-1], decoder_dim, kernel_size=1)
+        self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
+        self.decoder = nn.Sequential(*[Block(decoder_dim) for _ in range(decoder_depth)])
+        self.pred = nn.Conv2d(decoder_dim, PATCH * PATCH * in_chans, kernel_size=1)
+        for m in (self.proj, self.decoder, self.pred):
+            m.apply(init_weights)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def set_backend(self, name: str) -> None:
+        """Switch engines in place; parameters are shared by construction."""
+        self.backend = get_backend(name)
+
+    # -- steps -------------------------------------------------------------------------
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), each patch in (p, q, c) order, patches row-major."""
+        n, c, h, w = imgs.shape
+        p = self.patch_size
+        x = imgs.reshape(n, c, h // p, p, w // p, p)
+        x = torch.einsum("nchpwq->nhwpqc", x)
+        return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
+        n = x.shape[0]
+        p, (h, w) = self.patch_size, grid
+        x = x.reshape(n, h, w, p, p, self.in_chans)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(n, self.in_chans, h * p, w * p)
+
+    def random_masking(
+        self, batch: int, num_patches: int, device=None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """-> mask (N, L) float, 1 = removed; exactly max(1, int(L * (1 - ratio))) kept per sample."""
+        return random_mask(batch, num_patches, self.mask_ratio, device=device, generator=generator)
+
+    def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """imgs (N, C, H, W), mask (N, L) -> latent (N, C3, H/32, W/32), zero at removed patches."""
+        n, _, h, w = imgs.shape
+        grid_mask = mask.reshape(n, h // self.patch_size, w // self.patch_size)
+        return self.backend.encode(self.encoder, imgs, grid_mask)
+
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """latent (N, C3, h, w), mask (N, L) -> pred (N, L, p*p*C)."""
+        x = self.proj(latent)
+        n, _, h, w = x.shape
+        m = mask.reshape(n, 1, h, w).to(x.dtype)
+        x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
+        x = self.pred(self.decoder(x))
+        return x.flatten(2).transpose(1, 2)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE on (per-patch normalised) pixels, averaged over removed patches only. -> scalar."""
+        target = self.patchify(imgs)
+        if self.norm_pix_loss:
+            mean = target.mean(dim=-1, keepdim=True)
+            var = target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+        mask = mask.to(per_patch.dtype)
+        return (per_patch * mask).sum() / mask.sum()
+
+    def forward(
+        self, imgs: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L))."""
+        check_images(imgs, self.in_chans)
+        n, _, h, w = imgs.shape
+        num_patches = (h // self.patch_size) * (w // self.patch_size)
+        if mask is None:
+            mask = self.random_masking(n, num_patches, device=imgs.device, generator=generator)
+        else:
+            mask = check_mask(mask, n, num_patches).to(imgs.device)
+        latent = self.forward_encoder(imgs, mask)
+        pred = self.forward_decoder(latent, mask)
+        loss = self.forward_loss(imgs, pred, mask)
+        return loss, pred, mask
+
+
+def check_mask_ratio(mask_ratio: float) -> None:
+    if not (0.0 < float(mask_ratio) < 1.0):
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}; the paper uses 0.6")
+
+
+def random_mask(
+    batch: int, num_patches: int, ratio: float, device=None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(N, L) float mask, 1 = removed, drawn independently per sample."""
+    check_mask_ratio(ratio)
+    keep = max(1, int(num_patches * (1 - ratio)))
+    gen_device = generator.device if generator is not None else device
+    noise = torch.rand(batch, num_patches, generator=generator, device=gen_device)
+    ids_keep = noise.argsort(dim=1)[:, :keep]
+    mask = torch.ones(batch, num_patches, device=gen_device)
+    mask.scatter_(1, ids_keep, 0.0)
+    return mask.to(device) if device is not None else mask
+
+
+def check_mask(mask: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
+    """Validate a user-given mask; returns it as float."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(
+            f"mask must have shape (N, L) = ({batch}, {num_patches}) for these images "
+            f"(L = (H/32)*(W/32)), got {shape}"
+        )
+    mask = mask.float()
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError("mask values must be 0 (kept) or 1 (removed)")
+    kept = (mask == 0).sum(dim=1)
+    if torch.any(kept == 0):
+        bad = torch.nonzero(kept == 0).flatten().tolist()
+        raise ValueError(f"mask keeps 0 patches in sample(s) {bad}; every sample must keep at least 1 patch")
+    return mask
+
+
+def build_fcmae(variant: str, **kwargs) -> FCMAE:
+    spec = VARIANTS[variant]
+    return FCMAE(depths=spec.depths, dims=spec.dims, **kwargs)

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+import sparse_mae
+from sparse_mae.data.builtin import builtin_batch, normalize
+from tests.equivalence import make_case
+
+
+def test_shapes_any_multiple_of_32():
+    model = sparse_mae.create_model("fcmae_convnextv2_debug")
+    loss, pred, mask = model(torch.randn(2, 3, 96, 160))
+    assert pred.shape == (2, 15, 32 * 32 * 3) and mask.shape == (2, 15)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("ratio, L", [(0.6, 49), (0.75, 4), (0.99, 6), (0.01, 12)])
+def test_random_mask_keeps_exact_count_and_is_reproducible(ratio, L):
+    model = sparse_mae.create_model("fcmae_convnextv2_debug", mask_ratio=ratio)
+    m1 = model.random_masking(5, L, generator=torch.Generator().manual_seed(3))
+    m2 = model.random_masking(5, L, generator=torch.Generator().manual_seed(3))
+    m3 = model.random_masking(5, L, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    kept = (m1 == 0).sum(1)
+    assert torch.all(kept == max(1, int(L * (1 - ratio))))
+    assert not all(torch.equal(m1[0], m1[i]) for i in range(1, 5))  # drawn per sample
+
+
+def test_patchify_roundtrip_and_order():
+    model = sparse_mae.create_model("fcmae_convnextv2_debug")
+    imgs = torch.randn(2, 3, 64, 96)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, 6, 3072)
+    # patch 1 is row 0, column 1; its first entries are pixel (0, 0) channels r, g, b
+    torch.testing.assert_close(patches[0, 1, :3], imgs[0, :, 0, 32])
+    torch.testing.assert_close(model.unpatchify(patches, (2, 3)), imgs)
+
+
+def test_unmasked_reference_equals_dense_encoder():
+    model, imgs, _ = make_case("debug", (64, 96), 2, 0.6)
+    nothing_removed = torch.zeros(2, 6)
+    latent = model.forward_encoder(imgs, nothing_removed)
+    torch.testing.assert_close(latent, model.encoder.forward_features(imgs), rtol=1e-5, atol=1e-5)
+
+
+def test_visible_output_ignores_masked_pixels():
+    """Fails for a plain dense encoder (checked below), holds for the masked reference."""
+    model, imgs, _ = make_case("debug", (96, 96), 2, 0.6)
+    mask = torch.zeros(2, 9)
+    mask[:, 4] = 1  # centre patch removed; its neighbours see it through the 7x7 convs
+    changed = imgs.clone()
+    changed[:, :, 32:64, 32:64] = torch.randn(2, 3, 32, 32) * 5
+    with torch.no_grad():
+        a = model.forward_encoder(imgs, mask)
+        b = model.forward_encoder(changed, mask)
+        visible = (mask == 0).reshape(2, 1, 3, 3).expand_as(a)
+        torch.testing.assert_close(a[visible], b[visible], rtol=0, atol=0)
+        assert torch.all(a[~visible] == 0)
+        dense_a, dense_b = model.encoder.forward_features(imgs), model.encoder.forward_features(changed)
+        assert not torch.allclose(dense_a[visible], dense_b[visible])
+
+
+def test_loss_decreases_over_20_adamw_steps():
+    torch.manual_seed(0)
+    model = sparse_mae.create_model("fcmae_convnextv2_debug")
+    imgs = normalize(builtin_batch(8, 64)[0])
+    mask = model.random_masking(8, 4, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    losses = []
+    for _ in range(20):
+        loss, _, _ = model(imgs, mask=mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_loss_only_on_removed_patches():
+    model, imgs, mask = make_case("debug", (64, 64), 2, 0.5)
+    with torch.no_grad():
+        _, pred, _ = model(imgs, mask=mask)
+        target = model.patchify(imgs)
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+        expected = ((pred - target) ** 2).mean(-1)[mask == 1].mean()
+        loss, _, _ = model(imgs, mask=mask)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("kwargs, imgs, mask, match", [
+    ({}, torch.randn(2, 3, 64, 80), None, "multiple of 32"),
+    ({}, torch.randn(2, 1, 64, 64), None, "3 input channels"),
+    ({}, torch.randn(2, 3, 64, 64), torch.zeros(2, 5), r"mask must have shape \(N, L\) = \(2, 4\)"),
+    ({}, torch.randn(2, 3, 64, 64), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1.0]]), r"keeps 0 patches in sample\(s\) \[1\]"),
+])
+def test_bad_input(kwargs, imgs, mask, match):
+    model = sparse_mae.create_model("fcmae_convnextv2_debug", **kwargs)
+    with pytest.raises(ValueError, match=match):
+        model(imgs, mask=mask)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
+def test_bad_mask_ratio(ratio):
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
+        sparse_mae.create_model("fcmae_convnextv2_debug", mask_ratio=ratio)
+
+
+def test_unknown_backend_lists_valid():
+    with pytest.raises(ValueError, match="valid backends: dense_masked"):
+        sparse_mae.create_model("fcmae_convnextv2_debug", backend="sparse_magic")
