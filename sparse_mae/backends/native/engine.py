@@ -1,0 +1,88 @@
+"""Native sparse encoder: every op runs on the visible patches only (see layout.py).
+
+Per op: stem = 4x4/4 conv on the visible image patches; downsample = LayerNorm, then the
+2x2/2 conv as one matmul (its windows never cross a patch border, so it is a reshape,
+no gather); block = halo-tile depthwise 7x7 (`sparse_mae_kernels.sparse_ops`),
+LayerNorm / Linear / GELU on packed rows, GRN per sample over its visible sites, drop
+path per sample. On CUDA the Triton kernels replace the two custom ops unless
+SPARSE_MAE_TRITON=0. The result equals the dense_masked reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparse_mae.backends.base import EncoderBackend
+from sparse_mae.backends.native.layout import SparseLayout, StageLayout
+from sparse_mae.models.convnextv2 import PATCH, Block, ConvNeXtV2, drop_path_scale
+from sparse_mae_kernels import use_triton
+from sparse_mae_kernels.sparse_ops import segment_grn, tile_dwconv
+
+
+class NativeBackend(EncoderBackend):
+    name = "native"
+    autocast_devices = ("cpu", "cuda")
+
+    def encode(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = imgs.shape
+        if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
+            raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
+        layout = SparseLayout(mask.to(imgs.device))
+        triton = _triton_ops(imgs.device)
+        x = self._stem(encoder, imgs, layout)
+        for i, stage in enumerate(encoder.stages):
+            if i > 0:
+                x = self._downsample(stage.downsample, x)
+            stage_layout = layout.stage(i)
+            for block in stage.blocks:
+                x = self._block(block, x, layout, stage_layout, triton)
+        return layout.densify(x)
+
+    @staticmethod
+    def _stem(encoder: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+        """-> (P, 8, 8, C0) tiles."""
+        conv, norm = encoder.stem
+        x = conv(layout.visible_patches(imgs)).permute(0, 2, 3, 1)
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+    @staticmethod
+    def _downsample(downsample, x: torch.Tensor) -> torch.Tensor:
+        """LayerNorm then 2x2/2 conv: (P, s, s, C) -> (P, s/2, s/2, C')."""
+        norm, conv = downsample
+        p, s, _, c = x.shape
+        x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        # each output site's 2x2 window as one row (ky, kx, c), matching the conv weight
+        windows = x.reshape(p, s // 2, 2, s // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4 * c)
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * c)
+        return F.linear(windows, weight, conv.bias).view(p, s // 2, s // 2, conv.out_channels)
+
+    @staticmethod
+    def _block(block: Block, x: torch.Tensor, layout: SparseLayout, st: StageLayout, triton) -> torch.Tensor:
+        p, s, _, c = x.shape
+        conv = block.conv_dw
+        if triton is not None:
+            y = triton.sparse_dwconv(x.reshape(-1, c), st.neighbour_map(), conv.weight.view(c, -1), conv.bias)
+            y = y.view(p, s, s, c)
+        else:
+            y = tile_dwconv(x, st.halo_index, conv.weight, conv.bias)
+        mlp = block.mlp
+        y = mlp.act(mlp.fc1(block.norm(y)))
+        hidden = y.shape[-1]
+        if triton is not None:
+            y = triton.segment_grn(y.reshape(-1, hidden), st.row_offsets, mlp.grn.weight, mlp.grn.bias)
+        else:
+            y = segment_grn(y.reshape(p, s * s, hidden), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
+        y = mlp.fc2(y).view(p, s, s, c)
+        scale = drop_path_scale(layout.batch, block.drop_path, block.training, x.device, x.dtype)
+        if scale is not None:
+            y = y * scale[layout.patch_sample].view(p, 1, 1, 1)
+        return x + y
+
+
+def _triton_ops(device: torch.device):
+    """The Triton op module on CUDA when switched on and importable, else None."""
+    if not use_triton(device):
+        return None
+    from sparse_mae_kernels import triton_ops
+
+    return triton_ops

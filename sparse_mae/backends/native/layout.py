@@ -1,0 +1,102 @@
+"""Packed layout of the visible patches of one batch, built once from the patch mask.
+
+Masks are patch-aligned, so at stage i (side s = 8, 4, 2, 1 sites per patch) a visible
+32x32 patch is a dense s x s block of sites. Features are packed as tiles (P, s, s, C),
+P = visible patches of the whole batch in sample-major order (sample, row, column), so
+each sample's rows form one contiguous segment. Per stage the layout caches the index
+structures the ops need (the halo gather index of the depthwise conv, and on demand the
+(M, 49) neighbour map and row segment offsets the Triton kernels take).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparse_mae.backends.base import STAGE_UPSAMPLE
+from sparse_mae.models.convnextv2 import PATCH
+
+KERNEL = 7
+HALO = KERNEL // 2
+
+
+@dataclass
+class StageLayout:
+    side: int  # sites per patch side at this stage
+    halo_index: torch.Tensor  # (P, s+6, s+6) int64 rows of (P*s*s, C) tiles; P*s*s = zero row
+    row_offsets: torch.Tensor  # (N+1,) int64 first packed row of each sample
+    _neighbours: torch.Tensor | None = field(default=None, repr=False)
+
+    def neighbour_map(self) -> torch.Tensor:
+        """(M, 49) int32: row of each site's 7x7 neighbour, -1 where absent.
+
+        Offset order is ky-major: k = (dy+3)*7 + (dx+3), matching weight.view(C, 49).
+        """
+        if self._neighbours is None:
+            p, s = self.halo_index.shape[0], self.side
+            windows = self.halo_index.unfold(1, KERNEL, 1).unfold(2, KERNEL, 1)  # (P, s, s, 7, 7)
+            nbr = windows.reshape(p * s * s, KERNEL * KERNEL)
+            nbr = torch.where(nbr == p * s * s, torch.full_like(nbr, -1), nbr)
+            self._neighbours = nbr.to(torch.int32).contiguous()
+        return self._neighbours
+
+
+class SparseLayout:
+    """Visible-patch bookkeeping of a batch; see the module docstring."""
+
+    def __init__(self, mask: torch.Tensor):
+        if mask.dim() != 3:
+            raise ValueError(f"mask must be (N, H/32, W/32) with 1 = removed, got shape {tuple(mask.shape)}")
+        self.batch, self.grid = mask.shape[0], (mask.shape[1], mask.shape[2])
+        self.device = mask.device
+        sample, py, px = torch.nonzero(mask == 0, as_tuple=True)  # row-major = sample-major
+        counts = torch.bincount(sample, minlength=self.batch)
+        if bool((counts == 0).any()):
+            bad = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"mask keeps 0 patches in sample(s) {bad}; every sample must keep at least 1 patch")
+        self.patch_sample, self.patch_y, self.patch_x = sample, py, px
+        self.num_patches = int(sample.numel())
+        self.patch_offsets = torch.zeros(self.batch + 1, dtype=torch.int64, device=self.device)
+        self.patch_offsets[1:] = torch.cumsum(counts, 0)
+        self._stages: dict[int, StageLayout] = {}
+
+    def stage(self, i: int) -> StageLayout:
+        if i not in self._stages:
+            self._stages[i] = self._build_stage(STAGE_UPSAMPLE[i])
+        return self._stages[i]
+
+    def _build_stage(self, s: int) -> StageLayout:
+        n, (h, w), p = self.batch, self.grid, self.num_patches
+        dev = self.device
+        hp, wp = h * s + 2 * HALO, w * s + 2 * HALO
+        # canvas of packed row numbers over the padded grid; the zero row everywhere else
+        canvas = torch.full((n, hp, wp), p * s * s, dtype=torch.int64, device=dev)
+        t = torch.arange(s, device=dev)
+        ys = (self.patch_y * s + HALO).view(p, 1, 1) + t.view(1, s, 1)
+        xs = (self.patch_x * s + HALO).view(p, 1, 1) + t.view(1, 1, s)
+        rows = torch.arange(p * s * s, device=dev).view(p, s, s)
+        canvas[self.patch_sample.view(p, 1, 1), ys, xs] = rows
+        # each tile's (s+6) x (s+6) window, read off the flat canvas
+        base = self.patch_sample * (hp * wp) + self.patch_y * s * wp + self.patch_x * s
+        t6 = torch.arange(s + 2 * HALO, device=dev)
+        offsets = t6.view(-1, 1) * wp + t6.view(1, -1)
+        halo_index = canvas.view(-1)[base.view(p, 1, 1) + offsets.view(1, *offsets.shape)]
+        return StageLayout(s, halo_index, self.patch_offsets * (s * s))
+
+    def visible_patches(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (P, C, 32, 32) image patches of the visible sites."""
+        n, c = imgs.shape[:2]
+        h, w = self.grid
+        tiles = imgs.view(n, c, h, PATCH, w, PATCH).permute(0, 2, 4, 1, 3, 5)
+        return tiles[self.patch_sample, self.patch_y, self.patch_x]
+
+    def densify(self, x: torch.Tensor) -> torch.Tensor:
+        """last-stage tiles (P, 1, 1, C) -> (N, C, H/32, W/32), zeros at removed patches.
+
+        The explicit grid shape keeps the map whole when a border row is removed everywhere.
+        """
+        h, w = self.grid
+        c = x.shape[-1]
+        flat = (self.patch_sample * h + self.patch_y) * w + self.patch_x
+        out = x.new_zeros(self.batch * h * w, c).index_copy(0, flat, x.reshape(-1, c))
+        return out.view(self.batch, h, w, c).permute(0, 3, 1, 2)
