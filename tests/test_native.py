@@ -1,0 +1,122 @@
+"""backend="native" equals the dense_masked reference (and minkowski where installed)."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparse_mae.backends import backend_availability, get_backend, list_backends
+from sparse_mae.flops import fcmae_gmacs
+from tests.equivalence import assert_batch_independent, assert_same_as_reference, make_case, run_step
+
+
+def minkowski_available() -> tuple[bool, str]:
+    if "minkowski" not in list_backends():
+        return False, "minkowski backend not registered"
+    return backend_availability("minkowski")
+
+
+@pytest.mark.parametrize("mask_ratio", [0.25, 0.6, 0.9])
+def test_debug_equals_reference(mask_ratio):
+    model, imgs, mask = make_case("debug", (96, 96), 3, mask_ratio)
+    assert_same_as_reference(model, imgs, mask, "native")
+
+
+def test_non_square_input():
+    model, imgs, mask = make_case("debug", (160, 96), 3, 0.6, seed=1)
+    assert_same_as_reference(model, imgs, mask, "native")
+
+
+def test_patch_row_and_column_masked_in_every_sample():
+    """The last grid row and first column are removed everywhere: the map keeps its shape."""
+    model, imgs, mask = make_case("debug", (128, 96), 3, 0.25, seed=2)
+    grid = mask.view(3, 4, 3).clone()
+    grid[:, -1, :] = 1
+    grid[:, :, 0] = 1
+    grid[:, 0, 1] = 0  # keep at least one patch per sample
+    mask = grid.view(3, -1)
+    pred, _ = assert_same_as_reference(model, imgs, mask, "native")
+    latent = model.forward_encoder(imgs, mask)
+    assert latent.shape == (3, model.encoder.dims[-1], 4, 3)
+    assert torch.count_nonzero(latent[:, :, -1, :]) == 0
+
+
+def test_different_visible_counts_per_sample():
+    model, imgs, mask = make_case("debug", (96, 128), 3, 0.5, seed=3)
+    grid = torch.ones(3, 12)
+    grid[0, :1] = 0  # 1 visible patch
+    grid[1, ::2] = 0  # 6
+    grid[2, :11] = 0  # 11
+    assert_same_as_reference(model, imgs, grid, "native")
+
+
+def test_batch_independence():
+    model, imgs, mask = make_case("debug", (96, 96), 3, 0.6, seed=4)
+    assert_batch_independent(model, imgs, mask, "native")
+
+
+def test_drop_path_in_train_mode():
+    model, imgs, mask = make_case("debug", (96, 96), 4, 0.6, seed=5, drop_path_rate=0.5)
+    model.train()
+    assert_same_as_reference(model, imgs, mask, "native")
+    # the draws really drop something: another RNG seed changes the loss
+    model.set_backend("native")
+    loss_a = run_step(model, imgs, mask, rng_seed=1)[0]
+    loss_b = run_step(model, imgs, mask, rng_seed=2)[0]
+    assert not torch.equal(loss_a, loss_b)
+
+
+def test_bf16_autocast_close_to_fp32():
+    assert "cpu" in get_backend("native").autocast_devices
+    model, imgs, mask = make_case("debug", (96, 96), 2, 0.6, seed=6)
+    model.set_backend("native")
+    ref_loss, _, ref_grads = run_step(model, imgs, mask)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = model(imgs, mask=mask)
+        latent = model.forward_encoder(imgs, mask)
+    assert latent.dtype == torch.bfloat16
+    loss.backward()
+    torch.testing.assert_close(loss.float(), ref_loss, rtol=3e-2, atol=0)
+    grad = model.encoder.stages[1].blocks[0].conv_dw.weight.grad
+    ref = ref_grads["encoder.stages.1.blocks.0.conv_dw.weight"]
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, ref, rtol=0.1, atol=0.05 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("variant", ["debug", "atto"])
+def test_executed_encoder_flops_within_bound_of_useful(variant):
+    """FlopCounterMode over the encoder forward (+ uncounted MACs) <= 1.15x useful sparse MACs."""
+    model, imgs, mask = make_case(variant, (224, 224), 2, 0.6, seed=7)
+    backend = get_backend("native")
+    grid_mask = mask.view(2, 7, 7)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        backend.encode(model.encoder, imgs, grid_mask)
+    executed = counter.get_total_flops() / 2 + backend.uncounted_macs(model.encoder, imgs, grid_mask)
+    useful = fcmae_gmacs(variant, mask=mask).encoder_useful * 1e9 * 2
+    assert 0.95 * useful <= executed <= 1.15 * useful, (executed, useful)
+
+
+def test_bad_mask_shape_raises():
+    model, imgs, _ = make_case("debug", (64, 64), 1, 0.5)
+    with pytest.raises(ValueError, match="mask must be"):
+        get_backend("native").encode(model.encoder, imgs, torch.zeros(1, 3, 3))
+
+
+@pytest.mark.skipif(not minkowski_available()[0], reason=f"MinkowskiEngine: {minkowski_available()[1]}")
+def test_equals_minkowski():
+    model, imgs, mask = make_case("debug", (96, 64), 2, 0.6, seed=8)
+    assert_same_as_reference(model, imgs, mask, "native", reference="minkowski")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mask_ratio", [0.25, 0.6, 0.9])
+def test_atto_224_equals_reference(mask_ratio):
+    model, imgs, mask = make_case("atto", (224, 224), 3, mask_ratio)
+    assert_same_as_reference(model, imgs, mask, "native")
+
+
+@pytest.mark.slow
+def test_atto_batch_independence_and_drop_path():
+    model, imgs, mask = make_case("atto", (224, 224), 3, 0.6, seed=9, drop_path_rate=0.1)
+    model.train()
+    assert_same_as_reference(model, imgs, mask, "native")
+    assert_batch_independent(model, imgs, mask, "native")
