@@ -44,7 +44,9 @@ def gather_halo(x: torch.Tensor, halo_index: torch.Tensor) -> torch.Tensor:
     """
     c = x.shape[-1]
     rows = torch.cat([x.reshape(-1, c), x.new_zeros(1, c)])
-    return rows[halo_index].permute(0, 3, 1, 2)
+    # index_select on a flat index is ~2.5x faster on CPU than advanced indexing
+    halo = rows.index_select(0, halo_index.reshape(-1)).view(*halo_index.shape, c)
+    return halo.permute(0, 3, 1, 2)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,6 +63,22 @@ def tile_dwconv_reference(x, halo_index, weight, bias=None):
     _check_tiles(x, halo_index, weight)
     y = F.conv2d(gather_halo(x, halo_index), weight, bias, groups=x.shape[-1])
     return y.permute(0, 2, 3, 1)
+
+
+def _dwconv_weight_grad(halo: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+    """Depthwise weight gradient, (P, s+6, s+6, C) halo and (P, s, s, C) grad -> (C, 1, 7, 7).
+
+    One multiply-reduce per kernel offset on channels-last views: measured 1-17x faster
+    on CPU than aten.convolution_backward for depthwise weights (which is slowest on the
+    small tiles of the late stages).
+    """
+    s, c = grad_out.shape[1], grad_out.shape[-1]
+    grad_w = torch.empty(c, KERNEL, KERNEL, dtype=torch.float32, device=grad_out.device)
+    for ky in range(KERNEL):
+        for kx in range(KERNEL):
+            window = halo[:, ky : ky + s, kx : kx + s, :]
+            grad_w[:, ky, kx] = (grad_out * window).sum(dim=(0, 1, 2), dtype=torch.float32)
+    return grad_w.unsqueeze(1)
 
 
 class TileDwconv(torch.autograd.Function):
@@ -88,14 +106,11 @@ class TileDwconv(torch.autograd.Function):
                 # adjoint of a submanifold conv = the same conv with the kernel flipped
                 gx = F.conv2d(gather_halo(grad_out, halo_index), wc.flip(-1, -2), None, groups=c)
                 grad_x = gx.permute(0, 2, 3, 1).to(x_dtype)
-            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-                go = grad_out.permute(0, 3, 1, 2)
-                _, gw, gb = torch.ops.aten.convolution_backward(
-                    go, gather_halo(xc, halo_index), wc, [c] if ctx.has_bias else None,
-                    [1, 1], [0, 0], [1, 1], False, [0, 0], c, [False, True, ctx.has_bias],
-                )
-                grad_w = gw.to(w_dtype)
-                grad_b = gb.to(b_dtype) if ctx.has_bias else None
+            if ctx.needs_input_grad[2]:
+                halo = gather_halo(xc, halo_index).permute(0, 2, 3, 1)
+                grad_w = _dwconv_weight_grad(halo, grad_out).to(w_dtype)
+            if ctx.has_bias and ctx.needs_input_grad[3]:
+                grad_b = grad_out.sum(dim=(0, 1, 2), dtype=torch.float32).to(b_dtype)
         return grad_x, None, grad_w, grad_b
 
 
