@@ -12,6 +12,7 @@ from sparse_mae.backends.base import BackendUnavailableError, EncoderBackend
 _REGISTRY: dict[str, str] = {
     "dense_masked": "sparse_mae.backends.dense_masked:DenseMaskedBackend",
     "native": "sparse_mae.backends.native:NativeBackend",
+    "minkowski": "sparse_mae.backends.minkowski:MinkowskiBackend",
 }
 
 

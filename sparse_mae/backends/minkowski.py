@@ -1,0 +1,175 @@
+"""`backend="minkowski"`: the encoder as true sparse convolutions with MinkowskiEngine 0.5.4.
+
+The faithful baseline, not the fast path (ME's CPU kernels are slow, DESIGN.md section 4).
+Differences from the official FCMAE code, on purpose (DESIGN.md section 3): coordinates
+come from the mask, GRN's norm is per sample, the output is densified with the grid shape.
+
+Layout: the stem runs dense; its output at the visible sites becomes a SparseTensor with
+int32 coordinates (batch, y, x) on the 1/4 grid and tensor stride 1. Each 2x2/2
+downsample doubles the tensor stride (coordinates stay in 1/4-grid units), so stage i
+has tensor stride 2**i and the 7x7 depthwise conv there reaches +-3 sites of its grid.
+
+The backend owns no parameters: ME kernels are rebuilt from the encoder's canonical
+dense weights on every forward with differentiable reshapes, so gradients land on them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparse_mae.backends.base import STAGE_UPSAMPLE, EncoderBackend, upsample_mask
+from sparse_mae.backends.minkowski_compat import import_minkowski, minkowski_import_error
+from sparse_mae.models.convnextv2 import GRN_EPS, PATCH, Block, ConvNeXtV2, drop_path_scale
+
+DW_KERNEL = 7
+# Below this, sum of squares is treated as 0 so sqrt's gradient stays finite (a channel
+# that is exactly zero over a sample); far below GRN_EPS, so values are unchanged.
+_GRN_TINY = 1e-30
+
+
+def depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
+    """torch depthwise (C, 1, 7, 7) -> ME channelwise kernel (49, C) (inverse of DESIGN.md 4)."""
+    c = weight.shape[0]
+    return weight.transpose(3, 2).reshape(c, DW_KERNEL * DW_KERNEL).permute(1, 0)
+
+
+def strided_to_me(weight: torch.Tensor) -> torch.Tensor:
+    """torch (Cout, Cin, 2, 2) -> ME convolution kernel (4, Cin, Cout) (inverse of DESIGN.md 4)."""
+    cout, cin = weight.shape[:2]
+    return weight.transpose(3, 2).reshape(cout, cin, 4).permute(2, 1, 0).contiguous()
+
+
+class MinkowskiBackend(EncoderBackend):
+    name = "minkowski"
+    autocast_devices = ()  # ME has no fp16/bf16 kernels
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        error = minkowski_import_error()
+        return (True, "") if error is None else (False, error)
+
+    # -- forward -----------------------------------------------------------------------
+
+    def encode(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ME = import_minkowski()
+        n, _, h, w = imgs.shape
+        self._check(ME, imgs, mask)
+        x = self._sparse_stem(ME, encoder, imgs, mask)
+        for i, stage in enumerate(encoder.stages):
+            if i > 0:
+                x = self._downsample(ME, stage.downsample, x)
+            kernel_map = self._depthwise_kernel_map(ME, x)  # the same sites for every block of the stage
+            batch_index = x.C[:, 0].long()
+            for block in stage.blocks:
+                x = self._block(ME, block, x, kernel_map, batch_index, n)
+        # Explicit shape and origin: a grid whose last row/column is masked everywhere keeps its size.
+        shape = torch.Size([n, encoder.dims[-1], h // PATCH, w // PATCH])
+        dense, _, _ = x.dense(shape=shape, min_coordinate=torch.zeros(2, dtype=torch.int32))
+        return dense
+
+    @staticmethod
+    def _check(ME, imgs: torch.Tensor, mask: torch.Tensor) -> None:
+        n, _, h, w = imgs.shape
+        if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
+            raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
+        if imgs.device.type != "cpu" and not ME.is_cuda_available():
+            raise ValueError(
+                f"this MinkowskiEngine build is CPU-only; move the model and images to the CPU "
+                f"(got {imgs.device}) or use backend='native'"
+            )
+        if imgs.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"MinkowskiEngine runs float32/float64 only, got {imgs.dtype}; disable autocast/half")
+
+    @staticmethod
+    def _stage0_coordinates(mask: torch.Tensor) -> torch.Tensor:
+        """(M, 3) int32 (batch, y, x) of the visible 1/4-grid sites, row-major; from the mask only."""
+        visible = upsample_mask(mask.to(torch.bool).logical_not(), STAGE_UPSAMPLE[0])
+        return torch.nonzero(visible).to(torch.int32).contiguous()
+
+    def _sparse_stem(self, ME, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor):
+        stem = encoder.stem(imgs)  # dense: (N, C0, H/4, W/4)
+        coords = self._stage0_coordinates(mask.cpu())
+        rows = coords.long().to(stem.device)
+        feats = stem[rows[:, 0], :, rows[:, 1], rows[:, 2]]  # (M, C0), the coordinates' order
+        return ME.SparseTensor(feats, coordinates=coords, tensor_stride=1)
+
+    @staticmethod
+    def _depthwise_kernel_map(ME, x) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """[(kernel offset index, input rows, output rows)] of the submanifold 7x7 conv on x's sites."""
+        generator = ME.KernelGenerator(kernel_size=DW_KERNEL, stride=1, dilation=1, dimension=2)
+        region_type, region_offset, _ = generator.get_kernel(x.tensor_stride, False)
+        key = x.coordinate_map_key
+        kernel_map = x.coordinate_manager.kernel_map(
+            key, key, stride=1, kernel_size=DW_KERNEL, dilation=1, region_type=region_type, region_offset=region_offset
+        )
+        return [(k, in_out[0].long(), in_out[1].long()) for k, in_out in kernel_map.items()]
+
+    @staticmethod
+    def _depthwise(feats: torch.Tensor, conv: torch.nn.Conv2d, kernel_map) -> torch.Tensor:
+        """MinkowskiChannelwiseConvolution's computation (a loop over the 49 offsets of ME's
+        kernel map), with the kernel taken from the dense weight (upstream ME has no
+        functional form of it)."""
+        kernel = depthwise_to_me(conv.weight)  # (49, C)
+        out = feats.new_zeros(feats.shape)
+        for k, in_rows, out_rows in kernel_map:
+            out.index_add_(0, out_rows, feats[in_rows] * kernel[k])
+        return out + conv.bias
+
+    @staticmethod
+    def _grn(grn, y: torch.Tensor, batch_index: torch.Tensor, batch: int) -> torch.Tensor:
+        """GRN with the L2 norm over each sample's visible sites (not the whole batch)."""
+        sum_sq = y.new_zeros(batch, y.shape[1]).index_add_(0, batch_index, y * y)
+        gx = sum_sq.clamp_min(_GRN_TINY).sqrt()  # (N, C)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + GRN_EPS)
+        return y + grn.bias + grn.weight * (y * nx[batch_index])
+
+    def _block(self, ME, block: Block, x, kernel_map, batch_index: torch.Tensor, batch: int):
+        feats = x.F
+        y = self._depthwise(feats, block.conv_dw, kernel_map)
+        mlp = block.mlp
+        y = mlp.act(mlp.fc1(block.norm(y)))
+        y = mlp.fc2(self._grn(mlp.grn, y, batch_index, batch))
+        # Drawn once per block through the shared helper: same RNG order as dense_masked.
+        scale = drop_path_scale(batch, block.drop_path, block.training, feats.device, feats.dtype)
+        if scale is not None:
+            y = y * scale[batch_index].unsqueeze(1)
+        return ME.SparseTensor(feats + y, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+
+    @staticmethod
+    def _downsample(ME, downsample: torch.nn.Sequential, x):
+        """LayerNorm on the features, then ME's 2x2/2 convolution onto the strided sites."""
+        norm, conv = downsample
+        feats = F.layer_norm(x.F, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        generator = ME.KernelGenerator(kernel_size=2, stride=2, dilation=1, dimension=2)
+        manager = x.coordinate_manager
+        out_key = manager.stride(x.coordinate_map_key, generator.kernel_stride)
+        from MinkowskiEngineBackend._C import ConvolutionMode  # not re-exported by ME; loaded with it
+
+        out = ME.MinkowskiConvolutionFunction.apply(
+            feats, strided_to_me(conv.weight), generator, ConvolutionMode.DEFAULT,
+            x.coordinate_map_key, out_key, manager,
+        )
+        return ME.SparseTensor(out + conv.bias, coordinate_map_key=out_key, coordinate_manager=manager)
+
+    # -- cost --------------------------------------------------------------------------
+
+    def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
+        """MACs of the depthwise and downsample convs (ME kernels and indexed adds, which
+        FlopCounterMode does not see), counted from ME's own kernel maps for this mask."""
+        ME = import_minkowski()
+        self._check(ME, imgs, mask)
+        coords = self._stage0_coordinates(mask.cpu())
+        x = ME.SparseTensor(torch.zeros(coords.shape[0], 1), coordinates=coords, tensor_stride=1)
+        macs = 0
+        for i, depth in enumerate(encoder.depths):
+            if i > 0:
+                manager = x.coordinate_manager
+                in_key = x.coordinate_map_key
+                out_key = manager.stride(in_key, 2)
+                pairs = manager.kernel_map(in_key, out_key, stride=2, kernel_size=2, dilation=1)
+                macs += sum(len(p[0]) for p in pairs.values()) * encoder.dims[i - 1] * encoder.dims[i]
+                x = ME.SparseTensor(torch.zeros(manager.size(out_key), 1), coordinate_map_key=out_key,
+                                    coordinate_manager=manager)
+            dw_pairs = sum(len(rows) for _, rows, _ in self._depthwise_kernel_map(ME, x))
+            macs += depth * dw_pairs * encoder.dims[i]
+        return macs
