@@ -120,3 +120,17 @@ def test_atto_batch_independence_and_drop_path():
     model.train()
     assert_same_as_reference(model, imgs, mask, "native")
     assert_batch_independent(model, imgs, mask, "native")
+
+
+def test_uncounted_macs_cover_triton_dwconv_only(monkeypatch):
+    import sparse_mae_kernels
+
+    model, imgs, mask = make_case("debug", (96, 64), 2, 0.5)
+    grid = mask.view(2, 3, 2)
+    backend = get_backend("native")
+    assert backend.uncounted_macs(model.encoder, imgs, grid) == 0  # CPU: every op is a torch op
+    monkeypatch.setattr(sparse_mae_kernels, "use_triton", lambda device: True)
+    visible = int((mask == 0).sum())
+    enc = model.encoder
+    expected = sum(d * visible * sites * 49 * c for d, c, sites in zip(enc.depths, enc.dims, (64, 16, 4, 1)))
+    assert backend.uncounted_macs(enc, imgs, grid) == expected

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from sparse_mae.backends.base import EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
+from sparse_mae.flops import STAGE_SITES_PER_PATCH
 from sparse_mae.models.convnextv2 import PATCH, Block, ConvNeXtV2, drop_path_scale
-from sparse_mae_kernels import use_triton
+import sparse_mae_kernels
 from sparse_mae_kernels.sparse_ops import segment_grn, tile_dwconv
 
 
@@ -37,6 +38,16 @@ class NativeBackend(EncoderBackend):
             for block in stage.blocks:
                 x = self._block(block, x, layout, stage_layout, triton)
         return layout.densify(x)
+
+    def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
+        """The Triton depthwise convs (CUDA) are invisible to FlopCounterMode; torch ops are not."""
+        if not sparse_mae_kernels.use_triton(imgs.device):
+            return 0
+        visible = int((mask == 0).sum())
+        return sum(
+            depth * visible * STAGE_SITES_PER_PATCH[i] * 49 * dim
+            for i, (depth, dim) in enumerate(zip(encoder.depths, encoder.dims))
+        )
 
     @staticmethod
     def _stem(encoder: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
@@ -81,7 +92,7 @@ class NativeBackend(EncoderBackend):
 
 def _triton_ops(device: torch.device):
     """The Triton op module on CUDA when switched on and importable, else None."""
-    if not use_triton(device):
+    if not sparse_mae_kernels.use_triton(device):
         return None
     from sparse_mae_kernels import triton_ops
 
