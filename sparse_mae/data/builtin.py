@@ -69,3 +69,29 @@ def normalize(imgs: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
     return (imgs - mean) / std
+
+
+class BuiltinDataset(torch.utils.data.Dataset):
+    """`num_images` procedural images (drawn at `draw_size`) as a Dataset, for `data=builtin`.
+
+    Items are requested as `(index, seed)` (see sparse_mae.train.sampler) and returned as
+    `{"image": transform(PIL image, seed), "label": int, "seed": int, "skipped": 0}`, the same
+    contract as the image-folder dataset.
+    """
+
+    def __init__(self, num_images: int, draw_size: int, transform, seed: int = 0):
+        if num_images <= 0:
+            raise ValueError(f"data.num_images must be > 0, got {num_images}")
+        if draw_size <= 0:
+            raise ValueError(f"data.draw_size must be > 0, got {draw_size}")
+        self.num_images, self.draw_size, self.transform, self.seed = num_images, draw_size, transform, seed
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, item):
+        from sparse_mae.data.transforms import tensor_to_pil  # transforms imports this module
+
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, label = draw_image(index, self.draw_size, self.seed)
+        return {"image": self.transform(tensor_to_pil(img), seed), "label": label, "seed": seed, "skipped": 0}

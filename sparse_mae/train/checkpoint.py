@@ -92,6 +92,9 @@ def save_checkpoint(
         for _, old in list_checkpoints(folder)[:-keep_last]:
             old.unlink(missing_ok=True)
             old.with_suffix(".yaml").unlink(missing_ok=True)
+    for config in folder.glob("step-*.yaml"):  # a config whose checkpoint never landed (killed mid-save)
+        if not config.with_suffix(".pt").exists():
+            config.unlink(missing_ok=True)
     return path
 
 

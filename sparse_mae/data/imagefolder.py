@@ -1,0 +1,106 @@
+"""Every image under a folder, recursively, for self-supervised pretraining (no labels).
+
+Bad files never crash a run: zero-byte files are dropped when the folder is scanned; a
+file that fails to decode is replaced by the next good image in the list (deterministic,
+so exact resume still holds), a warning names it once per worker, and each sample
+carries the number of files skipped to produce it so the loop can count and report them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+    """-> (image files sorted by path, zero-byte image files). Follows symlinked folders."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"data.root={root} does not exist; point data.root at a folder of images "
+                                f"(or use data=builtin for the built-in images)")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data.root={root} is not a folder")
+    files, empty = [], []
+    for dirpath, _, names in os.walk(root, followlinks=True):
+        for name in names:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                p = Path(dirpath) / name
+                try:
+                    (files if p.stat().st_size > 0 else empty).append(p)
+                except OSError:  # a dangling symlink
+                    empty.append(p)
+    if not files:
+        raise ValueError(f"data.root={root} holds no readable images ({', '.join(IMAGE_EXTENSIONS)}, searched "
+                         f"recursively{f'; {len(empty)} zero-byte files skipped' if empty else ''})")
+    return sorted(files), sorted(empty)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB; raises on a bad file."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode == "RGB":
+            return img.copy()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # >8-bit grayscale: rescale first
+            img = img.point(lambda v: v / 256) if img.mode.startswith("I;16") else img
+            img = img.convert("L")
+        return img.convert("RGB")
+
+
+class ImageFolderDataset(Dataset):
+    """Items are requested as `(index, seed)` (see train.sampler) and returned as
+    `{"image": (3, size, size) float, "seed": int, "skipped": int}`."""
+
+    def __init__(self, root: str | os.PathLike, transform):
+        self.root = Path(root)
+        self.files, self.empty_files = find_images(root)
+        self.transform = transform
+        self._warned: set[Path] = set()
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        skipped = 0
+        for attempt in range(len(self.files)):
+            path = self.files[(index + attempt) % len(self.files)]
+            try:
+                img = load_rgb(path)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+                continue
+            return {"image": self.transform(img, seed), "seed": seed, "skipped": skipped}
+        raise RuntimeError(f"no image under {self.root} could be decoded ({len(self.files)} files tried)")
+
+
+def count_unreadable(files: list[Path]) -> int:
+    """Decode every file once (slow: for reports and tests, not the training loop)."""
+    bad = 0
+    for p in files:
+        try:
+            load_rgb(p)
+        except Exception:  # noqa: BLE001 - counting every kind of failure is the point
+            bad += 1
+    return bad
+
+
+def _main() -> int:  # `python -m sparse_mae.data.imagefolder DIR`: check a folder before training
+    files, empty = find_images(sys.argv[1])
+    bad = count_unreadable(files)
+    print(f"{len(files)} image files, {len(empty)} zero-byte, {bad} unreadable")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,93 @@
+"""Image augmentation with Pillow + torch only (no torchvision on these registries).
+
+Every random draw comes from an explicit `torch.Generator`, so one integer seed per
+sample fixes its crop and flip regardless of DataLoader workers or process count.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sparse_mae.data.builtin import IMAGENET_MEAN, IMAGENET_STD
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            g: torch.Generator) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box search -> (left, top, right, bottom).
+
+    Ten tries at a random area fraction in `scale` and aspect ratio (log-uniform in
+    `ratio`); then the largest centred crop whose aspect is within `ratio`. Works for any
+    image size down to 1x1 (the box is then the whole image, resized up).
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand(1, generator=g)))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * float(torch.rand(1, generator=g)))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=g))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=g))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    w, h = max(1, min(w, width)), max(1, min(h, height))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) float32, ImageNet-normalised."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+class TrainTransform:
+    """RandomResizedCrop(size, scale, ratio (3/4, 4/3), bicubic) + horizontal flip + normalise."""
+
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5):
+        if size <= 0:
+            raise ValueError(f"crop size must be > 0, got {size}")
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+
+    def __call__(self, img: Image.Image, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        box = random_resized_crop_box(img.width, img.height, self.scale, self.ratio, g)
+        out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
+        if float(torch.rand(1, generator=g)) < self.hflip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_normalized_tensor(out)
+
+
+class EvalTransform:
+    """Resize the shorter side to `size` (bicubic), centre crop size x size, normalise."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, img: Image.Image, seed: int = 0) -> torch.Tensor:
+        s = self.size / min(img.width, img.height)
+        w, h = max(self.size, round(img.width * s)), max(self.size, round(img.height * s))
+        img = img.resize((w, h), Image.BICUBIC)
+        left, top = (w - self.size) // 2, (h - self.size) // 2
+        return to_normalized_tensor(img.crop((left, top, left + self.size, top + self.size)))
+
+
+def tensor_to_pil(img: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] -> RGB PIL image."""
+    arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    return Image.fromarray(arr)  # uint8 (H, W, 3) is RGB
