@@ -191,6 +191,8 @@ def test_bad_mask_shape_raises():
     model, imgs, _ = make_case("debug", (64, 64), 1, 0.5)
     with pytest.raises(ValueError, match="mask must be"):
         get_backend("minkowski").encode(model.encoder, imgs, torch.zeros(1, 3, 3))
+    with pytest.raises(ValueError, match="keeps 0 patches"):
+        get_backend("minkowski").encode(model.encoder, imgs, torch.ones(1, 2, 2))
 
 
 def test_missing_minkowski_gives_install_hint(monkeypatch):

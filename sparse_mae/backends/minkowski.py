@@ -72,6 +72,11 @@ class MinkowskiBackend(EncoderBackend):
         n, _, h, w = imgs.shape
         if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
             raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
+        kept = (mask == 0).flatten(1).sum(dim=1)
+        if bool((kept == 0).any()):
+            # ME would crash (segfault) on an empty coordinate map; the interface promises >= 1.
+            bad = torch.nonzero(kept == 0).flatten().tolist()
+            raise ValueError(f"mask keeps 0 patches in sample(s) {bad}; every sample must keep at least 1 patch")
         if imgs.device.type != "cpu" and not ME.is_cuda_available():
             raise ValueError(
                 f"this MinkowskiEngine build is CPU-only; move the model and images to the CPU "
