@@ -1,0 +1,229 @@
+"""Checkpoint conversion between our layout and timm / official ConvNeXt V2 layouts.
+
+    read_state_dict(path)                 -> (state dict, metadata); any of our or foreign files
+    export_state_dict(sd, fmt, ...)       our FCMAE or classifier state dict -> `fmt` layout
+    import_state_dict(sd, fmt, ...)       `fmt` layout -> our state dict
+    conversion_check(...)                 converted dense model == sparse encoder at visible sites
+
+All functions are pure (no files) except read_state_dict / write_state_dict.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from sparse_mae.convert.layouts import (
+    FORMATS,
+    CheckpointMismatchError,
+    Spec,
+    check_layout,
+    expected_shapes,
+    from_format,
+    infer_spec,
+    to_format,
+)
+from sparse_mae.models.convnextv2 import VARIANTS, ClassifierHead, build_convnextv2
+
+WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
+
+
+# -- files -------------------------------------------------------------------------------
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Load a state dict from .safetensors or a torch file (weights_only: nothing unpickled).
+
+    Torch files may be plain state dicts or wrapped under 'model' / 'state_dict' (ours,
+    the official code's and timm's trainers all wrap). Returns (state dict, metadata).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+            return sd, {k: _maybe_json(v) for k, v in meta.items()}
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / corrupt / not a checkpoint: say so, keep the cause
+        raise ValueError(f"could not read checkpoint {path}: the file is truncated, corrupt or not a "
+                         f"torch/safetensors checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    meta = {}
+    for key in WRAPPER_KEYS:
+        if isinstance(obj.get(key), dict):
+            meta = {k: v for k, v in obj.items() if k != key and not isinstance(v, dict | torch.Tensor)}
+            meta.update(obj.get("metadata") or {})
+            obj = obj[key]
+            break
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}  # DDP-wrapped saves
+    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint {path}: entries {bad[:5]} are not tensors; expected a state dict "
+                         f"(plain, or under one of {WRAPPER_KEYS})")
+    return sd, meta
+
+
+def _maybe_json(v: str):
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, TypeError):
+        return v
+
+
+def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict) -> Path:
+    """.safetensors (metadata as JSON strings) or .pt ({'model': sd, 'metadata': ...}).
+    Written to a temp file and renamed, so a crash never leaves a half-written export."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+    elif path.suffix in (".pt", ".pth", ".bin"):
+        torch.save({"model": sd, "metadata": metadata}, tmp)
+    else:
+        raise ValueError(f"output {path}: use a .safetensors (default) or .pt file name")
+    os.replace(tmp, path)
+    return path
+
+
+# -- conversion --------------------------------------------------------------------------
+
+def inspect_state_dict(sd: dict, fmt: str, variant: str | None = None, strict: bool = True,
+                       source: str = "checkpoint") -> Spec:
+    """Detect the variant (or use `variant`) and check every key and shape; -> the Spec."""
+    spec, looks_like = infer_spec(sd, fmt, variant)
+    check_layout(sd, spec, fmt, looks_like, strict=strict, source=source)
+    return spec
+
+
+def encoder_part(sd: dict, spec: Spec) -> tuple[dict, Spec]:
+    """Our FCMAE or classifier state dict -> the dense classifier's (encoder; head if present)."""
+    if spec.kind == "classifier":
+        return dict(sd), spec
+    enc = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    return enc, Spec(spec.variant, "classifier", 0, spec.in_chans)
+
+
+def fresh_head(dim: int, num_classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A new classifier head (LayerNorm ones/zeros, fc trunc-normal std 0.02, as in training)."""
+    from sparse_mae.models.convnextv2 import init_weights
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = ClassifierHead(dim, num_classes)
+        head.apply(init_weights)
+    return {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
+
+
+def export_state_dict(sd: dict, fmt: str, variant: str | None = None, head: bool = False,
+                      num_classes: int | None = None, strict: bool = True) -> tuple[dict, Spec]:
+    """Our state dict (FCMAE or dense classifier) -> `fmt`. Returns (exported dict, its Spec).
+
+    timm / official_dense / sparse_mae hold the dense classifier: an FCMAE source gives the
+    encoder only, unless head=True with num_classes (a freshly initialised head).
+    official_fcmae needs an FCMAE source (it holds the decoder too).
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    spec = inspect_state_dict(sd, "sparse_mae", variant, strict=strict)
+    sd = {k: sd[k] for k in expected_shapes(spec, "sparse_mae")}  # drops ignored extras
+    if fmt == "official_fcmae":
+        if spec.kind != "fcmae":
+            raise ValueError("format official_fcmae needs an FCMAE checkpoint (encoder + decoder); this one "
+                             "is a dense classifier: export it as timm, official_dense or sparse_mae")
+        return to_format(sd, fmt, spec), spec
+    sd, spec = encoder_part(sd, spec)
+    if head:
+        if spec.num_classes:
+            if num_classes not in (None, spec.num_classes):
+                raise ValueError(f"checkpoint has a {spec.num_classes}-class head; num_classes={num_classes} "
+                                 f"differs (leave num_classes out to keep the trained head)")
+        else:
+            if not num_classes or num_classes < 1:
+                raise ValueError("head=true on an encoder-only checkpoint needs num_classes=N (a fresh head)")
+            sd.update(fresh_head(VARIANTS[spec.variant].dims[-1], num_classes))
+            spec = Spec(spec.variant, "classifier", num_classes, spec.in_chans)
+    elif spec.num_classes and num_classes is not None and num_classes != spec.num_classes:
+        raise ValueError(f"checkpoint has a {spec.num_classes}-class head, not {num_classes}")
+    return to_format(sd, fmt, spec), spec
+
+
+def import_state_dict(sd: dict, fmt: str, variant: str | None = None, strict: bool = True) -> tuple[dict, Spec]:
+    """`fmt` state dict -> ours (FCMAE for official_fcmae, dense classifier otherwise)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    spec = inspect_state_dict(sd, fmt, variant, strict=strict, source=f"{fmt} checkpoint")
+    return from_format(sd, fmt, spec), spec
+
+
+def build_from_state_dict(sd: dict, spec: Spec, backend: str = "dense_masked") -> torch.nn.Module:
+    """Our state dict + its Spec -> the model (classifier or FCMAE), loaded strictly."""
+    if spec.kind == "classifier":
+        model = build_convnextv2(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
+    else:
+        from sparse_mae.models.fcmae import build_fcmae
+
+        model = build_fcmae(spec.variant, in_chans=spec.in_chans, backend=backend,
+                            decoder_dim=spec.decoder_dim, decoder_depth=spec.decoder_depth)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def conversion_check(source_sd: dict, source_spec: Spec, exported: dict, fmt: str, exported_spec: Spec,
+                     backends: list[str] | None = None, size: int = 96, seed: int = 0) -> dict[str, float]:
+    """{backend: {max_abs, relative}}: |difference| at visible sites between the sparse encoder of the source weights
+    (each backend) and the dense classifier rebuilt from the *exported* tensors, run on a
+    masked image with the mask re-applied as the dense_masked reference does.
+
+    Rebuilding goes through the inverse conversion, so a wrong transform in either
+    direction shows up as a large difference.
+    """
+    from sparse_mae.backends import available_backends, get_backend
+    from sparse_mae.models.fcmae import random_mask
+
+    if fmt == "official_fcmae":
+        dense_sd, dense_spec = encoder_part(*import_state_dict(exported, fmt, exported_spec.variant))
+    else:
+        dense_sd, dense_spec = import_state_dict(exported, fmt, exported_spec.variant)
+    converted = build_from_state_dict(dense_sd, dense_spec)
+    src_sd, src_spec = encoder_part(source_sd, source_spec)
+    source = build_from_state_dict(src_sd, src_spec)
+
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.randn(2, source_spec.in_chans, size, size, generator=g)
+    grid = size // 32
+    mask = random_mask(2, grid * grid, 0.5, generator=g).reshape(2, grid, grid)
+    visible = (1.0 - mask).unsqueeze(1)
+    dense = get_backend("dense_masked").encode(converted, imgs, mask) * visible
+    report = {}
+    for name in backends or available_backends():
+        sparse = get_backend(name).encode(source, imgs, mask) * visible
+        max_abs = float((sparse - dense).abs().max())
+        report[name] = {"max_abs": max_abs, "relative": max_abs / max(float(sparse.abs().max()), 1e-12)}
+    return report
+
+
+__all__ = [
+    "FORMATS",
+    "CheckpointMismatchError",
+    "Spec",
+    "build_from_state_dict",
+    "conversion_check",
+    "encoder_part",
+    "expected_shapes",
+    "export_state_dict",
+    "import_state_dict",
+    "inspect_state_dict",
+    "read_state_dict",
+    "write_state_dict",
+]

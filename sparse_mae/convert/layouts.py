@@ -1,0 +1,299 @@
+"""Checkpoint layouts: our canonical names <-> timm, official dense, official FCMAE.
+
+Every conversion is a list of rules (canonical key, foreign key, tensor transform) built
+from the canonical shapes of a meta-device model, so the same table drives export,
+import, shape validation and variant detection. Layout facts: DESIGN.md sections 4-5.
+
+Kinds: "classifier" (our dense ConvNeXtV2: `stem.*`, `stages.*`, optional `head.*`) and
+"fcmae" (our FCMAE: `encoder.*`, `proj.*`, `mask_token`, `decoder.{j}.*`, `pred.*`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from sparse_mae.models.convnextv2 import VARIANTS, build_convnextv2
+
+FORMATS = ("sparse_mae", "timm", "official_dense", "official_fcmae")
+# timm builds these variants with 1x1-conv MLPs (conv_mlp=True); tiny and larger use Linear.
+TIMM_CONV_MLP = frozenset({"atto", "femto", "pico", "nano"})
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the expected layout; the message lists every problem."""
+
+
+# -- tensor transforms: name -> (canonical -> foreign, foreign -> canonical) ---------------
+
+def _me_dw_out(w):  # (C,1,7,7) -> ME channelwise kernel (49, C)
+    return w.transpose(3, 2).reshape(w.shape[0], 49).permute(1, 0)
+
+
+def _me_dw_in(k):  # (49, C) -> (C,1,7,7); DESIGN.md section 4
+    return k.permute(1, 0).reshape(k.shape[1], 1, 7, 7).transpose(3, 2)
+
+
+def _me_down_out(w):  # (Cout,Cin,2,2) -> ME kernel (4, Cin, Cout)
+    return w.transpose(3, 2).reshape(w.shape[0], w.shape[1], 4).permute(2, 1, 0)
+
+
+def _me_down_in(k):  # (4, Cin, Cout) -> (Cout,Cin,2,2); DESIGN.md section 4
+    return k.permute(2, 1, 0).reshape(k.shape[2], k.shape[1], 2, 2).transpose(3, 2)
+
+
+TRANSFORMS = {
+    "same": (lambda t: t, lambda t: t),
+    "grn4d": (lambda t: t.reshape(1, 1, 1, -1), lambda t: t.reshape(-1)),  # official GRN (1,1,1,C)
+    "row": (lambda t: t.reshape(1, -1), lambda t: t.reshape(-1)),  # ME bias / sparse GRN (1,C)
+    "conv1x1": (lambda t: t.reshape(*t.shape, 1, 1), lambda t: t.flatten(1)),  # timm conv MLP
+    "me_dw": (_me_dw_out, _me_dw_in),
+    "me_down": (_me_down_out, _me_down_in),
+}
+
+
+# -- name mapping ------------------------------------------------------------------------
+
+_STEM = re.compile(r"^stem\.([01])\.(\w+)$")
+_DOWN = re.compile(r"^stages\.(\d+)\.downsample\.([01])\.(\w+)$")
+_BLOCK = re.compile(r"^stages\.(\d+)\.blocks\.(\d+)\.(.+)$")
+_HEAD = re.compile(r"^head\.(norm|fc)\.(\w+)$")
+_DEC = re.compile(r"^decoder\.(\d+)\.(.+)$")
+
+# inside a block: canonical sub-name -> (official dense name, official sparse name, sparse transform)
+_OFFICIAL_BLOCK = {
+    "conv_dw.weight": ("dwconv.weight", "dwconv.kernel", "me_dw"),
+    "conv_dw.bias": ("dwconv.bias", "dwconv.bias", "row"),
+    "norm.weight": ("norm.weight", "norm.ln.weight", "same"),
+    "norm.bias": ("norm.bias", "norm.ln.bias", "same"),
+    "mlp.fc1.weight": ("pwconv1.weight", "pwconv1.linear.weight", "same"),
+    "mlp.fc1.bias": ("pwconv1.bias", "pwconv1.linear.bias", "same"),
+    "mlp.grn.weight": ("grn.gamma", "grn.gamma", "row"),
+    "mlp.grn.bias": ("grn.beta", "grn.beta", "row"),
+    "mlp.fc2.weight": ("pwconv2.weight", "pwconv2.linear.weight", "same"),
+    "mlp.fc2.bias": ("pwconv2.bias", "pwconv2.linear.bias", "same"),
+}
+
+
+def _official_block(sub: str, sparse: bool) -> tuple[str, str]:
+    dense_name, sparse_name, sparse_tf = _OFFICIAL_BLOCK[sub]
+    if sparse:
+        return sparse_name, sparse_tf
+    return dense_name, "grn4d" if sub.startswith("mlp.grn.") else "same"
+
+
+def _encoder_rule(ckey: str, fmt: str, variant: str) -> tuple[str, str]:
+    """Canonical encoder/classifier key (no `encoder.` prefix) -> (foreign key, transform)."""
+    if fmt == "sparse_mae":
+        return ckey, "same"
+    if fmt == "timm":
+        if variant in TIMM_CONV_MLP and re.search(r"\.mlp\.fc[12]\.weight$", ckey):
+            return ckey, "conv1x1"
+        return ckey, "same"
+    sparse = fmt == "official_fcmae"
+    if m := _STEM.match(ckey):  # the official stem is dense in both models, no `ln.`
+        return f"downsample_layers.0.{m[1]}.{m[2]}", "same"
+    if m := _DOWN.match(ckey):
+        i, part, leaf = m.groups()
+        if not sparse:
+            return f"downsample_layers.{i}.{part}.{leaf}", "same"
+        if part == "0":
+            return f"downsample_layers.{i}.0.ln.{leaf}", "same"
+        return (f"downsample_layers.{i}.1.kernel", "me_down") if leaf == "weight" else (
+            f"downsample_layers.{i}.1.bias", "row")
+    if m := _BLOCK.match(ckey):
+        name, tf = _official_block(m[3], sparse)
+        return f"stages.{m[1]}.{m[2]}.{name}", tf
+    if m := _HEAD.match(ckey):
+        return (f"norm.{m[2]}" if m[1] == "norm" else f"head.{m[2]}"), "same"
+    raise KeyError(ckey)
+
+
+def foreign_rule(ckey: str, fmt: str, variant: str, kind: str) -> tuple[str, str]:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if kind == "classifier":
+        return _encoder_rule(ckey, fmt, variant)
+    if fmt != "official_fcmae" and fmt != "sparse_mae":
+        raise ValueError(f"format {fmt!r} holds a classifier, not an FCMAE model")
+    if ckey.startswith("encoder."):
+        name, tf = _encoder_rule(ckey.removeprefix("encoder."), fmt, variant)
+        return "encoder." + name, tf
+    if fmt == "official_fcmae" and (m := _DEC.match(ckey)):  # the decoder block is dense
+        name, tf = _official_block(m[2], sparse=False)
+        return f"decoder.{m[1]}.{name}", tf
+    return ckey, "same"  # proj.*, mask_token, pred.*
+
+
+# -- layouts -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    """Everything the key set and shapes depend on."""
+
+    variant: str
+    kind: str  # classifier | fcmae
+    num_classes: int = 0  # classifier only; 0 = no head
+    in_chans: int = 3
+    decoder_dim: int = 512  # fcmae only
+    decoder_depth: int = 1
+
+    def describe(self) -> str:
+        if self.kind == "fcmae":
+            return f"fcmae_convnextv2_{self.variant} (decoder {self.decoder_depth}x{self.decoder_dim})"
+        head = f"{self.num_classes}-class head" if self.num_classes else "no head"
+        return f"convnextv2_{self.variant} ({head})"
+
+
+@dataclass(frozen=True)
+class Rule:
+    canonical: str
+    foreign: str
+    transform: str
+    canonical_shape: tuple[int, ...]
+    foreign_shape: tuple[int, ...]
+
+
+@lru_cache(maxsize=None)
+def canonical_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of our model for `spec`, built on the meta device (fast at any size)."""
+    from sparse_mae.models.fcmae import build_fcmae
+
+    with torch.device("meta"):
+        if spec.kind == "classifier":
+            model = build_convnextv2(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
+        else:
+            model = build_fcmae(spec.variant, in_chans=spec.in_chans, decoder_dim=spec.decoder_dim,
+                                decoder_depth=spec.decoder_depth)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@lru_cache(maxsize=None)
+def layout(spec: Spec, fmt: str) -> tuple[Rule, ...]:
+    rules = []
+    for ckey, shape in canonical_shapes(spec).items():
+        fkey, tf = foreign_rule(ckey, fmt, spec.variant, spec.kind)
+        fshape = tuple(TRANSFORMS[tf][0](torch.empty(shape, device="meta")).shape)
+        rules.append(Rule(ckey, fkey, tf, shape, fshape))
+    return tuple(rules)
+
+
+def expected_shapes(spec: Spec, fmt: str) -> dict[str, tuple[int, ...]]:
+    return {r.foreign: r.foreign_shape for r in layout(spec, fmt)}
+
+
+# -- detection and validation ------------------------------------------------------------
+
+def _kind_of(sd: dict, fmt: str) -> str:
+    if fmt == "official_fcmae":
+        return "fcmae"
+    if fmt == "sparse_mae" and any(k.startswith("encoder.") for k in sd):
+        return "fcmae"
+    return "classifier"
+
+
+def _shape(sd: dict, key: str):
+    t = sd.get(key)
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def infer_spec(sd: dict, fmt: str, variant: str | None = None) -> tuple[Spec, str]:
+    """(the spec the dict matches best, the variant its shapes look like).
+
+    `variant` given: the spec uses it (validation then reports any difference); the second
+    value is still the best-scoring variant, so a wrong-variant error can name it.
+    """
+    kind = _kind_of(sd, fmt)
+    prefix = "encoder." if kind == "fcmae" else ""
+
+    def fkey(ckey: str) -> str:
+        return foreign_rule(prefix + ckey, fmt, "atto", kind)[0]
+
+    stem = _shape(sd, fkey("stem.0.weight"))
+    in_chans = stem[1] if stem and len(stem) == 4 else 3
+    num_classes, dec_dim, dec_depth = 0, 512, 1
+    if kind == "classifier":
+        head = _shape(sd, _encoder_rule("head.fc.weight", fmt, "atto")[0])
+        num_classes = head[0] if head else 0
+    else:
+        proj = _shape(sd, "proj.weight")
+        dec_dim = proj[0] if proj else 512
+        ids = {int(m[1]) for k in sd if (m := _DEC.match(k))}
+        dec_depth = max(ids) + 1 if ids else 1
+
+    def score(v: str) -> int:
+        spec = Spec(v, kind, num_classes, in_chans, dec_dim, dec_depth)
+        exp = expected_shapes(spec, fmt)
+        hits = sum(1 for k, s in exp.items() if _shape(sd, k) == s)
+        return 2 * hits - len(exp)  # penalise expected keys the dict lacks
+
+    scores = {v: score(v) for v in VARIANTS}
+    looks_like = max(scores, key=scores.get)
+    chosen = variant or looks_like
+    if chosen not in VARIANTS:
+        raise ValueError(f"unknown variant {chosen!r}; valid variants: {', '.join(VARIANTS)}")
+    return Spec(chosen, kind, num_classes, in_chans, dec_dim, dec_depth), looks_like
+
+
+def guess_format(sd: dict) -> str | None:
+    """Which layout the key names look like (names only; shapes are checked elsewhere)."""
+    keys = list(sd)
+    if any(k.startswith("encoder.downsample_layers.") for k in keys):
+        return "official_fcmae"
+    if any(k.startswith("downsample_layers.") for k in keys):
+        return "official_dense"
+    if any(k.startswith(("stem.", "encoder.stem.")) for k in keys):
+        conv_mlp = any(k.endswith("mlp.fc1.weight") and sd[k].dim() == 4 for k in keys)
+        return "timm" if conv_mlp else "sparse_mae"  # timm and ours share names otherwise
+    return None
+
+
+def _listing(title: str, items: list[str], limit: int = 12) -> str:
+    shown = items[:limit] + ([f"... and {len(items) - limit} more"] if len(items) > limit else [])
+    return f"  {title} ({len(items)}):\n" + "\n".join(f"    {s}" for s in shown)
+
+
+def check_layout(sd: dict, spec: Spec, fmt: str, looks_like: str | None = None, strict: bool = True,
+                 source: str = "checkpoint") -> None:
+    """Raise CheckpointMismatchError listing missing / unexpected / wrong-shape keys."""
+    exp = expected_shapes(spec, fmt)
+    missing = [k for k in exp if k not in sd]
+    unexpected = [k for k in sd if k not in exp] if strict else []
+    wrong = [f"{k}: got {tuple(sd[k].shape)}, expected {exp[k]}" for k in exp
+             if k in sd and tuple(sd[k].shape) != exp[k]]
+    if not (missing or unexpected or wrong):
+        return
+    parts = [f"{source} does not match the {fmt} layout of {spec.describe()}:"]
+    if missing:
+        parts.append(_listing("missing keys", missing))
+    if unexpected:
+        parts.append(_listing("unexpected keys", unexpected))
+    if wrong:
+        parts.append(_listing("wrong shapes", wrong))
+    guessed = guess_format(sd)
+    if guessed and guessed != fmt and not (guessed == "sparse_mae" and fmt == "timm"):
+        parts.append(f"  its key names look like format {guessed!r}: pass format={guessed}")
+    elif looks_like and looks_like != spec.variant:
+        parts.append(f"  its shapes look like variant {looks_like!r}: pass variant={looks_like} "
+                     f"(or the checkpoint of the variant you meant)")
+    elif missing and not unexpected and not wrong:
+        parts.append("  the file may be truncated or saved from a partial model")
+    if unexpected and not missing and not wrong:
+        parts.append("  pass strict=false to ignore the unexpected keys")
+    raise CheckpointMismatchError("\n".join(parts))
+
+
+# -- conversion --------------------------------------------------------------------------
+
+def to_format(sd: dict, fmt: str, spec: Spec) -> dict[str, torch.Tensor]:
+    """Canonical state dict (already checked against `spec`) -> `fmt` layout."""
+    return {r.foreign: TRANSFORMS[r.transform][0](sd[r.canonical]).contiguous().clone()
+            for r in layout(spec, fmt)}
+
+
+def from_format(sd: dict, fmt: str, spec: Spec) -> dict[str, torch.Tensor]:
+    """`fmt` state dict (already checked against `spec`) -> canonical layout."""
+    return {r.canonical: TRANSFORMS[r.transform][1](sd[r.foreign]).contiguous().clone()
+            for r in layout(spec, fmt)}
