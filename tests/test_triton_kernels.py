@@ -380,3 +380,42 @@ def test_cuda_stage_sized_layout(dtype):
     assert_close(grads[0], ref_grads[0], dtype, "grn grad x")
     torch.testing.assert_close(grads[1], ref_grads[1], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(grads[2], ref_grads[2], atol=1e-3, rtol=1e-4)
+
+
+@needs_triton
+@pytest.mark.parametrize("stage", [1, 3])
+def test_matches_native_engine_ops_on_its_layout(device, stage):
+    """The contract with the native engine: its neighbour map / row offsets fed to the Triton
+    ops give what its own halo-tile conv and per-patch GRN give on the same packed rows."""
+    layout_module = pytest.importorskip("sparse_mae.backends.native.layout")
+    from sparse_mae_kernels import sparse_ops
+
+    mask = random_patch_mask(3, 3, 4, ratio=0.5, seed=6)
+    mask[1] = 1
+    mask[1, 2, 3] = 0  # one sample keeps a single corner patch
+    layout = layout_module.SparseLayout(mask.to(device))
+    st = layout.stage(stage)
+    side, patches, c = st.side, layout.num_patches, 6
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(patches * side * side, c, generator=gen).to(device)
+    weight, bias = torch.randn(c, 1, 7, 7, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
+    tiles = sparse_ops.tile_dwconv(x.view(patches, side, side, c), st.halo_index, weight, bias)
+    torch.testing.assert_close(ops.sparse_dwconv(x, st.neighbour_map(), weight.view(c, 49), bias), tiles.reshape(-1, c))
+
+    gamma, beta = torch.randn(c, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
+    grn = sparse_ops.segment_grn(x.view(patches, side * side, c), layout.patch_sample, layout.batch, gamma, beta)
+    torch.testing.assert_close(ops.segment_grn(x, st.row_offsets, gamma, beta), grn.reshape(-1, c))
+
+
+@needs_triton
+@pytest.mark.slow  # ~12 s in the interpreter
+def test_native_backend_with_triton_ops_equals_dense_masked(device, monkeypatch):
+    """End to end: the native engine running these ops (forced on, here in the interpreter)
+    gives the dense_masked loss and gradients, at the harness's fp32 tolerances."""
+    engine = pytest.importorskip("sparse_mae.backends.native.engine")
+    from tests.equivalence import assert_same_as_reference, make_case
+
+    monkeypatch.setattr(engine, "_triton_ops", lambda dev: ops)
+    model, imgs, mask = make_case("debug", (64, 64), batch=2, mask_ratio=0.5, seed=3)
+    model, imgs, mask = model.to(device), imgs.to(device), mask.to(device)
+    assert_same_as_reference(model, imgs, mask, "native")
