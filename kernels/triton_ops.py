@@ -55,8 +55,9 @@ def _interpreter_active() -> bool:
     language = sys.modules.get("triton.language")
     if language is None:
         return True  # the first import will happen in interpreter mode
-    # triton.language's @jit helpers were built in the mode of that first import
-    return type(language.standard.cdiv).__name__ == "InterpretedFunction"
+    # triton.language's own @jit helpers were built in the mode of that first import
+    helper = getattr(getattr(language, "standard", None), "cdiv", None)
+    return helper is None or type(helper).__name__ == "InterpretedFunction"
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -135,8 +136,7 @@ def _check_dwconv(x, nbr, weight, bias, check_values: bool | None):
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
     if check_values or (check_values is None and x.device.type == "cpu"):
         _check_neighbour_values(nbr)
-    contiguous = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    return x.contiguous(), nbr.contiguous(), weight.contiguous(), contiguous(bias)
+    return x.contiguous(), nbr.contiguous(), weight.contiguous(), (bias.contiguous() if bias is not None else None)
 
 
 def _check_neighbour_values(nbr: torch.Tensor) -> None:
