@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("sparse_mae.apps.pretrain:main", "FCMAE pretraining (Hydra: conf/pretrain.yaml; --help lists groups)"),
     "export": ("sparse_mae.apps.export:main", "our checkpoint -> sparse_mae | timm | official_dense | official_fcmae | onnx"),
     "import": ("sparse_mae.apps.import_ckpt:main", "timm / official checkpoint -> our checkpoint format"),
+    "finetune": ("sparse_mae.apps.finetune:main", "fine-tune a dense classifier (Hydra: conf/finetune.yaml)"),
+    "eval": ("sparse_mae.apps.evaluate:main", "top-1/top-5 and a confusion-matrix PNG for a classifier checkpoint"),
 }
 
 
