@@ -154,6 +154,8 @@ def test_bad_shapes_raise():
         tile_dwconv(x, layout.stage(2).halo_index, torch.randn(4, 1, 7, 7))
     with pytest.raises(ValueError, match="gamma"):
         segment_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample, 2, torch.zeros(4), torch.zeros(3))
+    with pytest.raises(ValueError, match="sample-major"):
+        segment_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample.flip(0), 2, torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="keeps 0 patches"):
         SparseLayout(torch.ones(1, 2, 2))
 
