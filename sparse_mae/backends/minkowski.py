@@ -58,10 +58,10 @@ class MinkowskiBackend(EncoderBackend):
         for i, stage in enumerate(encoder.stages):
             if i > 0:
                 x = self._downsample(ME, stage.downsample, x)
-            kernel_map = self._depthwise_kernel_map(ME, x)  # the same sites for every block of the stage
+            neighbours = self._depthwise_neighbours(ME, x)  # the same sites for every block of the stage
             batch_index = x.C[:, 0].long()
             for block in stage.blocks:
-                x = self._block(ME, block, x, kernel_map, batch_index, n)
+                x = self._block(ME, block, x, neighbours, batch_index, n)
         # Explicit shape and origin: a grid whose last row/column is masked everywhere keeps its size.
         shape = torch.Size([n, encoder.dims[-1], h // PATCH, w // PATCH])
         dense, _, _ = x.dense(shape=shape, min_coordinate=torch.zeros(2, dtype=torch.int32))
@@ -99,26 +99,31 @@ class MinkowskiBackend(EncoderBackend):
         return ME.SparseTensor(feats, coordinates=coords, tensor_stride=1)
 
     @staticmethod
-    def _depthwise_kernel_map(ME, x) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """[(kernel offset index, input rows, output rows)] of the submanifold 7x7 conv on x's sites."""
+    def _depthwise_neighbours(ME, x) -> torch.Tensor:
+        """(49, M) long: for kernel offset k and site o, the row of the input site that ME's
+        submanifold 7x7 kernel map pairs with o, or M (a zero pad row) where there is none."""
         generator = ME.KernelGenerator(kernel_size=DW_KERNEL, stride=1, dilation=1, dimension=2)
         region_type, region_offset, _ = generator.get_kernel(x.tensor_stride, False)
         key = x.coordinate_map_key
         kernel_map = x.coordinate_manager.kernel_map(
             key, key, stride=1, kernel_size=DW_KERNEL, dilation=1, region_type=region_type, region_offset=region_offset
         )
-        return [(k, in_out[0].long(), in_out[1].long()) for k, in_out in kernel_map.items()]
+        sites = x.F.shape[0]
+        neighbours = torch.full((DW_KERNEL * DW_KERNEL, sites), sites, dtype=torch.long)
+        for k, in_out in kernel_map.items():
+            neighbours[k, in_out[1].long()] = in_out[0].long()
+        return neighbours.to(x.F.device)
 
     @staticmethod
-    def _depthwise(feats: torch.Tensor, conv: torch.nn.Conv2d, kernel_map) -> torch.Tensor:
-        """MinkowskiChannelwiseConvolution's computation (a loop over the 49 offsets of ME's
-        kernel map), with the kernel taken from the dense weight (upstream ME has no
-        functional form of it)."""
+    def _depthwise(feats: torch.Tensor, conv: torch.nn.Conv2d, neighbours: torch.Tensor) -> torch.Tensor:
+        """MinkowskiChannelwiseConvolution's sum over ME's kernel map (out[o] += F[i] * W[k]
+        for every pair (i, o) at offset k), with the kernel taken from the dense weight
+        (upstream ME has no functional form of it). Written as one gather over the whole
+        map rather than ME's 49 scatter-adds: the same sum in a few large ops, which stays
+        fast when the CPU is shared."""
         kernel = depthwise_to_me(conv.weight)  # (49, C)
-        out = feats.new_zeros(feats.shape)
-        for k, in_rows, out_rows in kernel_map:
-            out.index_add_(0, out_rows, feats[in_rows] * kernel[k])
-        return out + conv.bias
+        padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+        return (padded[neighbours] * kernel.unsqueeze(1)).sum(dim=0) + conv.bias
 
     @staticmethod
     def _grn(grn, y: torch.Tensor, batch_index: torch.Tensor, batch: int) -> torch.Tensor:
@@ -128,9 +133,9 @@ class MinkowskiBackend(EncoderBackend):
         nx = gx / (gx.mean(dim=1, keepdim=True) + GRN_EPS)
         return y + grn.bias + grn.weight * (y * nx[batch_index])
 
-    def _block(self, ME, block: Block, x, kernel_map, batch_index: torch.Tensor, batch: int):
+    def _block(self, ME, block: Block, x, neighbours: torch.Tensor, batch_index: torch.Tensor, batch: int):
         feats = x.F
-        y = self._depthwise(feats, block.conv_dw, kernel_map)
+        y = self._depthwise(feats, block.conv_dw, neighbours)
         mlp = block.mlp
         y = mlp.act(mlp.fc1(block.norm(y)))
         y = mlp.fc2(self._grn(mlp.grn, y, batch_index, batch))
@@ -175,6 +180,6 @@ class MinkowskiBackend(EncoderBackend):
                 macs += sum(len(p[0]) for p in pairs.values()) * encoder.dims[i - 1] * encoder.dims[i]
                 x = ME.SparseTensor(torch.zeros(manager.size(out_key), 1), coordinate_map_key=out_key,
                                     coordinate_manager=manager)
-            dw_pairs = sum(len(rows) for _, rows, _ in self._depthwise_kernel_map(ME, x))
+            dw_pairs = int((self._depthwise_neighbours(ME, x) < x.F.shape[0]).sum())
             macs += depth * dw_pairs * encoder.dims[i]
         return macs
