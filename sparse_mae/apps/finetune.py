@@ -293,7 +293,10 @@ def _train(cfg: DictConfig, run_dir: Path, di: DistInfo) -> FinetuneResult:
                      f"effective batch {effective_batch}, lr {peak_lr:.3g}, layer decay {cfg.layer_decay}, "
                      f"steps {step} -> {run_steps} of {total_steps}"
                      + (f", resumed from {resume_path}" if resume_path else ""))
-    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers)
+    # its own generator: iterating must not draw from the global RNG (drop path), or evaluating
+    # would change the training stream and a resumed run would diverge
+    val_loader = DataLoader(val_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed))
     metadata = {"variant": cfg.model.variant, "num_classes": num_classes, "classes": classes,
                 "pretrained": str(cfg.pretrained) if cfg.pretrained else None, "kind": "classifier"}
     last_ckpt = find_latest(ckpt_dir)
@@ -330,7 +333,6 @@ def _train(cfg: DictConfig, run_dir: Path, di: DistInfo) -> FinetuneResult:
             last_ckpt = save_checkpoint(ckpt_dir, at_step, state, config_yaml, keep_last=cfg.checkpoint.keep_last)
         barrier()
 
-    mix_generator = torch.Generator().manual_seed(cfg.seed * 7919 + step)
     eval_every = cfg.eval_every_epochs * steps_per_epoch
     try:
         while step < run_steps:
@@ -347,6 +349,8 @@ def _train(cfg: DictConfig, run_dir: Path, di: DistInfo) -> FinetuneResult:
                     batch = next(batches)
                     imgs = batch["image"].to(di.device, non_blocking=True)
                     targets = soft_targets(batch["label"].to(di.device), num_classes, cfg.label_smoothing)
+                    # mixing drawn from (seed, step, micro): a resumed run mixes as the uninterrupted one
+                    mix_generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + micro)
                     imgs, targets = mix_batch(imgs, targets, cfg.mixup, mix_generator)
                     sync = micro == cfg.accum_iter - 1 or not di.enabled
                     with (train_model.no_sync() if not sync else contextlib.nullcontext()):
