@@ -1,0 +1,7 @@
+"""`sparse-mae bench`: FCMAE time, memory and FLOPs across backends, variants, mask ratios,
+batch sizes and dtypes. runner plans and runs the grid, measure times one configuration,
+report writes the files."""
+from sparse_mae.bench.report import write_results
+from sparse_mae.bench.runner import BenchSettings, plan, run_bench
+
+__all__ = ["BenchSettings", "plan", "run_bench", "write_results"]

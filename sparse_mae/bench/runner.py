@@ -1,0 +1,221 @@
+"""Plan and run the benchmark grid; every configuration ends as one row.
+
+A row's status is `ok`, `skipped` (backend not registered / not installed, dtype not
+supported by the backend), `oom` (out of memory, or over the memory guard) or `error`.
+One configuration failing never stops the others.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from sparse_mae.backends import backend_availability, get_backend, list_backends
+from sparse_mae.bench.measure import DTYPES, is_out_of_memory, measure_configuration
+from sparse_mae.models.convnextv2 import PATCH, VARIANTS
+
+GRID_KEYS = ("backend", "variant", "mask_ratio", "batch_size", "dtype")
+
+
+@dataclass
+class BenchSettings:
+    backends: list[str]
+    variants: list[str]
+    mask_ratios: list[float]
+    batch_sizes: list[int]
+    dtypes: list[str]
+    image_size: int = 224
+    warmup: int = 2
+    repeats: int = 5
+    device: str = "auto"
+    threads: int | None = None
+    isolate: bool = True  # a fresh process per configuration (clean memory numbers, crash-proof)
+    memory_guard_gib: float | None = None
+    peak_tflops: float | None = None  # the device's peak for MFU; null: a table for known GPUs
+    seed: int = 0
+    timeout_s: float = 1800
+
+    @classmethod
+    def from_config(cls, cfg) -> "BenchSettings":
+        """From the Hydra config (or any mapping with the same keys); checks every value."""
+        get = cfg.get
+        backends = get("backends", "all")
+        settings = cls(
+            backends=list_backends() if backends in ("all", None) else _as_list(backends),
+            variants=_as_list(get("variants")),
+            mask_ratios=[float(r) for r in _as_list(get("mask_ratios"))],
+            batch_sizes=[int(b) for b in _as_list(get("batch_sizes"))],
+            dtypes=[str(d) for d in _as_list(get("dtypes", ["float32"]))],
+            image_size=int(get("image_size", 224)),
+            warmup=int(get("warmup", 2)),
+            repeats=int(get("repeats", 5)),
+            device=str(get("device", "auto")),
+            threads=get("threads"),
+            isolate=bool(get("isolate", True)),
+            memory_guard_gib=get("memory_guard_gib"),
+            peak_tflops=get("peak_tflops"),
+            seed=int(get("seed", 0)),
+            timeout_s=float(get("timeout_s", 1800)),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str):
+            if not ok:
+                raise ValueError(message)
+
+        need(bool(self.backends), "backends is empty; use backends=all or e.g. backends=[dense_masked,native]")
+        registered = list_backends()
+        need(any(b in registered for b in self.backends),
+             f"none of backends={self.backends} is registered; registered backends: {', '.join(registered)}")
+        for v in self.variants:
+            need(v in VARIANTS, f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
+        need(bool(self.variants), "variants is empty; e.g. variants=[atto]")
+        for r in self.mask_ratios:
+            need(0.0 < r < 1.0, f"mask ratios must be in (0, 1), got {r}; the paper uses 0.6")
+        need(bool(self.mask_ratios), "mask_ratios is empty; e.g. mask_ratios=[0.6]")
+        for b in self.batch_sizes:
+            need(b >= 1, f"batch sizes must be >= 1, got {b}")
+        need(bool(self.batch_sizes), "batch_sizes is empty; e.g. batch_sizes=[8]")
+        for d in self.dtypes:
+            need(d in DTYPES, f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
+        need(self.image_size >= PATCH and self.image_size % PATCH == 0,
+             f"image_size must be a positive multiple of {PATCH}, got {self.image_size}")
+        need(self.repeats >= 1 and self.warmup >= 0, f"need repeats >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
+        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.device != "cuda" or torch.cuda.is_available(), "device=cuda but no CUDA GPU is visible; use device=auto")
+        need(self.memory_guard_gib is None or float(self.memory_guard_gib) > 0,
+             f"memory_guard_gib must be > 0 or null, got {self.memory_guard_gib}")
+
+    @property
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, int, float)):
+        return [value]
+    return list(value)
+
+
+def skip_reason(backend: str, dtype: str, device: str) -> str | None:
+    """Why this backend/dtype cannot run here, or None."""
+    registered = list_backends()
+    if backend not in registered:
+        return f"backend {backend!r} is not registered; registered backends: {', '.join(registered)}"
+    available, reason = backend_availability(backend)
+    if not available:
+        return f"backend {backend!r} is not installed: {reason}"
+    if dtype != "float32":
+        allowed = get_backend(backend).autocast_devices
+        if device not in allowed:
+            return f"backend {backend!r} has no {dtype} autocast on {device} (autocast_devices={list(allowed)})"
+    return None
+
+
+def plan(settings: BenchSettings) -> list[dict]:
+    """Every configuration of the grid as a spec dict (the measure worker's input)."""
+    device = settings.resolved_device
+    specs = []
+    for backend, variant, ratio, batch, dtype in itertools.product(
+        settings.backends, settings.variants, settings.mask_ratios, settings.batch_sizes, settings.dtypes
+    ):
+        specs.append({
+            "backend": backend, "variant": variant, "image_size": settings.image_size, "mask_ratio": ratio,
+            "batch_size": batch, "dtype": dtype, "device": device, "warmup": settings.warmup,
+            "repeats": settings.repeats, "threads": settings.threads, "seed": settings.seed,
+            "memory_guard_gib": settings.memory_guard_gib,
+        })
+    return specs
+
+
+def run_isolated(spec: dict, timeout_s: float) -> dict:
+    """Measure in a fresh interpreter; a crash or timeout becomes an `error` row."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sparse_mae.bench.measure"], input=json.dumps(spec),
+            capture_output=True, text=True, timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s (raise timeout_s)"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+    # the kernel's OOM killer ends a process with SIGKILL
+    status = "oom" if proc.returncode == -9 else "error"
+    return {"status": status, "reason": f"worker exited with {proc.returncode}: {tail[-300:]}"}
+
+
+def run_in_process(spec: dict) -> dict:
+    try:
+        return {"status": "ok", **measure_configuration(spec)}
+    except Exception as error:  # one configuration failing must not stop the rest
+        status = "oom" if is_out_of_memory(error) else "error"
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"status": status, "reason": f"{type(error).__name__}: {str(error).strip()[:300]}"}
+
+
+def add_derived(row: dict, peak_tflops: float | None) -> dict:
+    """Achieved GFLOP/s (executed FLOPs; a training step counted as 3 forwards: the usual
+    convention, since FlopCounterMode's conv backward formula ignores groups) and MFU
+    (useful model FLOPs over the device peak)."""
+    if row.get("status") != "ok":
+        return row
+    flop_per_mac = 2
+    row["fwd_gflop_s"] = flop_per_mac * row["executed_gmacs"] * row["fwd_images_s"]
+    row["step_gflop_s"] = 3 * flop_per_mac * row["executed_gmacs"] * row["step_images_s"]
+    useful_step_gflop_s = 3 * flop_per_mac * row["useful_gmacs"] * row["step_images_s"]
+    row["mfu"] = useful_step_gflop_s / (peak_tflops * 1e3) if peak_tflops else None
+    return row
+
+
+def known_peak_tflops(device: str, dtype: str) -> float | None:
+    """Dense tensor-core peaks of GPUs we know (TF32 for float32); None elsewhere."""
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    table = {"H100": {"float32": 494.5, "bfloat16": 989.4, "float16": 989.4},
+             "H200": {"float32": 494.5, "bfloat16": 989.4, "float16": 989.4},
+             "A100": {"float32": 156.0, "bfloat16": 312.0, "float16": 312.0}}
+    for key, peaks in table.items():
+        if key in name:
+            return peaks[dtype]
+    return None
+
+
+def run_bench(settings: BenchSettings, log=print) -> list[dict]:
+    rows = []
+    specs = plan(settings)
+    for i, spec in enumerate(specs, 1):
+        row = {k: spec[k] for k in ("backend", "variant", "image_size", "mask_ratio", "batch_size", "dtype", "device")}
+        reason = skip_reason(spec["backend"], spec["dtype"], spec["device"])
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+        else:
+            measured = run_isolated(spec, settings.timeout_s) if settings.isolate else run_in_process(spec)
+            row.update(measured)
+            peak = settings.peak_tflops or known_peak_tflops(spec["device"], spec["dtype"])
+            add_derived(row, peak)
+        rows.append(row)
+        label = " ".join(f"{k}={row[k]}" for k in GRID_KEYS)
+        if row["status"] == "ok":
+            log(f"[{i}/{len(specs)}] {label}: step {row['step_ms']:.1f} ms ({row['step_images_s']:.1f} img/s), "
+                f"fwd {row['fwd_ms']:.1f} ms, step peak {_fmt(row.get('step_peak_mib'))} MiB")
+        else:
+            log(f"[{i}/{len(specs)}] {label}: {row['status']}: {row.get('reason', '')}")
+    return rows
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
