@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 .PHONY: demo test test-fast setup clean
 
 demo: $(STAMP)
-	$(PY) -m sparse_mae.cli demo
+	$(PY) -m sparse_mae.cli pretrain experiment=demo
 
 test: $(STAMP)
 	$(PY) -m pytest

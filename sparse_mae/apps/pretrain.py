@@ -295,17 +295,18 @@ def _train(cfg: DictConfig, run_dir: Path, di: DistInfo) -> PretrainResult:
         recon_path = latest
         logger.log_image("reconstruction", path, at_step, caption="original | masked | prediction | pasted")
 
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                        pin_memory=di.device.type == "cuda",
+                        # its own generator: starting an epoch must not draw from the global RNG
+                        # (that would make the global stream depend on where a run was resumed)
+                        generator=torch.Generator().manual_seed(cfg.seed))
     try:
         while step < run_steps:
             epoch = step // steps_per_epoch
             micro_in_epoch = (step % steps_per_epoch) * cfg.accum_iter
             sampler.set_epoch(epoch, start=micro_in_epoch * cfg.batch_size)
-            loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                                num_workers=cfg.data.num_workers, pin_memory=di.device.type == "cuda",
-                                # its own generator: creating an iterator must not draw from the global RNG
-                                # (that would make the global stream depend on where a run was resumed)
-                                generator=torch.Generator().manual_seed(cfg.seed))
-            batches = iter(loader)
+            batches = iter(loader)  # the sampler runs in this process: a new epoch reaches persistent workers
             epoch_end = (epoch + 1) * steps_per_epoch
             while step < min(epoch_end, run_steps):
                 set_lr(optimizer, warmup_cosine_lr(step, total_steps, warmup_steps, peak_lr, cfg.sched.min_lr))
@@ -351,7 +352,7 @@ def _train(cfg: DictConfig, run_dir: Path, di: DistInfo) -> PretrainResult:
                     save(step)
                 if (cfg.recon.every_steps and step % cfg.recon.every_steps == 0) or step == run_steps:
                     reconstruct(step)
-            del batches, loader
+            del batches
         if resume_path is not None and not losses and di.is_main:
             logger.write(f"nothing to do: the checkpoint is already at step {step} of {run_steps}")
             reconstruct(step)
@@ -363,7 +364,9 @@ def _train(cfg: DictConfig, run_dir: Path, di: DistInfo) -> PretrainResult:
     metrics_path = run_dir / "metrics.jsonl"
     if di.is_main:
         print(f"\nrun directory:  {run_dir}\ncheckpoint:     {last_ckpt}\nmetrics:        {metrics_path}\n"
-              f"reconstruction: {recon_path}" + (f"\nskipped files:  {skipped_total}" if skipped_total else ""),
+              f"reconstruction: {recon_path}" + (f"\nskipped files:  {skipped_total}" if skipped_total else "")
+              + (f"\nwandb:          {run_dir / 'wandb'} ({cfg.logger.mode}; `wandb sync` uploads an offline run)"
+                 if cfg.logger.name == "wandb" else ""),
               flush=True)
     return PretrainResult(run_dir=run_dir, checkpoint=last_ckpt, metrics=metrics_path, reconstruction=recon_path,
                           steps=step, losses=losses, skipped_files=skipped_total)
