@@ -193,6 +193,8 @@ def test_bad_mask_shape_raises():
         get_backend("minkowski").encode(model.encoder, imgs, torch.zeros(1, 3, 3))
     with pytest.raises(ValueError, match="keeps 0 patches"):
         get_backend("minkowski").encode(model.encoder, imgs, torch.ones(1, 2, 2))
+    with pytest.raises(ValueError, match="float32/float64 only"), torch.autocast("cpu", dtype=torch.bfloat16):
+        get_backend("minkowski").encode(model.encoder, imgs, torch.zeros(1, 2, 2))
 
 
 def test_missing_minkowski_gives_install_hint(monkeypatch):

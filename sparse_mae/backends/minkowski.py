@@ -82,8 +82,12 @@ class MinkowskiBackend(EncoderBackend):
                 f"this MinkowskiEngine build is CPU-only; move the model and images to the CPU "
                 f"(got {imgs.device}) or use backend='native'"
             )
-        if imgs.dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"MinkowskiEngine runs float32/float64 only, got {imgs.dtype}; disable autocast/half")
+        if imgs.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(imgs.device.type):
+            raise ValueError(
+                f"MinkowskiEngine runs float32/float64 only (got {imgs.dtype}, autocast "
+                f"{'on' if torch.is_autocast_enabled(imgs.device.type) else 'off'}); run without autocast/half "
+                f"(amp=false) or use backend='native'"
+            )
 
     @staticmethod
     def _stage0_coordinates(mask: torch.Tensor) -> torch.Tensor:
