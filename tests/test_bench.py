@@ -1,0 +1,152 @@
+"""`sparse-mae bench`: a micro run writes every output with consistent numbers; bad input
+(unknown / not installed backend, unsupported dtype, out of memory) is recorded per
+configuration and the rest still run."""
+import csv
+import json
+
+import pytest
+import torch
+
+from sparse_mae.apps.bench import compose_config, run
+from sparse_mae.backends import list_backends
+from sparse_mae.bench import BenchSettings, runner
+from sparse_mae.flops import STAGE_SITES_PER_PATCH
+from sparse_mae.models.convnextv2 import VARIANTS
+
+# in-process, one timed call: the numbers' consistency, not their speed, is under test
+FAST = ["bench=micro", "isolate=false", "warmup=0", "repeats=1", "plots=false"]
+
+
+def bench(tmp_path, *overrides):
+    cfg = compose_config([*FAST, f"output_dir={tmp_path}", *overrides])
+    rows, paths = run(cfg, tmp_path, log=lambda *_: None)
+    return {(r["backend"], r["mask_ratio"]): r for r in rows}, paths
+
+
+def dwconv_gmacs(variant: str, visible_patches: int) -> float:
+    spec = VARIANTS[variant]
+    return sum(d * visible_patches * STAGE_SITES_PER_PATCH[i] * 49 * c
+               for i, (d, c) in enumerate(zip(spec.depths, spec.dims))) / 1e9
+
+
+def test_micro_preset_writes_everything_with_consistent_numbers(tmp_path):
+    rows, paths = bench(tmp_path, "plots=true", "repeats=2")
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "results.csv", "results.json", "results.md", "throughput_vs_mask_ratio.png", "speedup_over_dense_masked.png"}
+    assert len(rows) == len(list_backends()) * 2
+    for (backend, ratio), r in rows.items():
+        if r["status"] == "skipped":  # e.g. MinkowskiEngine not installed here
+            assert "not installed" in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        for key in ("fwd_ms", "step_ms", "fwd_images_s", "step_images_s", "dense_gmacs", "useful_gmacs",
+                    "executed_gmacs", "step_gflop_s", "step_peak_mib"):
+            assert r[key] > 0, (backend, ratio, key, r[key])
+        assert r["fwd_ms_iqr"] >= 0 and r["step_ms_iqr"] >= 0
+        assert r["step_images_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
+        assert r["useful_gmacs"] < r["dense_gmacs"]
+        assert r["visible_patches"] == int(4 * (1 - ratio))
+        if backend == "dense_masked":
+            assert r["executed_gmacs"] == pytest.approx(r["dense_gmacs"], rel=1e-9)
+        elif backend == "minkowski":
+            # ME's submanifold kernel maps skip taps onto absent neighbours, so its depthwise
+            # convs may do less than the analytic 49 taps per visible site
+            assert r["useful_gmacs"] - dwconv_gmacs("debug", r["visible_patches"]) <= r["executed_gmacs"]
+            assert r["executed_gmacs"] <= r["dense_gmacs"]
+        else:
+            assert r["useful_gmacs"] - 1e-12 <= r["executed_gmacs"] <= r["dense_gmacs"] + 1e-12
+    assert rows[("dense_masked", 0.5)]["dense_gmacs"] == rows[("dense_masked", 0.75)]["dense_gmacs"]
+    assert rows[("dense_masked", 0.75)]["useful_gmacs"] < rows[("dense_masked", 0.5)]["useful_gmacs"]
+
+    with open(paths["csv"]) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and float(csv_rows[0]["step_ms"]) > 0
+    saved = json.loads(paths["json"].read_text())
+    env = saved["environment"]
+    assert env["torch"] == torch.__version__ and env["python"] and env["cpu"] and env["threads"] >= 1
+    assert env["date"] and "git_commit" in env
+    assert len(saved["results"]) == len(rows)
+    md = paths["md"].read_text()
+    assert "| dense_masked | debug | 0.5 | 2 | float32 |" in md and "Peak memory: CPU peak RSS" in md
+
+
+def test_isolated_run_measures_memory_in_a_fresh_process(tmp_path):
+    rows, _ = bench(tmp_path, "isolate=true", "backends=[dense_masked]", "mask_ratios=[0.5]")
+    r = rows[("dense_masked", 0.5)]
+    assert r["status"] == "ok", r
+    # AdamW state and gradients alone (decoder dim 512) are tens of MiB
+    assert r["step_peak_mib"] > 10 and "peak RSS" in r["memory_method"]
+
+
+def test_unknown_backend_is_listed_as_skipped(tmp_path):
+    rows, paths = bench(tmp_path, "backends=[dense_masked,nosuch]", "mask_ratios=[0.5]")
+    assert rows[("dense_masked", 0.5)]["status"] == "ok"
+    skipped = rows[("nosuch", 0.5)]
+    assert skipped["status"] == "skipped" and "not registered" in skipped["reason"]
+    assert "dense_masked" in skipped["reason"]  # names the valid ones
+    assert "skipped: backend 'nosuch' is not registered" in paths["md"].read_text()
+
+
+def test_only_unknown_backends_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="none of backends=.*registered backends"):
+        bench(tmp_path, "backends=[nosuch]")
+
+
+def test_backend_not_installed_is_skipped_and_the_rest_run(tmp_path, monkeypatch):
+    real = runner.backend_availability
+    monkeypatch.setattr(runner, "backend_availability",
+                        lambda name: (False, "pip install fake-engine") if name == "native" else real(name))
+    rows, _ = bench(tmp_path, "backends=[native,dense_masked]", "mask_ratios=[0.5]")
+    assert rows[("native", 0.5)]["status"] == "skipped"
+    assert "not installed: pip install fake-engine" in rows[("native", 0.5)]["reason"]
+    assert rows[("dense_masked", 0.5)]["status"] == "ok"
+
+
+def test_out_of_memory_on_one_configuration_is_recorded(tmp_path, monkeypatch):
+    real = runner.measure_configuration
+
+    def measure(spec):
+        if spec["mask_ratio"] == 0.5:
+            raise torch.OutOfMemoryError("simulated: tried to allocate 80 GiB")
+        return real(spec)
+
+    monkeypatch.setattr(runner, "measure_configuration", measure)
+    rows, paths = bench(tmp_path, "backends=[dense_masked]")
+    assert rows[("dense_masked", 0.5)]["status"] == "oom"
+    assert "simulated" in rows[("dense_masked", 0.5)]["reason"]
+    assert rows[("dense_masked", 0.75)]["status"] == "ok"
+    assert "| oom: OutOfMemoryError" in paths["md"].read_text()
+
+
+def test_memory_guard_turns_a_large_configuration_into_oom(tmp_path):
+    # a 1 MiB guard: the first step's gradients and AdamW state cannot fit
+    rows, _ = bench(tmp_path, "isolate=true", "backends=[dense_masked]", "mask_ratios=[0.5]", "memory_guard_gib=0.001")
+    r = rows[("dense_masked", 0.5)]
+    assert r["status"] == "oom", r
+
+
+def test_bf16_only_where_the_backend_allows_it(tmp_path, monkeypatch):
+    from sparse_mae.backends.dense_masked import DenseMaskedBackend
+
+    monkeypatch.setattr(DenseMaskedBackend, "autocast_devices", ("cuda",))
+    rows, _ = bench(tmp_path, "backends=[dense_masked]", "mask_ratios=[0.5]", "dtypes=[bfloat16]", "device=cpu")
+    r = rows[("dense_masked", 0.5)]
+    assert r["status"] == "skipped" and "no bfloat16 autocast on cpu" in r["reason"]
+
+
+@pytest.mark.parametrize("preset", ["quick", "full", "micro"])
+def test_presets_compose(preset):
+    settings = BenchSettings.from_config(compose_config([f"bench={preset}", "output_dir=x"]))
+    assert settings.variants and settings.mask_ratios and settings.repeats >= 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ("variants=[atom]", "unknown variant 'atom'"),
+    ("mask_ratios=[1.0]", "mask ratios must be in"),
+    ("image_size=100", "multiple of 32"),
+    ("dtypes=[int8]", "unknown dtype 'int8'"),
+    ("batch_sizes=[0]", "batch sizes must be >= 1"),
+])
+def test_bad_settings_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", override]))
