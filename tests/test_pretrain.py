@@ -7,6 +7,7 @@ network (wandb is only used offline, in the CLI test).
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,16 @@ from sparse_mae.models.fcmae import FCMAE
 from sparse_mae.train.checkpoint import find_latest, list_checkpoints, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The debug model's ops are tiny: one thread is as fast, and far faster than two
+    when other processes load the cores (OpenMP threads then wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -178,6 +189,33 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     a, b = load_checkpoint(full.checkpoint)["model"], load_checkpoint(accumulated.checkpoint)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def _available(name: str) -> bool:
+    from sparse_mae.backends import backend_availability, list_backends
+
+    return name in list_backends() and backend_availability(name)[0]
+
+
+@pytest.mark.parametrize("backend", ["dense_masked", "native", "minkowski"])
+def test_every_available_backend_trains_and_resumes_another_backends_checkpoint(backend, tmp_path):
+    if not _available(backend):
+        pytest.skip(f"backend {backend} is not available here")
+    run(tmp_path, max_steps=1, **{"data.num_images": 16})  # written by dense_masked
+    resumed = run(tmp_path, backend=backend, resume="auto", max_steps=2, **{"data.num_images": 16})
+    assert resumed.steps == 2 and len(resumed.losses) == 1 and math.isfinite(resumed.losses[0])
+
+
+def test_bf16_autocast_on_cpu_when_asked(tmp_path):
+    result = run(tmp_path, amp="true", max_steps=2)
+    assert len(result.losses) == 2 and all(math.isfinite(x) for x in result.losses)
+
+
+def test_autocast_on_a_backend_without_it_is_a_clear_error(tmp_path):
+    if not _available("minkowski"):
+        pytest.skip("minkowski (the fp32-only backend) is not installed")
+    with pytest.raises(ValueError, match="has no autocast on cpu"):
+        run(tmp_path, amp="true", backend="minkowski", max_steps=1)
 
 
 # -- configs -------------------------------------------------------------------------

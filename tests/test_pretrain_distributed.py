@@ -11,7 +11,7 @@ import torch
 
 from sparse_mae.apps.pretrain import compose_config, run_pretrain
 from sparse_mae.train.checkpoint import load_checkpoint
-from tests.test_pretrain import debug_overrides, read_metrics
+from tests.test_pretrain import debug_overrides, one_thread, read_metrics  # noqa: F401 (autouse fixture)
 
 
 @pytest.mark.slow
