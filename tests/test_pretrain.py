@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
 import sparse_mae.train.checkpoint as checkpoint_module
@@ -181,6 +182,10 @@ def test_empty_data_folder_is_a_clear_error(tmp_path):
     cfg = compose_config(debug_overrides(tmp_path / "run", data="imagefolder") + [f"data.root={tmp_path / 'images'}"])
     with pytest.raises(ValueError, match="holds no readable images"):
         run_pretrain(cfg)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_pretrain(compose_config(debug_overrides(tmp_path / "run", data="imagefolder") + ["data.root=/no/such/dir"]))
+    with pytest.raises(MissingMandatoryValue, match="data.root"):  # forgot data.root=...
+        run_pretrain(compose_config(debug_overrides(tmp_path / "run", data="imagefolder")))
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
