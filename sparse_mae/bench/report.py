@@ -17,7 +17,7 @@ COLUMNS = (
     "backend", "variant", "image_size", "mask_ratio", "batch_size", "dtype", "device", "status", "reason",
     "fwd_ms", "fwd_ms_iqr", "step_ms", "step_ms_iqr", "fwd_images_s", "step_images_s",
     "fwd_peak_mib", "step_peak_mib", "dense_gmacs", "useful_gmacs", "executed_gmacs",
-    "fwd_gflop_s", "step_gflop_s", "mfu", "visible_patches", "patches", "threads", "memory_method",
+    "fwd_gflop_s", "step_gflop_s", "mfu", "visible_patches", "patches", "threads", "wall_s", "memory_method",
 )
 
 

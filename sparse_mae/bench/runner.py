@@ -10,6 +10,7 @@ import itertools
 import json
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -199,6 +200,7 @@ def run_bench(settings: BenchSettings, log=print) -> list[dict]:
     specs = plan(settings)
     for i, spec in enumerate(specs, 1):
         row = {k: spec[k] for k in ("backend", "variant", "image_size", "mask_ratio", "batch_size", "dtype", "device")}
+        started = time.perf_counter()
         reason = skip_reason(spec["backend"], spec["dtype"], spec["device"])
         if reason is not None:
             row.update(status="skipped", reason=reason)
@@ -207,6 +209,7 @@ def run_bench(settings: BenchSettings, log=print) -> list[dict]:
             row.update(measured)
             peak = settings.peak_tflops or known_peak_tflops(spec["device"], spec["dtype"])
             add_derived(row, peak)
+        row["wall_s"] = time.perf_counter() - started  # the whole configuration, set-up included
         rows.append(row)
         label = " ".join(f"{k}={row[k]}" for k in GRID_KEYS)
         if row["status"] == "ok":
