@@ -122,9 +122,10 @@ def test_labelled_image_folder(tmp_path):
             d.mkdir(parents=True)
             for i in range(8 if split == "train" else 4):
                 Image.new("RGB", (80, 72), tuple(max(0, v - 9 * i) for v in color)).save(d / f"{i}.png")
-    result = run_finetune(compose_config(ft_overrides(tmp_path / "run", data="imagefolder",
-                                                      **{"data.root": tmp_path / "data", "data.size": 64,
-                                                         "data.num_workers": 0, "batch_size": 8, "epochs": 3})))
+    builtin_only = ("data.draw_size", "data.num_train", "data.num_val")
+    overrides = [o for o in ft_overrides(tmp_path / "run", batch_size=8, epochs=3) if not o.startswith(builtin_only)]
+    result = run_finetune(compose_config(overrides + ["finetune/data@data=imagefolder",
+                                                      f"data.root={tmp_path / 'data'}"]))
     assert result.steps == 6
     state = torch.load(result.checkpoint, weights_only=True)
     assert state["metadata"]["classes"] == ["blue", "red"]
