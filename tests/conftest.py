@@ -3,6 +3,12 @@ import os
 import pytest
 import torch
 
+# Without a GPU the Triton kernels are tested in Triton's CPU interpreter, whose mode is
+# fixed when Triton is first imported, and other tests (torch internals) may import it
+# first. Switch it on for the whole session, before anything can import Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Keep tests deterministic and inside the 2-core machine.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

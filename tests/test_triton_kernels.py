@@ -1,10 +1,11 @@
 """Triton ops (sparse_mae_kernels.triton_ops) against their plain-torch references.
 
-Without a GPU the kernels run in Triton's CPU interpreter: the `interpreter` fixture sets
-TRITON_INTERPRET=1 for this module only, before the ops first import Triton (they import
-it lazily). With CUDA the interpreter stays off and the `cuda` cases run compiled. The
-references themselves are checked against dense torch (F.conv2d on the zero-filled map,
-the model's GRN), which pins the neighbour-offset convention and the GRN semantics.
+Without a GPU the kernels run in Triton's CPU interpreter: tests/conftest.py sets
+TRITON_INTERPRET=1 at start-up, before anything imports Triton (its mode is fixed on first
+import), and the `cpu` cases fail rather than skip if it is off. With CUDA the interpreter
+stays off and the `cuda` cases run compiled. The references themselves are checked
+against dense torch (F.conv2d on the zero-filled map, the model's GRN), which pins the
+neighbour-offset convention and the GRN semantics.
 """
 from __future__ import annotations
 
@@ -48,7 +49,11 @@ def device(request, interpreter):
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     if request.param == "cpu" and not interpreter:
-        pytest.skip("Triton's CPU interpreter is off (CUDA present, or Triton was imported compiled earlier)")
+        if torch.cuda.is_available():
+            pytest.skip("CUDA present: the Triton ops run compiled in the cuda cases")
+        # without a GPU these cases are the only test of the kernels: never skip them silently
+        pytest.fail("Triton's CPU interpreter is off: Triton was imported before TRITON_INTERPRET=1 "
+                    "was set (tests/conftest.py sets it at start-up)")
     return torch.device(request.param)
 
 
