@@ -9,7 +9,8 @@
 
 Each has a `*_reference` in plain torch with the same semantics (fp32 accumulation,
 output in x's dtype, bf16/fp16 inputs under autocast as below); the tests compare outputs
-and every gradient against it, and it is the fallback where Triton is not available.
+and every gradient against it. The depthwise conv's contract, neighbour map and reference
+live in `dwconv_rows` (shared with the C kernels of `cpu_ops`) and are re-exported here.
 
 Triton itself is imported on the first launch (see `triton_kernels`), so importing this
 module is cheap and works without Triton. Kernels run compiled on CUDA; CPU tensors run
@@ -28,10 +29,19 @@ import sys
 import torch
 from torch.autograd.function import once_differentiable
 
-TAPS = 49  # 7x7 depthwise offsets
-KERNEL = 7
+from sparse_mae_kernels.dwconv_rows import (  # noqa: F401  (re-exported: the op's contract)
+    FLOAT_DTYPES,
+    KERNEL,
+    TAPS,
+    _autocast_dtype,
+    _check_dwconv,
+    _check_neighbour_values,
+    _dwconv_autocast,
+    neighbour_map,
+    sparse_dwconv_reference,
+)
+
 GRN_EPS = 1e-6
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Tile sizes. BLOCK_M rows x BLOCK_C channels per program, channels contiguous in memory.
 DWCONV_BLOCK_M = 32
@@ -100,92 +110,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
-
-
 # -- sparse depthwise 7x7 ---------------------------------------------------------------
-
-
-def _check_dwconv(x, nbr, weight, bias, check_values: bool | None):
-    """Validate and normalise the inputs; returns (x, nbr, weight (C, 49), bias) contiguous."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be packed rows (M, C), got {tuple(getattr(x, 'shape', ()))}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    m, c = x.shape
-    if nbr.dim() != 2 or nbr.shape[1] != TAPS or nbr.shape[0] != m:
-        raise ValueError(f"nbr must be (M, 49) = ({m}, 49) neighbour rows, got {tuple(nbr.shape)}")
-    if nbr.dtype != torch.int32:
-        raise ValueError(f"nbr must be int32 (convert with nbr.to(torch.int32)), got {nbr.dtype}")
-    if weight.dim() == 4 and tuple(weight.shape) == (c, 1, KERNEL, KERNEL):
-        weight = weight.reshape(c, TAPS)  # a dense depthwise weight, same tap order
-    if tuple(weight.shape) != (c, TAPS):
-        raise ValueError(f"weight must be (C, 49) = ({c}, 49) or ({c}, 1, 7, 7), got {tuple(weight.shape)}")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"weight must be a float tensor, got {weight.dtype}")
-    if bias is not None:
-        if tuple(bias.shape) != (c,):
-            raise ValueError(f"bias must be (C,) = ({c},), got {tuple(bias.shape)}")
-        if bias.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"bias must be a float tensor, got {bias.dtype}")
-    for name, t in (("nbr", nbr), ("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
-    if check_values or (check_values is None and x.device.type == "cpu"):
-        _check_neighbour_values(nbr)
-    return x.contiguous(), nbr.contiguous(), weight.contiguous(), (bias.contiguous() if bias is not None else None)
-
-
-def _check_neighbour_values(nbr: torch.Tensor) -> None:
-    """Rows in [-1, M), and the map symmetric: n = nbr[m, k] iff m = nbr[n, 48 - k].
-
-    Symmetry (output sites = input sites) is what lets the input gradient be the same
-    gather with the flipped kernel. Costs a device sync, hence only on request on CUDA.
-    """
-    m = nbr.shape[0]
-    if m == 0:
-        return
-    if int(nbr.min()) < -1 or int(nbr.max()) >= m:
-        raise ValueError(f"nbr values must be rows in [0, {m}) or -1 for an absent neighbour")
-    rows = torch.arange(m, device=nbr.device).unsqueeze(1).expand(m, TAPS)
-    taps = torch.arange(TAPS, device=nbr.device).expand(m, TAPS)
-    present = nbr >= 0
-    back = nbr.long()[present], (TAPS - 1) - taps[present]
-    if not bool((nbr[back] == rows[present]).all()):
-        raise ValueError(
-            "nbr is not a submanifold neighbour map: site n is m's neighbour at offset k but m "
-            "is not n's neighbour at offset 48-k (build it from one set of site coordinates, "
-            "e.g. with neighbour_map())"
-        )
-
-
-def neighbour_map(sites: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(M, 3) integer sites (sample, y, x) on an height x width grid -> (M, 49) int32 nbr.
-
-    nbr[m, k] is the row of the site at (y + dy, x + dx) of the same sample,
-    k = (dy+3)*7 + (dx+3), or -1 if that site is absent or off the grid.
-    """
-    if sites.dim() != 2 or sites.shape[1] != 3 or sites.is_floating_point():
-        raise ValueError(f"sites must be (M, 3) integer (sample, y, x), got {tuple(sites.shape)} {sites.dtype}")
-    sites = sites.long()
-    m = sites.shape[0]
-    if m == 0:
-        return torch.empty(0, TAPS, dtype=torch.int32, device=sites.device)
-    sample, y, x = sites.unbind(1)
-    if int(sample.min()) < 0 or int(y.min()) < 0 or int(x.min()) < 0 or int(y.max()) >= height or int(x.max()) >= width:
-        raise ValueError(f"sites must lie on the {height} x {width} grid with sample >= 0")
-    halo = KERNEL // 2
-    table = torch.full((int(sample.max()) + 1, height + 2 * halo, width + 2 * halo), -1, dtype=torch.long, device=sites.device)
-    table[sample, y + halo, x + halo] = torch.arange(m, device=sites.device)
-    if int((table >= 0).sum()) != m:
-        raise ValueError("sites must be unique")
-    taps = torch.arange(TAPS, device=sites.device)
-    dy, dx = taps // KERNEL, taps % KERNEL  # already shifted by +halo
-    nbr = table[sample[:, None], y[:, None] + dy, x[:, None] + dx]
-    return nbr.to(torch.int32)
 
 
 def _dwconv_gather(x, nbr, weight, bias, out_dtype) -> torch.Tensor:
@@ -250,13 +175,6 @@ class _SparseDwconv(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b
 
 
-def _dwconv_autocast(x, weight, bias):
-    dtype = _autocast_dtype(x.device)
-    if dtype is None:
-        return x, weight, bias
-    return x.to(dtype), weight.to(dtype), (bias.to(dtype) if bias is not None else None)
-
-
 def sparse_dwconv(x, nbr, weight, bias=None, *, check_values: bool | None = None):
     """Submanifold depthwise 7x7 on packed rows with Triton: (M, C) -> (M, C) in x's dtype.
 
@@ -268,22 +186,6 @@ def sparse_dwconv(x, nbr, weight, bias=None, *, check_values: bool | None = None
     _require_triton(x.device)
     x, weight, bias = _dwconv_autocast(x, weight, bias)
     return _SparseDwconv.apply(x, nbr, weight, bias)
-
-
-def sparse_dwconv_reference(x, nbr, weight, bias=None):
-    """Plain torch, autograd for the backward: one gather-multiply per tap, fp32 accumulation."""
-    x, nbr, weight, bias = _check_dwconv(x, nbr, weight, bias, check_values=False)
-    x, weight, bias = _dwconv_autocast(x, weight, bias)
-    m, c = x.shape
-    rows = torch.cat([x.float(), x.new_zeros(1, c, dtype=torch.float32)])  # row m = absent
-    index = torch.where(nbr >= 0, nbr.long(), torch.full_like(nbr, m, dtype=torch.long))
-    out = torch.zeros(m, c, dtype=torch.float32, device=x.device)
-    w = weight.float()
-    for k in range(TAPS):
-        out = out + rows[index[:, k]] * w[:, k]
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(x.dtype)
 
 
 # -- GRN per segment --------------------------------------------------------------------

@@ -14,13 +14,21 @@ def minkowski_available() -> tuple[bool, str]:
     return backend_availability("minkowski")
 
 
+@pytest.fixture(params=["c", "torch"])
+def cpu_ops_kind(request, monkeypatch):
+    """Run a case with the C kernels (default) and with the engine's torch-op fallback."""
+    if request.param == "torch":
+        monkeypatch.setenv("SPARSE_MAE_CPU_KERNELS", "0")
+    return request.param
+
+
 @pytest.mark.parametrize("mask_ratio", [0.25, 0.6, 0.9])
-def test_debug_equals_reference(mask_ratio):
+def test_debug_equals_reference(mask_ratio, cpu_ops_kind):
     model, imgs, mask = make_case("debug", (96, 96), 3, mask_ratio)
     assert_same_as_reference(model, imgs, mask, "native")
 
 
-def test_non_square_input():
+def test_non_square_input(cpu_ops_kind):
     model, imgs, mask = make_case("debug", (160, 96), 3, 0.6, seed=1)
     assert_same_as_reference(model, imgs, mask, "native")
 
@@ -48,7 +56,7 @@ def test_different_visible_counts_per_sample():
     assert_same_as_reference(model, imgs, grid, "native")
 
 
-def test_batch_independence():
+def test_batch_independence(cpu_ops_kind):
     model, imgs, mask = make_case("debug", (96, 96), 3, 0.6, seed=4)
     assert_batch_independent(model, imgs, mask, "native")
 
@@ -64,7 +72,7 @@ def test_drop_path_in_train_mode():
     assert not torch.equal(loss_a, loss_b)
 
 
-def test_bf16_autocast_close_to_fp32():
+def test_bf16_autocast_close_to_fp32(cpu_ops_kind):
     assert "cpu" in get_backend("native").autocast_devices
     model, imgs, mask = make_case("debug", (96, 96), 2, 0.6, seed=6)
     model.set_backend("native")
@@ -115,6 +123,12 @@ def test_atto_224_equals_reference(mask_ratio):
 
 
 @pytest.mark.slow
+def test_atto_non_square_equals_reference(cpu_ops_kind):
+    model, imgs, mask = make_case("atto", (160, 96), 3, 0.6, seed=10)
+    assert_same_as_reference(model, imgs, mask, "native")
+
+
+@pytest.mark.slow
 def test_atto_batch_independence_and_drop_path():
     model, imgs, mask = make_case("atto", (224, 224), 3, 0.6, seed=9, drop_path_rate=0.1)
     model.train()
@@ -122,15 +136,17 @@ def test_atto_batch_independence_and_drop_path():
     assert_batch_independent(model, imgs, mask, "native")
 
 
-def test_uncounted_macs_cover_triton_dwconv_only(monkeypatch):
+def test_uncounted_macs_are_the_depthwise_convs_run_in_c_or_triton(monkeypatch):
     import sparse_mae_kernels
 
     model, imgs, mask = make_case("debug", (96, 64), 2, 0.5)
     grid = mask.view(2, 3, 2)
     backend = get_backend("native")
-    assert backend.uncounted_macs(model.encoder, imgs, grid) == 0  # CPU: every op is a torch op
-    monkeypatch.setattr(sparse_mae_kernels, "use_triton", lambda device: True)
     visible = int((mask == 0).sum())
     enc = model.encoder
     expected = sum(d * visible * sites * 49 * c for d, c, sites in zip(enc.depths, enc.dims, (64, 16, 4, 1)))
+    assert backend.uncounted_macs(enc, imgs, grid) == expected  # the C kernels, on by default
+    monkeypatch.setenv("SPARSE_MAE_CPU_KERNELS", "0")
+    assert backend.uncounted_macs(enc, imgs, grid) == 0  # torch ops only: the counter sees them all
+    monkeypatch.setattr(sparse_mae_kernels, "use_triton", lambda device: True)
     assert backend.uncounted_macs(enc, imgs, grid) == expected

@@ -420,7 +420,8 @@ def test_native_backend_with_triton_ops_equals_dense_masked(device, monkeypatch)
     engine = pytest.importorskip("sparse_mae.backends.native.engine")
     from tests.equivalence import assert_same_as_reference, make_case
 
-    monkeypatch.setattr(engine, "_triton_ops", lambda dev: ops)
+    kernels = engine.RowKernels(dwconv=ops.sparse_dwconv, grn=ops.segment_grn)
+    monkeypatch.setattr(engine, "_row_kernels", lambda dev: kernels)
     model, imgs, mask = make_case("debug", (64, 64), batch=2, mask_ratio=0.5, seed=3)
     model, imgs, mask = model.to(device), imgs.to(device), mask.to(device)
     assert_same_as_reference(model, imgs, mask, "native")

@@ -2,21 +2,29 @@
 
 Per op: stem = 4x4/4 conv on the visible image patches; downsample = LayerNorm, then the
 2x2/2 conv as one matmul (its windows never cross a patch border, so it is a reshape,
-no gather); block = halo-tile depthwise 7x7 (`sparse_mae_kernels.sparse_ops`),
-LayerNorm / Linear / GELU on packed rows, GRN per sample over its visible sites, drop
-path per sample. On CUDA the Triton kernels replace the two custom ops unless
-SPARSE_MAE_TRITON=0. The result equals the dense_masked reference.
+no gather); block = submanifold depthwise 7x7, LayerNorm / Linear / GELU on packed rows,
+GRN per sample over its visible sites, drop path per sample.
+
+The depthwise conv runs as a gather kernel over the stage's neighbour map: C on the CPU
+(`sparse_mae_kernels.cpu_ops`), Triton on CUDA (`triton_ops`, which also runs the GRN).
+Each is switched off by SPARSE_MAE_CPU_KERNELS=0 / SPARSE_MAE_TRITON=0, and where neither
+runs the torch ops of `sparse_ops` take over (halo tiles for the conv). The result
+equals the dense_masked reference in every case.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+import sparse_mae_kernels
 from sparse_mae.backends.base import EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
 from sparse_mae.flops import STAGE_SITES_PER_PATCH
 from sparse_mae.models.convnextv2 import PATCH, Block, ConvNeXtV2, drop_path_scale
-import sparse_mae_kernels
 from sparse_mae_kernels.sparse_ops import segment_grn, tile_dwconv
 
 
@@ -29,19 +37,19 @@ class NativeBackend(EncoderBackend):
         if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
             raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
         layout = SparseLayout(mask.to(imgs.device))
-        triton = _triton_ops(imgs.device)
+        kernels = _row_kernels(imgs.device)
         x = self._stem(encoder, imgs, layout)
         for i, stage in enumerate(encoder.stages):
             if i > 0:
                 x = self._downsample(stage.downsample, x)
             stage_layout = layout.stage(i)
             for block in stage.blocks:
-                x = self._block(block, x, layout, stage_layout, triton)
+                x = self._block(block, x, layout, stage_layout, kernels)
         return layout.densify(x)
 
     def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
-        """The Triton depthwise convs (CUDA) are invisible to FlopCounterMode; torch ops are not."""
-        if not sparse_mae_kernels.use_triton(imgs.device):
+        """The depthwise convs in C or Triton are invisible to FlopCounterMode; torch ops are not."""
+        if _row_kernels(imgs.device).dwconv is None:
             return 0
         visible = int((mask == 0).sum())
         return sum(
@@ -68,19 +76,19 @@ class NativeBackend(EncoderBackend):
         return F.linear(windows, weight, conv.bias).view(p, s // 2, s // 2, conv.out_channels)
 
     @staticmethod
-    def _block(block: Block, x: torch.Tensor, layout: SparseLayout, st: StageLayout, triton) -> torch.Tensor:
+    def _block(block: Block, x: torch.Tensor, layout: SparseLayout, st: StageLayout, kernels: RowKernels) -> torch.Tensor:
         p, s, _, c = x.shape
         conv = block.conv_dw
-        if triton is not None:
-            y = triton.sparse_dwconv(x.reshape(-1, c), st.neighbour_map(), conv.weight.view(c, -1), conv.bias)
+        if kernels.dwconv is not None:
+            y = kernels.dwconv(x.reshape(-1, c), st.neighbour_map(), conv.weight.view(c, -1), conv.bias)
             y = y.view(p, s, s, c)
         else:
             y = tile_dwconv(x, st.halo_index, conv.weight, conv.bias)
         mlp = block.mlp
         y = mlp.act(mlp.fc1(block.norm(y)))
         hidden = y.shape[-1]
-        if triton is not None:
-            y = triton.segment_grn(y.reshape(-1, hidden), st.row_offsets, mlp.grn.weight, mlp.grn.bias)
+        if kernels.grn is not None:
+            y = kernels.grn(y.reshape(-1, hidden), st.row_offsets, mlp.grn.weight, mlp.grn.bias)
         else:
             y = segment_grn(y.reshape(p, s * s, hidden), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
         y = mlp.fc2(y).view(p, s, s, c)
@@ -90,10 +98,23 @@ class NativeBackend(EncoderBackend):
         return x + y
 
 
-def _triton_ops(device: torch.device):
-    """The Triton op module on CUDA when switched on and importable, else None."""
-    if not sparse_mae_kernels.use_triton(device):
-        return None
-    from sparse_mae_kernels import triton_ops
+@dataclass(frozen=True)
+class RowKernels:
+    """Kernels on packed rows for one device; None where the engine's torch op runs instead."""
 
-    return triton_ops
+    dwconv: Callable | None = None  # (x (M, C), nbr (M, 49), weight (C, 49), bias) -> (M, C)
+    grn: Callable | None = None  # (x (M, C), row_offsets (N+1,), gamma, beta) -> (M, C)
+
+
+def _row_kernels(device: torch.device) -> RowKernels:
+    """Triton on CUDA, C on the CPU, each when switched on and usable (sparse_mae_kernels)."""
+    if sparse_mae_kernels.use_triton(device):
+        from sparse_mae_kernels import triton_ops
+
+        return RowKernels(dwconv=triton_ops.sparse_dwconv, grn=triton_ops.segment_grn)
+    if sparse_mae_kernels.use_cpu_kernels(device):
+        from sparse_mae_kernels import cpu_ops
+
+        # the layout built the map from one set of sites: skip the symmetry check per call
+        return RowKernels(dwconv=partial(cpu_ops.sparse_dwconv, check_values=False))
+    return RowKernels()
