@@ -19,5 +19,17 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 echo "[setup] installing sparse-mae (editable) with test extras"
 $PIP install --quiet -e ".[test]"
-VENV="$VENV" bash tools/install_minkowski.sh || echo "[setup] WARNING: MinkowskiEngine not installed (see above); backend='minkowski' is unavailable, everything else works"
+# MinkowskiEngine is a project dependency (the faithful sparse baseline): a failed install
+# fails the set-up, so `make test` / CI never pass with its tests silently skipped. Where it
+# cannot be built, SPARSE_MAE_WITHOUT_MINKOWSKI=1 goes on without it (backend='minkowski'
+# is then unavailable and its tests skip; everything else works).
+if ! VENV="$VENV" bash tools/install_minkowski.sh; then
+  if [ "${SPARSE_MAE_WITHOUT_MINKOWSKI:-0}" = "1" ]; then
+    echo "[setup] MinkowskiEngine not installed (see above); going on without it (SPARSE_MAE_WITHOUT_MINKOWSKI=1)"
+  else
+    echo "[setup] ERROR: MinkowskiEngine could not be installed (see above). Fix the cause, or run again with" >&2
+    echo "[setup]        SPARSE_MAE_WITHOUT_MINKOWSKI=1 to set up everything else without backend='minkowski'." >&2
+    exit 1
+  fi
+fi
 echo "[setup] done"

@@ -133,6 +133,9 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
     variants = sorted({r["variant"] for r in ok}, key=[r["variant"] for r in ok].index)
     multi_batch = len({r["batch_size"] for r in ok}) > 1
     multi_dtype = len({r["dtype"] for r in ok}) > 1
+    # one colour per series in both plots, so a backend looks the same everywhere
+    labels = list(dict.fromkeys(_series_label(r, multi_batch, multi_dtype) for r in ok))
+    colors = {label: f"C{i % 10}" for i, label in enumerate(labels)}
     written = []
 
     fig, axes = plt.subplots(1, len(variants), figsize=(5 * len(variants), 4), squeeze=False)
@@ -144,7 +147,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
                     (r["mask_ratio"], r["step_images_s"]))
         for label, points in series.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[label])
         ax.set(title=f"{variant}: training step", xlabel="mask ratio", ylabel="images / s")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -170,7 +173,7 @@ def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
                     (r["mask_ratio"], reference[key(r)] / r["step_ms"]))
         for label, points in series.items():
             points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, color=colors[label])
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
         ax.set(title=f"{variant}: speed-up over dense_masked", xlabel="mask ratio", ylabel="x (step time)")
         ax.grid(alpha=0.3)
