@@ -5,7 +5,7 @@ Masks are patch-aligned, so at stage i (side s = 8, 4, 2, 1 sites per patch) a v
 P = visible patches of the whole batch in sample-major order (sample, row, column), so
 each sample's rows form one contiguous segment. Per stage the layout caches the index
 structures the ops need (the halo gather index of the depthwise conv, and on demand the
-(M, 49) neighbour map and row segment offsets the Triton kernels take).
+(M, 49) neighbour map and row segment offsets the C and Triton kernels take).
 """
 from __future__ import annotations
 
