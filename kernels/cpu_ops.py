@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-from sparse_mae_kernels.dwconv_rows import TAPS, _check_dwconv, _dwconv_autocast
+from sparse_mae_kernels.dwconv_rows import TAPS, _check_dwconv, _check_neighbour_range, _dwconv_autocast
 
 SOURCE = Path(__file__).with_name("csrc") / "dwconv_rows.c"
 CACHE_ENV = "SPARSE_MAE_CACHE"
@@ -173,10 +173,10 @@ def _forward_rows(x: torch.Tensor, nbr: torch.Tensor, weight_by_tap: torch.Tenso
 def _weight_grad_rows(x: torch.Tensor, nbr: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """fp32 contiguous x, grad (M, C) -> grad weight (C, 49) fp32."""
     m, c = x.shape
-    threads = _threads()
-    partials = torch.empty(threads, TAPS, c, dtype=torch.float32)
     if m == 0 or c == 0:
         return torch.zeros(c, TAPS, dtype=torch.float32)
+    threads = _threads()
+    partials = torch.empty(threads, TAPS, c, dtype=torch.float32)
     used = library().sparse_dwconv_rows_weight_grad_f32(
         _ptr(x, ctypes.c_float), _ptr(nbr, ctypes.c_int32), _ptr(grad, ctypes.c_float),
         _ptr(partials, ctypes.c_float), m, c, threads,
@@ -221,9 +221,8 @@ def sparse_dwconv(x, nbr, weight, bias=None, *, check_values: bool | None = None
     """
     check_values = True if check_values is None else check_values
     x, nbr, weight, bias = _check_dwconv(x, nbr, weight, bias, check_values)
-    if not check_values and nbr.numel() and (int(nbr.min()) < -1 or int(nbr.max()) >= nbr.shape[0]):
-        # the cheap part of the check, always: it keeps the C code's reads in bounds
-        raise ValueError(f"nbr values must be rows in [0, {nbr.shape[0]}) or -1 for an absent neighbour")
+    if not check_values:
+        _check_neighbour_range(nbr)  # the cheap part, always: it keeps the C code's reads in bounds
     for name, t in (("x", x), ("nbr", nbr), ("weight", weight)):
         if t.device.type != "cpu":
             raise ValueError(f"cpu_ops.sparse_dwconv runs on CPU tensors; {name} is on {t.device} "

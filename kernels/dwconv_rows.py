@@ -27,13 +27,18 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _check_dwconv(x, nbr, weight, bias, check_values: bool | None):
-    """Validate and normalise the inputs; returns (x, nbr, weight (C, 49), bias) contiguous."""
+def _check_rows(x) -> tuple[int, int]:
+    """x must be float packed rows (M, C) (the GRN op of `triton_ops` takes them too) -> (M, C)."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
         raise ValueError(f"x must be packed rows (M, C), got {tuple(getattr(x, 'shape', ()))}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    m, c = x.shape
+    return x.shape
+
+
+def _check_dwconv(x, nbr, weight, bias, check_values: bool | None):
+    """Validate and normalise the inputs; returns (x, nbr, weight (C, 49), bias) contiguous."""
+    m, c = _check_rows(x)
     if nbr.dim() != 2 or nbr.shape[1] != TAPS or nbr.shape[0] != m:
         raise ValueError(f"nbr must be (M, 49) = ({m}, 49) neighbour rows, got {tuple(nbr.shape)}")
     if nbr.dtype != torch.int32:
@@ -57,17 +62,23 @@ def _check_dwconv(x, nbr, weight, bias, check_values: bool | None):
     return x.contiguous(), nbr.contiguous(), weight.contiguous(), (bias.contiguous() if bias is not None else None)
 
 
+def _check_neighbour_range(nbr: torch.Tensor) -> None:
+    """Rows in [-1, M): the cheap part of `_check_neighbour_values` (two reductions)."""
+    m = nbr.shape[0]
+    if m and (int(nbr.min()) < -1 or int(nbr.max()) >= m):
+        raise ValueError(f"nbr values must be rows in [0, {m}) or -1 for an absent neighbour")
+
+
 def _check_neighbour_values(nbr: torch.Tensor) -> None:
     """Rows in [-1, M), and the map symmetric: n = nbr[m, k] iff m = nbr[n, 48 - k].
 
     Symmetry (output sites = input sites) is what lets the input gradient be the same
     gather with the flipped kernel. Costs a device sync, hence only on request on CUDA.
     """
+    _check_neighbour_range(nbr)
     m = nbr.shape[0]
     if m == 0:
         return
-    if int(nbr.min()) < -1 or int(nbr.max()) >= m:
-        raise ValueError(f"nbr values must be rows in [0, {m}) or -1 for an absent neighbour")
     rows = torch.arange(m, device=nbr.device).unsqueeze(1).expand(m, TAPS)
     taps = torch.arange(TAPS, device=nbr.device).expand(m, TAPS)
     present = nbr >= 0

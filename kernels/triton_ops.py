@@ -36,6 +36,7 @@ from sparse_mae_kernels.dwconv_rows import (  # noqa: F401  (re-exported: the op
     _autocast_dtype,
     _check_dwconv,
     _check_neighbour_values,
+    _check_rows,
     _dwconv_autocast,
     neighbour_map,
     sparse_dwconv_reference,
@@ -192,11 +193,7 @@ def sparse_dwconv(x, nbr, weight, bias=None, *, check_values: bool | None = None
 
 
 def _check_grn(x, seg_offsets, gamma, beta, check_values: bool | None):
-    if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"x must be packed rows (M, C), got {tuple(getattr(x, 'shape', ()))}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    m, c = x.shape
+    m, c = _check_rows(x)
     if seg_offsets.dim() != 1 or seg_offsets.numel() < 2:
         raise ValueError(f"seg_offsets must be (N+1,) with N >= 1 segments, got {tuple(seg_offsets.shape)}")
     if seg_offsets.dtype != torch.int64:
