@@ -30,7 +30,7 @@ from sparse_mae.apps.pretrain import run_pretrain
 FINETUNE = {"data.num_train": 128, "data.num_val": 256,
             "data.num_workers": 0, "data.scale": "[0.5,1.0]", "batch_size": 32, "epochs": 100,
             "sched.warmup_steps": 10, "optim.lr": 3e-3, "optim.weight_decay": 0.05, "layer_decay": 0.8,
-            "label_smoothing": 0.1, "ema.decay": 0.98, "eval_every_epochs": 25, "drop_path": 0.0,
+            "label_smoothing": 0.1, "ema.decay": 0.98, "eval_every_epochs": 25, "model.drop_path_rate": 0.0,
             "logger": "none", "logger.progress": "false"}
 
 

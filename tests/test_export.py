@@ -213,7 +213,8 @@ def test_onnx_export_logits_match(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     from omegaconf import OmegaConf
 
-    from sparse_mae.apps.export import compose_app_config, run_export
+    from sparse_mae.apps.app import compose
+    from sparse_mae.apps.export import run_export
 
     torch.manual_seed(0)
     clf = sparse_mae.create_model("convnextv2_debug", num_classes=8).eval()
@@ -221,7 +222,7 @@ def test_onnx_export_logits_match(tmp_path):
         for p in clf.parameters():
             p.normal_(0, 0.1)
     torch.save({"model": clf.state_dict()}, tmp_path / "clf.pt")
-    cfg = compose_app_config("export", [f"ckpt={tmp_path / 'clf.pt'}", "format=onnx",
+    cfg = compose("export", [f"ckpt={tmp_path / 'clf.pt'}", "format=onnx",
                                         f"out={tmp_path / 'clf.onnx'}", "onnx.image_size=64", "check=false"])
     assert OmegaConf.select(cfg, "format") == "onnx"
     run_export(cfg)

@@ -78,7 +78,7 @@ def test_short_debug_run_writes_checkpoint_metrics_png_and_learns(tmp_path):
     result = run(tmp_path, epochs=12, **{"data.num_images": 16, "recon.every_steps": 8, "log_every_steps": 2})
     assert result.steps == 24  # 16 images / batch 8 = 2 steps per epoch
     # checkpoints every 2 steps, last 3 kept, each with its config beside it
-    assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [20, 22, 24]
+    assert [c.step for c in list_checkpoints(tmp_path / "checkpoints")] == [20, 22, 24]
     assert result.checkpoint == tmp_path / "checkpoints" / "step-00000024.pt"
     assert "variant: debug" in result.checkpoint.with_suffix(".yaml").read_text()
     state = load_checkpoint(result.checkpoint)
@@ -111,25 +111,49 @@ def test_resume_is_bit_exact(tmp_path):
     assert_states_equal(load_checkpoint(straight.checkpoint), load_checkpoint(second_half.checkpoint))
 
 
-def test_nan_loss_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def _loss_turning_nan_at(monkeypatch, calls_to_poison: set[int]):
+    """FCMAE's loss becomes NaN at the given forward calls (1-based; one forward per step here)."""
     real_loss = FCMAE.forward_loss
     calls = {"n": 0}
 
-    def loss_that_turns_nan(self, imgs, pred, mask):
+    def loss(self, imgs, pred, mask):
         calls["n"] += 1
-        loss = real_loss(self, imgs, pred, mask)
-        return loss * float("nan") if calls["n"] == 6 else loss  # the 6th forward = step 6
+        value = real_loss(self, imgs, pred, mask)
+        return value * float("nan") if calls["n"] in calls_to_poison else value
 
-    monkeypatch.setattr(FCMAE, "forward_loss", loss_that_turns_nan)
-    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 5 .*Last good checkpoint: .*step-00000004.pt"):
-        run(tmp_path, **{"recon.num_images": 0})  # no reconstruction forwards in the count
+    monkeypatch.setattr(FCMAE, "forward_loss", loss)
+    return real_loss
+
+
+def test_nan_losses_in_a_row_stop_clearly_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    # the 6th and 7th forwards = steps 5 and 6 (0-based); the checkpoint after step 5 (named
+    # step-6: six steps done) holds the weights of step 4, untouched by the skipped step
+    real_loss = _loss_turning_nan_at(monkeypatch, {6, 7})
+    with pytest.raises(NonFiniteLossError, match=r"step 6: loss is nan .*2 non-finite steps in a row .*"
+                                                 r"last good checkpoint: .*step-00000006.pt"):
+        run(tmp_path, **{"recon.num_images": 0, "nonfinite.max_in_a_row": 2})
     ckpt = find_latest(tmp_path / "checkpoints")
-    assert ckpt.name == "step-00000004.pt"
+    assert ckpt.name == "step-00000006.pt"
     state = load_checkpoint(ckpt)
-    assert state["step"] == 4 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert state["step"] == 6 and all(torch.isfinite(t).all() for t in state["model"].values())
+    assert all(int(s["step"]) == 5 for s in state["optimizer"]["state"].values())  # 5 updates of 6 steps
     # and the run continues from it once the cause is gone
     monkeypatch.setattr(FCMAE, "forward_loss", real_loss)
     assert run(tmp_path, resume="auto").steps == 8
+
+
+def test_a_nan_loss_skips_the_step_counts_it_and_the_run_goes_on(tmp_path, monkeypatch):
+    clean = run(tmp_path / "clean", **{"recon.num_images": 0})
+    _loss_turning_nan_at(monkeypatch, {6})  # step 5 only
+    result = run(tmp_path / "poisoned", **{"recon.num_images": 0})
+    assert result.steps == 8 and result.nonfinite_steps == 1
+    assert result.losses[5] is None and result.losses[:5] == clean.losses[:5]
+    metrics = read_metrics(result.metrics)
+    assert metrics[5]["step"] == 6 and metrics[5]["loss"] == "nan" and metrics[-1]["nonfinite_steps"] == 1
+    state = load_checkpoint(result.checkpoint)
+    assert state["engine"]["nonfinite_steps"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
+    # the skipped step did not touch the weights: its AdamW step count is one behind
+    assert all(int(s["step"]) == 7 for s in state["optimizer"]["state"].values())
 
 
 class Killed(BaseException):
@@ -160,7 +184,7 @@ def test_kill_between_temp_write_and_rename_keeps_the_old_checkpoint(tmp_path, m
     resumed = run(tmp_path, resume="auto")
     assert resumed.losses and resumed.steps == 8
     assert sorted(p.name for p in ckpt_dir.iterdir()) == [
-        f"step-0000000{s}.{ext}" for s in (4, 6, 8) for ext in ("pt", "yaml")]
+        f"step-0000000{s}.{ext}" for s in (4, 6, 8) for ext in ("json", "pt", "yaml")]
 
 
 def test_imagefolder_run_with_bad_files_among_good_ones(tmp_path):
@@ -226,6 +250,27 @@ def test_autocast_on_a_backend_without_it_is_a_clear_error(tmp_path):
 # -- configs -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=eight", "Value 'eight' of type 'str' could not be converted to Integer"),
+    ("model.variant=gigantic", "Invalid value 'gigantic', expected one of"),
+    ("backend=faster", "backend/faster"),
+    ("mask_ratio=[0.6]", "mask_ratio"),
+    ("logger.mode=sometimes", "Invalid value 'sometimes'"),
+    ("data=imagefolder data.num_images=4", "data.num_images"),  # a key of the other data option
+])
+def test_wrong_types_and_choices_are_rejected_by_hydra_from_the_schema(override, message):
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(override.split())
+    assert message in f"{error.value} {error.value.__cause__}"
+
+
+def test_a_model_variant_is_one_key_with_its_defaults_in_one_place():
+    tiny = compose_config(["model=tiny"])
+    assert tiny.model.variant == "tiny" and compose_config(["model.variant=tiny"]).model == tiny.model
+    assert tiny.model.decoder_dim == 512 and tiny.model.norm_pix_loss and tiny.model.drop_path_rate == 0.0
+    assert not (REPO / "conf" / "model").exists()
+
+
 def test_unknown_override_key_and_option_are_hydra_errors():
     with pytest.raises(ConfigCompositionException, match="no_such_key"):
         compose_config(["no_such_key=1"])
@@ -236,8 +281,8 @@ def test_unknown_override_key_and_option_are_hydra_errors():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("batch_size=0", "batch_size must be an integer > 0"),
-    ("accum_iter=-1", "accum_iter must be an integer > 0"),
+    ("batch_size=0", "batch_size must be > 0"),
+    ("accum_iter=-1", "accum_iter must be > 0"),
     ("optim.blr=0", "optim.blr must be > 0"),
     ("optim.lr=-0.1", "optim.lr must be > 0"),
     ("mask_ratio=1.0", "mask_ratio must be in"),
@@ -308,7 +353,7 @@ def cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Compl
 def test_cli_unknown_key_fails_with_hydras_message(tmp_path):
     proc = cli(["model=debug", "batch_sise=8"], tmp_path)
     assert proc.returncode != 0
-    assert "Could not override 'batch_sise'" in proc.stderr and "Key 'batch_sise' is not in struct" in proc.stderr
+    assert "Could not override 'batch_sise'" in proc.stderr and "Key 'batch_sise' not in 'PretrainConfig'" in proc.stderr
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Units of sparse_mae.train: schedule, checkpoints, RNG state, optimizer groups, seeds."""
 from __future__ import annotations
 
+import json
 import math
 import pickle
 import random
@@ -10,7 +11,15 @@ import pytest
 import torch
 
 from sparse_mae import create_model
-from sparse_mae.train.checkpoint import find_latest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from sparse_mae.train.checkpoint import (
+    CorruptCheckpointError,
+    explicit_resume_path,
+    find_latest,
+    list_checkpoints,
+    load_checkpoint,
+    newest_good_checkpoint,
+    save_checkpoint,
+)
 from sparse_mae.train.optim import param_groups_weight_decay
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state
 from sparse_mae.train.sampler import sample_seed
@@ -35,26 +44,85 @@ def test_set_lr_applies_per_group_scale():
     assert [g["lr"] for g in opt.param_groups] == [0.2, 0.1]
 
 
-def test_checkpoints_keep_last_k_with_config_beside(tmp_path):
+def test_checkpoints_keep_last_k_with_config_and_record_beside(tmp_path):
     for step in (5, 10, 15, 20):
-        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, f"step: {step}\n", keep_last=2)
-    assert [s for s, _ in list_checkpoints(tmp_path)] == [15, 20]
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, f"step: {step}\n", keep_last=2,
+                        run_id="run-a")
+    assert [c.step for c in list_checkpoints(tmp_path)] == [15, 20]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "step-00000015.pt", "step-00000015.yaml", "step-00000020.pt", "step-00000020.yaml"]
+        f"step-000000{s}.{ext}" for s in (15, 20) for ext in ("json", "pt", "yaml")]
     latest = find_latest(tmp_path)
     assert load_checkpoint(latest)["w"].tolist() == [20.0, 20.0]
     assert latest.with_suffix(".yaml").read_text() == "step: 20\n"
+    record = json.loads(latest.with_suffix(".json").read_text())
+    assert record["run_id"] == "run-a" and record["bytes"] == latest.stat().st_size and len(record["sha256"]) == 64
 
 
-def test_resolve_resume(tmp_path):
-    assert resolve_resume(None, tmp_path) is None and resolve_resume("none", tmp_path) is None
-    assert resolve_resume("auto", tmp_path / "nothing-yet") is None  # fresh start
+def test_rotation_keeps_what_the_run_wrote_last_and_never_touches_other_files(tmp_path):
+    """Issue 11, item 1: a run's own new checkpoints are never deleted to keep older ones
+    with higher step numbers; another run's checkpoints and unrecorded files are not ours."""
+    for step in (12, 14, 16):
+        save_checkpoint(tmp_path, step, {"w": torch.zeros(1)}, keep_last=2, run_id="earlier-run")
+    torch.save({"w": torch.ones(1)}, tmp_path / "step-00000030.pt")  # hand-made, no record
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, {"w": torch.full((1,), float(step))}, keep_last=2, run_id="this-run")
+    by_run = {}
+    for c in list_checkpoints(tmp_path):
+        by_run.setdefault(c.run_id, []).append(c.step)
+    assert by_run == {None: [30], "earlier-run": [14, 16], "this-run": [6, 8]}
+    assert find_latest(tmp_path).name == "step-00000008.pt"  # last written, not the highest step
+
+
+def test_resume_branch_from_an_earlier_step_continues_what_it_wrote_last(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, {"step": step, "model": {}, "optimizer": {}}, keep_last=0, run_id="r")
+    save_checkpoint(tmp_path, 3, {"step": 3, "model": {}, "optimizer": {}}, keep_last=0, run_id="r")  # resumed at 2
+    path, state = newest_good_checkpoint(tmp_path)
+    assert path.name == "step-00000003.pt" and state["step"] == 3
+
+
+def _training_state(step: int) -> dict:
+    return {"step": step, "model": {"w": torch.full((64,), float(step))}, "optimizer": {"state": {}}}
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte", "unrecorded_older_version_files"])
+def test_newest_good_checkpoint_skips_damaged_ones_and_names_them(tmp_path, damage):
+    """Issue 11, item 2: a corrupt newest checkpoint falls back to the older good one."""
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, _training_state(step), keep_last=0, run_id="r")
+    newest = tmp_path / "step-00000006.pt"
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_a_byte":  # same size: only the checksum can tell
+        newest.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    else:  # checkpoints of a version that wrote no records: ordered by step, read to check
+        for record in tmp_path.glob("*.json"):
+            record.unlink()
+        newest.write_bytes(b"not a zip archive at all")
+    warnings = []
+    path, state = newest_good_checkpoint(tmp_path, warn=warnings.append)
+    assert path.name == "step-00000004.pt" and state["step"] == 4
+    assert len(warnings) == 1 and "step-00000006.pt" in warnings[0]
+    with pytest.raises(CorruptCheckpointError):
+        load_checkpoint(newest)
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    save_checkpoint(tmp_path, 2, _training_state(2), run_id="r")
+    (tmp_path / "step-00000002.pt").write_bytes(b"garbage")
+    with pytest.raises(CorruptCheckpointError, match="none of the 1 checkpoints .* is usable"):
+        newest_good_checkpoint(tmp_path, warn=lambda m: None)
+    assert newest_good_checkpoint(tmp_path / "empty") == (None, None)
+
+
+def test_explicit_resume_path(tmp_path):
+    assert explicit_resume_path(None) is None and explicit_resume_path("auto") is None
     path = save_checkpoint(tmp_path, 3, {"x": 1})
-    assert resolve_resume("auto", tmp_path) == path
-    assert resolve_resume(str(path), tmp_path / "elsewhere") == path
-    assert resolve_resume(str(tmp_path), tmp_path / "elsewhere") == path
+    assert explicit_resume_path(str(path)) == path
+    assert explicit_resume_path(str(tmp_path)) == path
     with pytest.raises(FileNotFoundError, match="resume=auto"):
-        resolve_resume(str(tmp_path / "missing.pt"), tmp_path)
+        explicit_resume_path(str(tmp_path / "missing.pt"))
 
 
 class _Payload:

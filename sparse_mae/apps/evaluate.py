@@ -7,49 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from sparse_mae.data.imagefolder import find_images, load_rgb
-
-
-class LabelledImageFolder(Dataset):
-    """root/<class>/**/*.jpg -> {"image", "label", "seed", "skipped"}; classes sorted by name
-    (or given, so val uses train's class indices)."""
-
-    def __init__(self, root: str | os.PathLike, transform, classes: list[str] | None = None):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"{self.root} does not exist; data.root needs train/ and val/ sub-folders "
-                                    f"of class folders (root/train/<class>/*.jpg)")
-        found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
-        self.classes = list(classes) if classes is not None else found
-        extra = sorted(set(found) - set(self.classes))
-        if extra:
-            raise ValueError(f"{self.root} has class folders {extra} that the training split lacks")
-        if not self.classes:
-            raise ValueError(f"{self.root} has no class sub-folders (expected {self.root}/<class>/*.jpg)")
-        self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            if (self.root / name).is_dir():
-                files, _ = find_images(self.root / name)
-                self.samples += [(f, label) for f in files]
-        if not self.samples:
-            raise ValueError(f"no images under {self.root}/<class>/")
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        path, label = self.samples[index]
-        return {"image": self.transform(load_rgb(path), seed), "label": label, "seed": seed, "skipped": 0}
+from sparse_mae.apps.app import compose, tool_main
+from sparse_mae.data.imagefolder import LabelledImageFolderDataset
 
 
 def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None):
@@ -70,7 +36,7 @@ def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = No
         seed = data_cfg.seed if split == "train" else data_cfg.seed + 1  # val images never seen in training
         return BuiltinDataset(count, data_cfg.draw_size, transform, seed=seed), list(CLASSES)
     if data_cfg.name == "imagefolder":
-        ds = LabelledImageFolder(Path(data_cfg.root) / split, transform, classes)
+        ds = LabelledImageFolderDataset(Path(data_cfg.root) / split, transform, classes)
         return ds, ds.classes
     raise ValueError(f"data.name must be builtin or imagefolder, got {data_cfg.name!r}")
 
@@ -78,15 +44,21 @@ def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = No
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
                         amp: bool = False) -> dict:
-    """-> {"top1", "top5", "loss", "count", "confusion" (num_classes x num_classes, rows = truth)}."""
+    """-> {"top1", "top5", "loss", "count", "skipped", "confusion" (num_classes x num_classes, rows =
+    truth)}. Items that stand in for an unreadable file ("skipped" > 0) are left out, so
+    every readable image counts once and an unreadable one not at all."""
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    correct1 = correct5 = 0
+    correct1 = correct5 = skipped = 0
     loss_sum, count = 0.0, 0
     k = min(5, num_classes)
     for batch in loader:
-        imgs, labels = batch["image"].to(device), batch["label"].to(device)
+        keep = batch["skipped"] == 0
+        skipped += int(batch["skipped"].sum())
+        if not keep.any():
+            continue
+        imgs, labels = batch["image"][keep].to(device), batch["label"][keep].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(imgs)
         logits = logits.float()
@@ -101,7 +73,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
     if count == 0:
         raise ValueError("the evaluation set is empty")
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count, "loss": loss_sum / count,
-            "count": count, "confusion": confusion}
+            "count": count, "skipped": skipped, "confusion": confusion}
 
 
 def confusion_png(confusion: torch.Tensor, classes: list[str], path: str | os.PathLike, title: str = "") -> Path:
@@ -156,9 +128,7 @@ def load_classifier(path: str | os.PathLike, use_ema: bool = True):
 
 
 def compose_eval_config(overrides: list[str]) -> DictConfig:
-    from sparse_mae.apps.export import compose_app_config
-
-    return compose_app_config("eval", overrides)
+    return compose("eval", overrides)
 
 
 def run_eval(cfg: DictConfig) -> dict:
@@ -176,26 +146,21 @@ def run_eval(cfg: DictConfig) -> dict:
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     png = confusion_png(result["confusion"], classes, out / "confusion_matrix.png",
                         title=f"{Path(cfg.ckpt).name} ({which}): top-1 {result['top1']:.2f}%")
-    summary = {k: result[k] for k in ("top1", "top5", "loss", "count")} | {
+    summary = {k: result[k] for k in ("top1", "top5", "loss", "count", "skipped")} | {
         "weights": which, "checkpoint": str(cfg.ckpt), "classes": classes,
         "confusion": result["confusion"].tolist()}
     (out / "eval.json").write_text(json.dumps(summary, indent=1))
     return summary | {"png": png}
 
 
-def main() -> int:
-    argv = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in argv):
-        from sparse_mae.apps.export import app_help
-
-        print(app_help("eval"))
-        return 0
-    try:
-        summary = run_eval(compose_eval_config(argv))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sparse-mae eval: error: {e}", file=sys.stderr)
-        return 2
+def _run_and_print(cfg: DictConfig) -> int:
+    summary = run_eval(cfg)
     print(f"{summary['checkpoint']} ({summary['weights']} weights) on {summary['count']} val images: "
-          f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}")
+          f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}"
+          + (f"  ({summary['skipped']} unreadable files left out)" if summary["skipped"] else ""))
     print(f"confusion matrix: {summary['png']}")
     return 0
+
+
+def main() -> int:
+    return tool_main("eval", _run_and_print)

@@ -12,10 +12,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from sparse_mae.apps.app import tool_main
 
 from sparse_mae.convert import (
-    FORMATS,
     build_from_state_dict,
     conversion_check,
     export_state_dict,
@@ -24,26 +25,7 @@ from sparse_mae.convert import (
     write_state_dict,
 )
 
-CONFIG_MODULE = "sparse_mae_conf"
 CHECK_TOLERANCE = 1e-3  # relative to the output scale; fp32 reorderings stay ~1e-6
-
-
-def compose_app_config(name: str, overrides: list[str]) -> DictConfig:
-    """Compose conf/<name>.yaml with key=value overrides (Hydra's compose API: no run dir)."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides)
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(f"missing required option(s) {', '.join(missing)}: pass them as key=value")
-    return cfg
-
-
-def app_help(name: str) -> str:
-    from importlib.resources import files
-
-    return files(CONFIG_MODULE).joinpath(f"{name}.yaml").read_text()
 
 
 def export_onnx(model: torch.nn.Module, path: Path, image_size: int, opset: int) -> Path:
@@ -61,14 +43,13 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, opset: int)
 
 def run_export(cfg: DictConfig) -> dict:
     """Run one export; returns a summary dict (path, spec, check report)."""
-    fmt = cfg.format
-    if fmt not in (*FORMATS, "onnx"):
-        raise ValueError(f"format={fmt!r} is not one of {', '.join((*FORMATS, 'onnx'))}")
+    fmt = str(cfg.format)
+    variant = str(cfg.variant) if cfg.variant is not None else None
     source_sd, source_meta = read_state_dict(cfg.ckpt)
-    source_spec = inspect_state_dict(source_sd, "sparse_mae", cfg.variant, strict=cfg.strict,
+    source_spec = inspect_state_dict(source_sd, "sparse_mae", variant, strict=cfg.strict,
                                      source=f"checkpoint {cfg.ckpt}")
     layout = "sparse_mae" if fmt == "onnx" else fmt
-    exported, spec = export_state_dict(source_sd, layout, cfg.variant, head=cfg.head,
+    exported, spec = export_state_dict(source_sd, layout, variant, head=cfg.head,
                                        num_classes=cfg.num_classes, strict=cfg.strict)
     out = Path(cfg.out)
     metadata = {"variant": spec.variant, "kind": spec.kind, "num_classes": spec.num_classes,
@@ -91,19 +72,6 @@ def run_export(cfg: DictConfig) -> dict:
     return {"out": out, "spec": spec, "source_spec": source_spec, "check": report, "metadata": metadata}
 
 
-def main() -> int:
-    argv = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in argv):
-        print(app_help("export"))
-        return 0
-    try:
-        cfg = compose_app_config("export", argv)
-        return _run_and_print(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix
-        print(f"sparse-mae export: error: {e}", file=sys.stderr)
-        return 2
-
-
 def _run_and_print(cfg: DictConfig) -> int:
     result = run_export(cfg)
     print(f"source: {result['source_spec'].describe()} from {cfg.ckpt}")
@@ -117,3 +85,7 @@ def _run_and_print(cfg: DictConfig) -> int:
         print(f"conversion check FAILED: relative difference {worst:.3e} > {CHECK_TOLERANCE}", file=sys.stderr)
         return 1
     return 0
+
+
+def main() -> int:
+    return tool_main("export", _run_and_print)

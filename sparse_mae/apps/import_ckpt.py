@@ -6,13 +6,12 @@ identical tensors.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-from sparse_mae.apps.export import app_help, compose_app_config
+from sparse_mae.apps.app import tool_main
 from sparse_mae.convert import import_state_dict, read_state_dict
 
 
@@ -30,10 +29,11 @@ def our_checkpoint(sd: dict, spec, source: str, source_format: str) -> dict:
 
 def run_import(cfg: DictConfig) -> tuple[Path, object]:
     foreign, _ = read_state_dict(cfg.ckpt)
-    sd, spec = import_state_dict(foreign, cfg.format, cfg.variant, strict=cfg.strict)
+    variant = str(cfg.variant) if cfg.variant is not None else None
+    sd, spec = import_state_dict(foreign, str(cfg.format), variant, strict=cfg.strict)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = our_checkpoint(sd, spec, str(cfg.ckpt), cfg.format)
+    ckpt = our_checkpoint(sd, spec, str(cfg.ckpt), str(cfg.format))
     if out.suffix == ".safetensors":
         from sparse_mae.convert import write_state_dict
 
@@ -45,20 +45,11 @@ def run_import(cfg: DictConfig) -> tuple[Path, object]:
     return out, spec
 
 
-def main() -> int:
-    argv = sys.argv[1:]
-    if any(a in ("-h", "--help") for a in argv):
-        print(app_help("import"))
-        return 0
-    try:
-        cfg = compose_app_config("import", argv)
-        return _run_and_print(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the fix
-        print(f"sparse-mae import: error: {e}", file=sys.stderr)
-        return 2
-
-
 def _run_and_print(cfg: DictConfig) -> int:
     out, spec = run_import(cfg)
     print(f"wrote {out}: our {spec.describe()} from {cfg.format} checkpoint {cfg.ckpt}")
     return 0
+
+
+def main() -> int:
+    return tool_main("import", _run_and_print)

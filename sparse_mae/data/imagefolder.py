@@ -1,9 +1,11 @@
-"""Every image under a folder, recursively, for self-supervised pretraining (no labels).
+"""Image folders: every image under a folder (pretraining), or ImageNet-style class folders
+(fine-tuning and evaluation).
 
-Bad files never crash a run: zero-byte files are dropped when the folder is scanned; a
-file that fails to decode is replaced by the next good image in the list (deterministic,
-so exact resume still holds), a warning names it once per worker, and each sample
-carries the number of files skipped to produce it so the loop can count and report them.
+Bad files never crash a run (pretraining, fine-tuning or evaluation): zero-byte files are
+set aside when the folder is scanned; a file that fails to decode is replaced by the next
+good image in the list (deterministic, so exact resume still holds), a warning names it
+once per worker, and each sample carries the number of files skipped to produce it, so
+the training loop counts them and evaluation leaves the replacements out.
 """
 from __future__ import annotations
 
@@ -54,34 +56,88 @@ def load_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
-class ImageFolderDataset(Dataset):
-    """Items are requested as `(index, seed)` (see train.sampler) and returned as
-    `{"image": (3, size, size) float, "seed": int, "skipped": int}`."""
+class ImageFilesDataset(Dataset):
+    """A list of image files read under one bad-file policy, shared by every app's data: a
+    file that fails to decode is replaced by the next readable file of the list
+    (deterministic, so exact resume still holds), a warning names it once per process, and
+    the item's "skipped" says how many files were passed over to produce it."""
 
-    def __init__(self, root: str | os.PathLike, transform):
+    def __init__(self, root: str | os.PathLike, files: list[Path], transform):
         self.root = Path(root)
-        self.files, self.empty_files = find_images(root)
+        self.files = files
         self.transform = transform
         self._warned: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        skipped = 0
-        for attempt in range(len(self.files)):
-            path = self.files[(index + attempt) % len(self.files)]
+    def read(self, index: int) -> tuple[Image.Image, int, int]:
+        """-> (RGB image, index of the file actually read, files skipped to reach it)."""
+        for skipped in range(len(self.files)):
+            at = (index + skipped) % len(self.files)
+            path = self.files[at]
             try:
-                img = load_rgb(path)
+                return load_rgb(path), at, skipped
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                skipped += 1
                 if path not in self._warned:
                     self._warned.add(path)
                     warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
-                continue
-            return {"image": self.transform(img, seed), "seed": seed, "skipped": skipped}
         raise RuntimeError(f"no image under {self.root} could be decoded ({len(self.files)} files tried)")
+
+
+class ImageFolderDataset(ImageFilesDataset):
+    """Every image under `root` (no labels). Items are requested as `(index, seed)` (see
+    train.sampler) and returned as `{"image": (3, size, size) float, "seed", "skipped"}`."""
+
+    def __init__(self, root: str | os.PathLike, transform):
+        files, self.empty_files = find_images(root)
+        super().__init__(root, files, transform)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, _, skipped = self.read(index)
+        return {"image": self.transform(img, seed), "seed": seed, "skipped": skipped}
+
+
+class LabelledImageFolderDataset(ImageFilesDataset):
+    """root/<class>/**/*.jpg -> {"image", "label", "seed", "skipped"}; classes sorted by name
+    (or given, so val uses train's class indices). A replaced unreadable file brings its
+    replacement's label along."""
+
+    def __init__(self, root: str | os.PathLike, transform, classes: list[str] | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} does not exist; data.root needs train/ and val/ sub-folders "
+                                    f"of class folders (root/train/<class>/*.jpg)")
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        self.classes = list(classes) if classes is not None else found
+        extra = sorted(set(found) - set(self.classes))
+        if extra:
+            raise ValueError(f"{root} has class folders {extra} that the training split lacks")
+        if not self.classes:
+            raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/*.jpg)")
+        files, self.labels, self.empty_files = [], [], []
+        for label, name in enumerate(self.classes):
+            if (root / name).is_dir():
+                try:
+                    found_files, empty = find_images(root / name)
+                except ValueError:  # a class folder without readable images
+                    continue
+                files += found_files
+                self.labels += [label] * len(found_files)
+                self.empty_files += empty
+        if not files:
+            raise ValueError(f"no images under {root}/<class>/")
+        super().__init__(root, files, transform)
+
+    @property
+    def samples(self) -> list[tuple[Path, int]]:
+        return list(zip(self.files, self.labels))
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, item)
+        img, at, skipped = self.read(index)
+        return {"image": self.transform(img, seed), "label": self.labels[at], "seed": seed, "skipped": skipped}
 
 
 def count_unreadable(files: list[Path]) -> int:

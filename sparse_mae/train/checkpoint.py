@@ -1,48 +1,95 @@
-"""Checkpoints: atomic writes, keep the last K, find the latest for `resume=auto`.
+"""Checkpoints: atomic writes, a checksum beside each, rotation, and resume that survives damage.
 
 Layout inside a run directory's `checkpoints/` folder:
 
     step-00000100.pt      torch.save of a plain dict (tensors, numbers, strings only)
-    step-00000100.yaml    the run's resolved config, beside every checkpoint
+    step-00000100.yaml    the run's resolved config
+    step-00000100.json    the record: sha256 and size of the .pt, the run id, and `seq`,
+                          the order in which this directory's checkpoints were written
 
-A checkpoint is first written to a hidden temp file in the same folder, flushed and
-fsync'ed, then renamed over its final name (rename is atomic on POSIX), so a crash at
-any moment leaves either the old set of checkpoints or the new one, never a torn file.
-Temp files left by a crash are ignored by `find_latest` and removed by the next save.
+Each file is first written to a hidden temp file in the same folder, flushed and fsync'ed,
+then renamed over its final name (atomic on POSIX). The record is renamed into place
+before the checkpoint, so every checkpoint that exists has its checksum beside it; a kill
+at any moment leaves the previous checkpoints intact and at worst a temp file or a
+record without its checkpoint, both ignored here and removed by the next save.
+
+"Newest" means last written (highest `seq`), not highest step: a run resumed from an
+earlier checkpoint of its directory continues from what it wrote last. Rotation deletes
+only the oldest checkpoints of the run that is writing; it never touches another run's
+files, nor files written without a record (by older versions).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 TEMP_PREFIX = ".tmp-"
+NO_RECORD = -1  # seq of a checkpoint written without a record: older than any recorded one
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that does not match its checksum or cannot be read."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    path: Path
+    seq: int = NO_RECORD
+    run_id: str | None = None
+    sha256: str | None = None
+    size: int | None = None
 
 
 def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
     return Path(folder) / f"step-{step:08d}.pt"
 
 
-def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `folder`, oldest first, as (step, path)."""
+def record_path(checkpoint: Path) -> Path:
+    return checkpoint.with_suffix(".json")
+
+
+def _read_record(checkpoint: Path) -> dict | None:
+    try:
+        record = json.loads(record_path(checkpoint).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def list_checkpoints(folder: str | os.PathLike) -> list[CheckpointInfo]:
+    """Checkpoints in `folder`, oldest written first (those without a record first, by step)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = []
     for p in folder.iterdir():
         m = _NAME.match(p.name)
-        if m:
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+        if not m:
+            continue
+        record = _read_record(p) or {}
+        seq = record.get("seq")
+        found.append(CheckpointInfo(
+            step=int(m.group(1)), path=p, seq=seq if isinstance(seq, int) else NO_RECORD,
+            run_id=record.get("run_id"), sha256=record.get("sha256"), size=record.get("bytes")))
+    return sorted(found, key=lambda c: (c.seq, c.step))
 
 
 def find_latest(folder: str | os.PathLike) -> Path | None:
+    """The checkpoint written last (not verified; see `newest_good_checkpoint`)."""
     found = list_checkpoints(folder)
-    return found[-1][1] if found else None
+    return found[-1].path if found else None
 
+
+# -- writing -----------------------------------------------------------------------------
 
 def _fsync_dir(folder: Path) -> None:
     try:
@@ -57,65 +104,145 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file_object)` on a temp file beside `path`, fsync, then rename onto `path`."""
-    path = Path(path)
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
+
+
+def _write_temp(path: Path, write: Callable) -> Path:
+    """`write(file)` into a temp file beside `path`, flushed and fsync'ed; -> the temp path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
+    tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        # An exception (not a hard kill) must not leave the temp file behind.
-        tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)  # an exception (not a hard kill) leaves no temp file
         raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, write: Callable) -> None:
+    """Call `write(file_object)` on a temp file beside `path`, fsync, then rename onto `path`."""
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    os.replace(tmp, path)
     _fsync_dir(path.parent)
 
 
-def save_checkpoint(
-    folder: str | os.PathLike, step: int, state: dict, config_yaml: str | None = None, keep_last: int = 3
-) -> Path:
-    """Write `state` as checkpoint `step` (and the config beside it), then prune to the last
-    `keep_last` checkpoints (0 or less keeps all). Returns the checkpoint path."""
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remove_stale_files(folder: Path) -> None:
+    """Temp files of a killed writer, and records / configs whose checkpoint never landed.
+    Only safe while no other process writes here (the run directory's lock)."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(TEMP_PREFIX) or (
+                p.suffix in (".json", ".yaml") and p.name.startswith("step-") and not p.with_suffix(".pt").exists()):
+            p.unlink(missing_ok=True)
+
+
+def save_checkpoint(folder: str | os.PathLike, step: int, state: dict, config_yaml: str | None = None,
+                    keep_last: int = 3, run_id: str | None = None) -> Path:
+    """Write `state` as checkpoint `step` with its config and record, then delete this run's
+    oldest checkpoints beyond the last `keep_last` (0 keeps all). Returns the checkpoint path."""
     folder = Path(folder)
     path = checkpoint_path(folder, step)
-    for stale in folder.glob(f"{TEMP_PREFIX}*") if folder.is_dir() else []:
-        stale.unlink(missing_ok=True)  # left by a killed run
+    remove_stale_files(folder)
+    existing = list_checkpoints(folder)
+    seq = max((c.seq for c in existing), default=NO_RECORD) + 1
     if config_yaml is not None:
-        # config first: a checkpoint that exists always has its config beside it
         atomic_write_bytes(path.with_suffix(".yaml"), lambda f: f.write(config_yaml.encode()))
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    if keep_last > 0:
-        for _, old in list_checkpoints(folder)[:-keep_last]:
-            old.unlink(missing_ok=True)
-            old.with_suffix(".yaml").unlink(missing_ok=True)
-    for config in folder.glob("step-*.yaml"):  # a config whose checkpoint never landed (killed mid-save)
-        if not config.with_suffix(".pt").exists():
-            config.unlink(missing_ok=True)
+    tmp = _write_temp(path, lambda f: torch.save(state, f))
+    record = {"step": step, "seq": seq, "run_id": run_id, "sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}
+    atomic_write_bytes(record_path(path), lambda f: f.write(json.dumps(record, indent=1).encode()))
+    os.replace(tmp, path)
+    _fsync_dir(folder)
+    if keep_last > 0 and run_id is not None:
+        ours = [c for c in list_checkpoints(folder) if c.run_id == run_id and c.seq != NO_RECORD]
+        for old in ours[:-keep_last]:
+            old.path.unlink(missing_ok=True)
+            for sidecar in (record_path(old.path), old.path.with_suffix(".yaml")):
+                sidecar.unlink(missing_ok=True)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled)."""
+# -- reading -----------------------------------------------------------------------------
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Raise CorruptCheckpointError when the file differs from its record (size or sha256).
+    A checkpoint without a record (older versions, hand-made files) passes unverified."""
+    path = Path(path)
+    record = _read_record(path)
+    if record is None:
+        return
+    size = path.stat().st_size
+    if record.get("bytes") is not None and size != record["bytes"]:
+        raise CorruptCheckpointError(f"{path} has {size} bytes, its record says {record['bytes']} (truncated?)")
+    if record.get("sha256") and sha256_of(path) != record["sha256"]:
+        raise CorruptCheckpointError(f"{path} does not match the sha256 in {record_path(path).name}")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", verify: bool = True) -> dict:
+    """Load a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled),
+    after checking it against its record. Damage raises CorruptCheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    if verify:
+        verify_checkpoint(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file fails in many ways
+        if "weights_only" in str(e) and "Unsupported global" in str(e):
+            raise  # someone's pickled code: not damage, and never loaded
+        raise CorruptCheckpointError(f"{path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
 
 
-def resolve_resume(resume: str | None, folder: str | os.PathLike) -> Path | None:
-    """`resume` from the config -> the checkpoint to load, or None to start fresh.
+TRAINING_KEYS = ("model", "optimizer", "step")
 
-    None / "" / "none": start fresh. "auto": the latest checkpoint in `folder`, or fresh if
-    there is none. Anything else: a path to a checkpoint file (must exist).
-    """
-    if resume is None or str(resume).lower() in ("", "none", "null", "false"):
+
+def newest_good_checkpoint(folder: str | os.PathLike, map_location="cpu",
+                           warn: Callable[[str], None] = print) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of `folder` that verifies and loads, as (path, state); every
+    newer one that fails is named in a warning. (None, None) when the folder has none.
+    Raises when checkpoints exist but none is usable: starting over would silently
+    discard the run."""
+    candidates = list_checkpoints(folder)
+    failures = []
+    for info in reversed(candidates):
+        try:
+            state = load_checkpoint(info.path, map_location=map_location)
+            missing = [k for k in TRAINING_KEYS if k not in state]
+            if missing:
+                raise CorruptCheckpointError(f"{info.path} lacks {missing}: not a training checkpoint")
+        except CorruptCheckpointError as e:
+            failures.append(str(e))
+            warn(f"warning: skipping checkpoint {info.path.name}: {e}")
+            continue
+        return info.path, state
+    if candidates:
+        raise CorruptCheckpointError(
+            f"none of the {len(candidates)} checkpoints in {folder} is usable:\n  " + "\n  ".join(failures)
+            + "\nMove them elsewhere to start this output_dir afresh, or pass resume=PATH to a good copy.")
+    return None, None
+
+
+def explicit_resume_path(resume: str | None) -> Path | None:
+    """`resume` other than null/auto -> the checkpoint file it names (a folder: its newest)."""
+    if resume is None or str(resume).lower() in ("", "none", "null", "false", "auto"):
         return None
-    if str(resume).lower() == "auto":
-        return find_latest(folder)
     path = Path(resume)
     if path.is_dir():
         latest = find_latest(path)
@@ -124,5 +251,9 @@ def resolve_resume(resume: str | None, folder: str | os.PathLike) -> Path | None
         return latest
     if not path.is_file():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint file; use resume=auto to continue "
-                                f"from the latest checkpoint of this run's output_dir")
+                                f"from the newest checkpoint of this run's output_dir")
     return path
+
+
+def wants_auto_resume(resume: str | None) -> bool:
+    return resume is not None and str(resume).lower() == "auto"

@@ -77,3 +77,34 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_from_main(value):
+    """Rank 0's `value` on every rank (pickled; for small objects)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_main(fn, default=None):
+    """`fn()` on rank 0 only (other ranks get `default`). An exception there is raised on
+    every rank, so no rank waits forever for a rank that has given up."""
+    if not dist.is_initialized():
+        return fn()
+    result, error = default, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    try:
+        shared = broadcast_from_main(error)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
+        shared = broadcast_from_main(RuntimeError(f"{type(error).__name__}: {error}") if error else None)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, wandb_cfg: dict | None = None,
-                 config: dict | None = None, total_steps: int = 0, initial_step: int = 0, progress: bool = True):
+                 config: dict | None = None, total_steps: int = 0, initial_step: int = 0, progress: bool = True,
+                 run_id: str | None = None):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -29,7 +30,7 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.metrics_path, "a", buffering=1)  # line-buffered: readable while running
         if wandb_cfg is not None:
-            self._wandb = _start_wandb(self.run_dir, wandb_cfg, config)
+            self._wandb = _start_wandb(self.run_dir, wandb_cfg, config, run_id)
         if progress:
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              file=sys.stderr, mininterval=1.0)
@@ -79,7 +80,9 @@ class RunLogger:
             self._wandb = None
 
 
-def _start_wandb(run_dir: Path, cfg: dict, config: dict | None):
+def _start_wandb(run_dir: Path, cfg: dict, config: dict | None, run_id: str | None = None):
+    """One wandb run per training run: its id is the run's, so a resumed run continues it
+    (offline runs merge on `wandb sync`); named `logger.run_name`, else the run directory."""
     import wandb
 
     mode = cfg.get("mode", "offline")
@@ -89,7 +92,9 @@ def _start_wandb(run_dir: Path, cfg: dict, config: dict | None):
     return wandb.init(
         project=cfg.get("project", "sparse-mae"),
         entity=cfg.get("entity"),
-        name=cfg.get("name"),
+        name=cfg.get("run_name") or run_dir.name,
+        id=run_id,
+        resume="allow" if run_id else None,
         tags=list(cfg.get("tags") or []),
         mode=mode,
         dir=str(run_dir),

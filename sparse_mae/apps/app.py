@@ -1,0 +1,107 @@
+"""What every app's entry point shares: composing its config, `--help`, and turning errors
+into messages and exit codes.
+
+Two kinds of apps:
+- runs (pretrain, finetune, bench) go through `hydra.main`, for its run directory and
+  `-m` sweeps: `hydra_main(app, fn)`;
+- one-shot tools (eval, export, import) compose their config with Hydra's compose API:
+  `tool_main(app, fn)`.
+
+Exit codes: 0 done; 1 an unexpected error (traceback); 2 bad input or config (the message
+names the fix); 3 the run stopped itself (non-finite training, a run directory in use).
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+import sparse_mae.config as schemas
+from sparse_mae.train.errors import RunStopped
+
+CONFIG_MODULE = "sparse_mae_conf"
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3
+
+
+def compose(app: str, overrides: list[str] | None = None) -> DictConfig:
+    """The config `sparse-mae <app> <overrides>` would use, without starting Hydra's app
+    (for tools, tests and notebooks). A run's output goes to its `output_dir` override."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name=app, overrides=list(overrides or []))
+
+
+def require_all(cfg: DictConfig) -> None:
+    """A clear error for the mandatory keys (???) left unset."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing required option(s) {', '.join(missing)}: pass them as key=value")
+
+
+def help_text(app: str, argv: list[str]) -> str:
+    """The app's config file comment (what it does, examples), then every key with its
+    current value and help, composed with the overrides given so far."""
+    from importlib.resources import files
+
+    text = files(CONFIG_MODULE).joinpath(f"{app}.yaml").read_text().splitlines()
+    header = [line for line in text if line.startswith("#")]
+    groups = [m[1] for line in text if (m := re.match(r"^\s+- ([\w/@]+): ", line))]
+    cfg = compose(app, [a for a in argv if a not in ("-h", "--help")])
+    title = "options (key=value" + (f"; groups, chosen with group=option: {', '.join(groups)}" if groups else "") + "):"
+    return "\n".join(header + ["", title] + ["  " + line for line in schemas.describe(cfg)])
+
+
+def report(app: str, error: BaseException) -> int:
+    """Print an expected error as one message; -> its exit code."""
+    print(f"sparse-mae {app}: error: {error}", file=sys.stderr, flush=True)
+    return EXIT_STOPPED if isinstance(error, RunStopped) else EXIT_BAD_INPUT
+
+
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, RunStopped)
+
+
+def tool_main(app: str, fn: Callable[[DictConfig], int | None]) -> int:
+    """Entry point of a compose-API tool: `--help`, compose, check, run `fn(cfg)`."""
+    from hydra.errors import ConfigCompositionException
+
+    argv = sys.argv[1:]
+    try:
+        if any(a in ("-h", "--help") for a in argv):
+            print(help_text(app, argv))
+            return 0
+        cfg = compose(app, argv)
+        require_all(cfg)
+        return int(fn(cfg) or 0)
+    except ConfigCompositionException as e:
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        return report(app, ValueError(f"{e}{cause}"))
+    except EXPECTED_ERRORS as e:
+        return report(app, e)
+
+
+def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
+    """Entry point of a run app: `--help` is ours (every key with its help); everything else
+    is Hydra's (`-m` sweeps, `hydra.*` overrides, its run directory), which calls
+    `fn(cfg, run_dir)` once per job. Expected errors end the job with a message and code."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    argv = sys.argv[1:]
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(app, argv))
+        return 0
+
+    @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
+    def _job(cfg: DictConfig) -> None:
+        try:
+            fn(cfg, HydraConfig.get().runtime.output_dir)
+        except EXPECTED_ERRORS as e:
+            sys.exit(report(app, e))
+
+    _job()
+    return 0

@@ -1,0 +1,45 @@
+"""Start a model from weights in any layout `sparse-mae import` reads (init= / pretrained=).
+
+Unlike resume, this carries no optimizer state, step or RNG: it starts a new run.
+- FCMAE model from an FCMAE checkpoint (ours or official_fcmae): every weight.
+- FCMAE model from a classifier (ours, timm, official_dense): the encoder; the decoder
+  keeps its fresh init.
+- Classifier from either: the encoder; the head keeps its fresh init (a new task).
+"""
+from __future__ import annotations
+
+import torch
+
+from sparse_mae.convert import encoder_part, import_state_dict, read_state_dict
+from sparse_mae.convert.layouts import FORMATS, guess_format
+
+
+def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", variant: str | None = None,
+                          option: str = "init") -> str:
+    """Load `path` into `model` (an FCMAE or a classifier of `variant`); -> what was loaded."""
+    fmt = str(fmt)
+    foreign, meta = read_state_dict(path)
+    if fmt == "auto":
+        fmt = guess_format(foreign)
+        if fmt is None:
+            raise ValueError(f"{option}={path}: its key names match none of the layouts {', '.join(FORMATS)}; "
+                             f"pass {option}_format=<layout> to check it against one and see what differs")
+    sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
+    if variant is not None and spec.variant != str(variant):
+        raise ValueError(f"{option}={path} is a convnextv2_{spec.variant} checkpoint but model={variant}; "
+                         f"pass model={spec.variant}")
+    is_fcmae_model = hasattr(model, "encoder")
+    if is_fcmae_model and spec.kind == "fcmae":
+        model.load_state_dict(sd, strict=True)
+        return f"all weights of the {fmt} FCMAE checkpoint {path}"
+    encoder, _ = encoder_part(sd, spec)
+    encoder = {k: v for k, v in encoder.items() if not k.startswith("head.")}
+    target = model.encoder if is_fcmae_model else model
+    missing, unexpected = target.load_state_dict(encoder, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise ValueError(f"{option}={path}: missing {missing}, unexpected {unexpected}")
+    fresh = "decoder" if is_fcmae_model else "head"
+    return f"the encoder of the {fmt} {spec.kind} checkpoint {path} (the {fresh} starts fresh)"
+
+
+__all__ = ["load_starting_weights"]

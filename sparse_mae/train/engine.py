@@ -1,0 +1,507 @@
+"""The training engine: one step loop for every app (as MAE's engine_pretrain.py).
+
+An app supplies a `TrainTask` (its model, dataset, parameter groups, loss and hooks) and
+calls `train(cfg, task_factory, run_dir)`. The engine owns, once:
+
+- the run directory: lock, fresh-start refusal, clean-up after a kill, metrics file;
+- resume: the newest checkpoint that verifies (rank 0 decides, every rank loads the same
+  step and checks it), model + optimizer + RNG + loop counters, so a resumed run equals
+  the uninterrupted one bit for bit on CPU;
+- per optimizer step: lr from the schedule, `accum_iter` micro-batches (DDP syncs on the
+  last), bf16 autocast, clipping, the non-finite policy, logging, checkpoint cadence.
+
+Non-finite policy: a step whose loss (mean over ranks) or gradient norm is not finite is
+skipped (no weight update) and counted; `nonfinite.max_in_a_row` such steps in a row stop
+the run, naming the step and the last good checkpoint. Weights that are non-finite after
+an optimizer step (a fault inside the optimizer) stop the run at once, before anything is
+saved. Every rank sees the same all-reduced numbers, so all ranks decide alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from sparse_mae.train.checkpoint import (
+    atomic_write_bytes,
+    explicit_resume_path,
+    find_latest,
+    load_checkpoint,
+    newest_good_checkpoint,
+    save_checkpoint,
+    wants_auto_resume,
+)
+from sparse_mae.train.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    broadcast_from_main,
+    cleanup_distributed,
+    init_distributed,
+    run_on_main,
+)
+from sparse_mae.train.errors import RunStopped, TrainingDiverged
+from sparse_mae.train.metrics import RunLogger
+from sparse_mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from sparse_mae.train.rundir import RunDirectory
+from sparse_mae.train.sampler import ResumableDistributedSampler
+from sparse_mae.train.schedule import set_lr, warmup_cosine_lr
+
+# Metrics that measure the machine, not the training: they differ between runs of the
+# same training (and between an interrupted run and an uninterrupted one).
+TIMING_METRICS = ("time", "img_per_s")
+
+
+class TrainTask:
+    """What an app gives the engine. `model` is the module trained (unwrapped, on the
+    device); `dataset` items are requested as (index, sample seed) and are dicts with a
+    "skipped" count of unreadable files (see sparse_mae.data)."""
+
+    name = "train"
+    amp = False  # bf16 autocast for the loss (the app resolves `amp` for its model)
+    model: torch.nn.Module
+    dataset: torch.utils.data.Dataset
+
+    def param_groups(self) -> list[dict]:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: dict, step: int, micro: int) -> torch.Tensor:
+        """The loss of one micro-batch (`model` may be DDP-wrapped; batch tensors are on the device)."""
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """One line for the start of the log."""
+        return ""
+
+    def init_weights(self, log: Callable[[str], None]) -> None:
+        """A fresh run only: load starting weights (e.g. `init=`), before the optimizer exists."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Every rank, after each weight update (e.g. the EMA)."""
+
+    def after_step(self, run: Run, step: int, last: bool) -> None:
+        """Every rank, after the step is logged and before it is checkpointed (evaluation,
+        pictures); rank-0-only work checks `run.dist.is_main`."""
+
+    def state_dict(self) -> dict:
+        """Extra checkpoint entries (top level of the checkpoint dict)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def summary(self) -> dict:
+        """Values for the wandb summary at the end."""
+        return {}
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    checkpoint: Path | None
+    metrics: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # mean loss of every step taken here (None: skipped)
+    skipped_files: int = 0  # unreadable image files met, over the whole run
+    nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
+
+
+@dataclass
+class Counters:
+    """The loop's state beyond model, optimizer and RNG; saved in every checkpoint."""
+
+    step: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    skipped_files: int = 0  # all ranks, up to the last save
+    window_loss: float = 0.0  # the logging window not yet written
+    window_steps: int = 0
+
+
+@dataclass
+class Run:
+    """One training run as the hooks see it."""
+
+    cfg: DictConfig
+    dist: DistInfo
+    dir: RunDirectory
+    logger: RunLogger
+    amp: bool
+    steps_per_epoch: int
+    total_steps: int
+
+
+def resolve_amp(amp: str, device: torch.device, autocast_devices: tuple[str, ...] = ("cpu", "cuda"),
+                what: str = "this model") -> bool:
+    amp = str(amp).lower()
+    if amp == "auto":
+        return device.type == "cuda" and "cuda" in autocast_devices
+    if amp == "true" and device.type not in autocast_devices:
+        raise ValueError(f"amp=true but {what} has no autocast on {device.type}; use amp=false")
+    return amp == "true"
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Ranges and relations of the engine's keys (types and names: Hydra, from the schema)."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"invalid config: {message}")
+
+    for key in ("batch_size", "accum_iter", "epochs", "log_every_steps", "checkpoint.every_steps",
+                "nonfinite.max_in_a_row"):
+        value = OmegaConf.select(cfg, key)
+        need(value > 0, f"{key} must be > 0, got {value!r}")
+    need(cfg.max_steps is None or cfg.max_steps > 0, f"max_steps must be > 0 or null, got {cfg.max_steps!r}")
+    need(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.checkpoint.keep_last}")
+    need(str(cfg.amp).lower() in ("auto", "true", "false"), f"amp must be auto, true or false, got {cfg.amp!r}")
+    need(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0 or null, got {cfg.clip_grad!r}")
+    optim = cfg.optim
+    need(optim.blr > 0, f"optim.blr must be > 0, got {optim.blr!r}")
+    need(optim.lr is None or optim.lr > 0,
+         f"optim.lr must be > 0 or null (then lr = blr * effective_batch / 256), got {optim.lr!r}")
+    need(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay!r}")
+    need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+         f"optim.betas must be two numbers in [0, 1), got {list(optim.betas)}")
+    need(optim.eps > 0, f"optim.eps must be > 0, got {optim.eps!r}")
+    need(cfg.sched.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs!r}")
+    need(cfg.sched.warmup_steps is None or cfg.sched.warmup_steps >= 0,
+         f"sched.warmup_steps must be >= 0 or null, got {cfg.sched.warmup_steps!r}")
+    need(cfg.sched.min_lr >= 0, f"sched.min_lr must be >= 0, got {cfg.sched.min_lr!r}")
+    size = cfg.data.size
+    need(size > 0 and size % 32 == 0, f"data.size must be a positive multiple of 32 (the patch size), got {size!r}")
+    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers!r}")
+    lo, hi = cfg.data.scale
+    need(0 < lo <= hi <= 1, f"data.scale must satisfy 0 < min <= max <= 1, got [{lo}, {hi}]")
+    need(0 <= cfg.data.hflip <= 1, f"data.hflip must be a probability in [0, 1], got {cfg.data.hflip!r}")
+
+
+def align_grad_strides(model: torch.nn.Module) -> None:
+    """Give each gradient its parameter's strides where they differ only on size-1 dims (a
+    free view: same memory order). Conv backward writes (C,1,7,7) depthwise and 1x1 conv
+    weight grads with other strides on those dims, which DDP reports ("Grad strides do not
+    match bucket view strides") and pays for with a copy per step."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_hook(_restride_like(p))
+
+
+def _restride_like(param: torch.Tensor):
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        if grad.stride() == param.stride() or grad.shape != param.shape:
+            return grad
+        if all(g == s for g, s, n in zip(grad.stride(), param.stride(), param.shape) if n != 1):
+            return grad.as_strided(grad.shape, param.stride())
+        return grad
+
+    return hook
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=2.0)))
+
+
+# -- the run -----------------------------------------------------------------------------
+
+def train(cfg: DictConfig, make_task: Callable[[DictConfig, DistInfo], TrainTask],
+          run_dir: str | Path | None = None) -> tuple[RunResult, TrainTask]:
+    """Run (or continue) one training job in `run_dir` (default cfg.output_dir)."""
+    check_run_config(cfg)
+    di = init_distributed(cfg.device)
+    try:
+        # ranks may resolve ${now:...} in different seconds: rank 0's folder wins
+        run_dir = Path(broadcast_from_main(str(run_dir if run_dir is not None else cfg.output_dir)))
+        return _Engine(cfg, make_task, run_dir, di).run()
+    finally:
+        cleanup_distributed()
+
+
+class _Engine:
+    def __init__(self, cfg: DictConfig, make_task, run_dir: Path, di: DistInfo):
+        self.cfg = OmegaConf.merge(cfg, {"output_dir": str(run_dir)})  # resolved values go beside checkpoints
+        self.config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
+        self.di = di
+        self.dir = RunDirectory(run_dir)
+        self.make_task = make_task
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def run(self) -> tuple[RunResult, TrainTask]:
+        cfg, di = self.cfg, self.di
+        run_on_main(self.dir.lock)  # before anything is read or written; released by run() or by death
+        try:
+            resume_path, resume_state = run_on_main(self._choose_checkpoint, default=(None, None))
+            resume_path = broadcast_from_main(resume_path)
+            if resume_path is not None:
+                resume_path = self.dir.checkpoints / resume_path  # a path of its own stays as it is
+            return self._run(resume_path, resume_state if di.is_main else None)
+        finally:
+            if di.is_main:
+                self.dir.unlock()
+
+    def _choose_checkpoint(self) -> tuple[str | None, dict | None]:
+        """Rank 0: which checkpoint to continue from, or (None, None) for a fresh start."""
+        cfg = self.cfg
+        self.dir.clean_up()
+        explicit = explicit_resume_path(cfg.resume)
+        if explicit is not None:
+            state = load_checkpoint(explicit, map_location="cpu")
+            if "optimizer" not in state:
+                hint = "init=" if "init" in cfg else "pretrained="
+                raise ValueError(f"resume={explicit} holds weights only (no optimizer state or step): it cannot be "
+                                 f"resumed. Start a new run from those weights with {hint}{explicit}")
+            return str(explicit.resolve()), state
+        if wants_auto_resume(cfg.resume):
+            path, state = newest_good_checkpoint(self.dir.checkpoints, warn=lambda m: print(m, flush=True))
+            if path is not None:  # by name: each node finds it in its own view of output_dir
+                return path.name, state
+        else:
+            self.dir.check_fresh_start()
+        return None, None
+
+    def _run(self, resume_path: Path | None, main_state: dict | None) -> tuple[RunResult, TrainTask]:
+        cfg, di = self.cfg, self.di
+        seed_everything(cfg.seed + di.rank)
+        task = self.make_task(cfg, di)
+        model = task.model
+        sampler = ResumableDistributedSampler(task.dataset, num_replicas=di.world_size, rank=di.rank, seed=cfg.seed)
+        self.effective_batch = cfg.batch_size * di.world_size * cfg.accum_iter
+        steps_per_epoch = sampler.num_samples // (cfg.batch_size * cfg.accum_iter)
+        if steps_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(task.dataset)} images, fewer than one effective batch of "
+                             f"{self.effective_batch} (batch_size {cfg.batch_size} x {di.world_size} processes x "
+                             f"accum_iter {cfg.accum_iter}); lower batch_size / accum_iter or add images")
+        total_steps = cfg.epochs * steps_per_epoch
+        self.run_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+        self.warmup_steps = cfg.sched.warmup_steps if cfg.sched.warmup_steps is not None else round(
+            cfg.sched.warmup_epochs * steps_per_epoch)
+        if self.warmup_steps > total_steps:
+            raise ValueError(f"warmup ({self.warmup_steps} steps) is longer than the whole schedule ({total_steps} "
+                             f"steps = {cfg.epochs} epochs x {steps_per_epoch}); lower sched.warmup_epochs or "
+                             f"raise epochs")
+        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * self.effective_batch / 256
+
+        if resume_path is None:
+            task.init_weights(lambda m: print(m, flush=True) if di.is_main else None)
+        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=self.peak_lr, betas=tuple(cfg.optim.betas),
+                                           eps=cfg.optim.eps)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.counters = Counters()
+        self.run_id = uuid.uuid4().hex
+        if resume_path is not None:
+            self._load(resume_path, main_state, model, task)
+        self.run_id = broadcast_from_main(self.run_id)
+
+        align_grad_strides(model)
+        self.train_model = model
+        if di.enabled:
+            self.train_model = DistributedDataParallel(
+                model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+
+        if di.is_main:
+            if resume_path is None:
+                self.dir.set_aside_metrics()
+            else:
+                self.dir.cut_metrics_to(self.counters.step)
+            atomic_write_bytes(self.dir.path / "config.yaml", lambda f: f.write(self.config_yaml.encode()))
+        self.logger = RunLogger(
+            self.dir.path, enabled=di.is_main,
+            wandb_cfg=OmegaConf.to_container(cfg.logger, enum_to_str=True) if cfg.logger.name == "wandb" else None,
+            config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), total_steps=self.run_steps,
+            initial_step=self.counters.step, progress=cfg.logger.progress, run_id=self.run_id)
+        self.run = Run(cfg, di, self.dir, self.logger, task.amp, steps_per_epoch, total_steps)
+        self.task, self.sampler, self.steps_per_epoch, self.total_steps = task, sampler, steps_per_epoch, total_steps
+        start = self.counters.step
+        self.logger.write(
+            f"{task.name}: {task.describe()}, {di.device} x {di.world_size}, amp {'bf16' if self.run.amp else 'off'}, "
+            f"{len(task.dataset)} images, effective batch {self.effective_batch}, lr {self.peak_lr:.3g}, "
+            f"{steps_per_epoch} steps/epoch, steps {start} -> {self.run_steps} of {total_steps}"
+            + (f", resumed from {resume_path}" if resume_path else ""))
+        try:
+            self._loop()
+            if resume_path is not None and self.counters.step == start:
+                self.logger.write(f"nothing to do: the checkpoint is already at step {start} of {self.run_steps}")
+            self.logger.summary(task.summary() | {"skipped_files": self.counters.skipped_files,
+                                                  "nonfinite_steps": self.counters.nonfinite_steps})
+        finally:
+            self.logger.close()
+        return RunResult(run_dir=self.dir.path, checkpoint=self.last_checkpoint, metrics=self.dir.metrics,
+                         steps=self.counters.step, losses=self.losses, skipped_files=self.counters.skipped_files,
+                         nonfinite_steps=self.counters.nonfinite_steps), task
+
+    def _load(self, path: Path, main_state: dict | None, model, task: TrainTask) -> None:
+        """Every rank loads the checkpoint rank 0 chose; all check that all hold the same step
+        of the same run, and all stop together if one cannot."""
+        di = self.di
+        try:
+            state = main_state if di.is_main else load_checkpoint(path, map_location="cpu")
+            loaded = (int(state["step"]), state.get("run_id"))
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks below
+            state, loaded = None, f"{type(e).__name__}: {e}"
+        everyone = [loaded]
+        if di.enabled:
+            everyone = [None] * di.world_size
+            dist.all_gather_object(everyone, loaded)
+        if any(isinstance(x, str) for x in everyone) or len(set(everyone)) != 1:
+            raise RunStopped(
+                f"the ranks could not all resume from {path}: "
+                + "; ".join(f"rank {r}: {x if isinstance(x, str) else f'step {x[0]}'}" for r, x in enumerate(everyone))
+                + ". Every node must see the same output_dir (a shared filesystem)")
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not fit this model (was it written with another model=?): "
+                             f"{e}") from e
+        self.optimizer.load_state_dict(state["optimizer"])
+        task.load_state_dict(state)
+        saved = {k: v for k, v in (state.get("engine") or {}).items() if k in Counters.__dataclass_fields__}
+        self.counters = Counters(**{**saved, "step": int(state["step"])})
+        self.run_id = state.get("run_id") or self.run_id
+        rng = state.get("rng") or []
+        if len(rng) == di.world_size:
+            restore_rng_state(rng[di.rank])
+        elif di.is_main:
+            print(f"warning: checkpoint written by {len(rng)} process(es), resuming on {di.world_size}: data order "
+                  f"and masks are unchanged, only dropout-like RNG streams restart", flush=True)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        cfg, di, c = self.cfg, self.di, self.counters
+        self.losses: list[float] = []
+        self.last_checkpoint = None
+        self.skipped_here = torch.zeros((), dtype=torch.long)  # this rank, since the last save
+        self.window_start = time.perf_counter()
+        self.window_start_step = c.step
+        loader = DataLoader(self.task.dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
+                            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                            pin_memory=di.device.type == "cuda",
+                            # its own generator: starting an epoch must not draw from the global RNG
+                            # (that would make the global stream depend on where a run was resumed)
+                            generator=torch.Generator().manual_seed(cfg.seed))
+        while c.step < self.run_steps:
+            epoch = c.step // self.steps_per_epoch
+            self.sampler.set_epoch(epoch, start=(c.step % self.steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
+            batches = iter(loader)  # the sampler runs in this process: a new epoch reaches persistent workers
+            while c.step < min((epoch + 1) * self.steps_per_epoch, self.run_steps):
+                self._step(batches)
+                last = c.step == self.run_steps
+                if c.step % cfg.log_every_steps == 0 or last:
+                    self._log()
+                self.logger.progress(1)
+                self.task.after_step(self.run, c.step, last)
+                if c.step % cfg.checkpoint.every_steps == 0 or last:
+                    self._save()
+            del batches
+
+    def _step(self, batches) -> None:
+        cfg, di, c = self.cfg, self.di, self.counters
+        step = c.step
+        set_lr(self.optimizer, warmup_cosine_lr(step, self.total_steps, self.warmup_steps, self.peak_lr,
+                                                cfg.sched.min_lr))
+        step_loss, problem = 0.0, None
+        for micro in range(cfg.accum_iter):
+            batch = next(batches)
+            self.skipped_here += batch["skipped"].sum()
+            batch = {k: v.to(di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            sync = micro == cfg.accum_iter - 1 or not di.enabled
+            with self.train_model.no_sync() if not sync else contextlib.nullcontext():
+                with torch.autocast(di.device.type, dtype=torch.bfloat16, enabled=self.run.amp):
+                    loss = self.task.loss(self.train_model, batch, step, micro)
+                global_loss = float(all_reduce_mean(loss.detach().float()))
+                if not math.isfinite(global_loss) and problem is None:
+                    problem = f"loss is {global_loss} (micro-batch {micro})"
+                # even a non-finite loss goes through backward: DDP expects the reduction it
+                # prepared in forward; the step is dropped below
+                (loss / cfg.accum_iter).backward()
+            step_loss += global_loss / cfg.accum_iter
+        if problem is None:
+            if cfg.clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            if not torch.isfinite(grad_norm):
+                problem = f"gradient norm is {float(grad_norm)} (loss {step_loss:.6g})"
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            c.step += 1
+            c.nonfinite_steps += 1
+            c.nonfinite_in_a_row += 1
+            self.losses.append(None)
+            where = f"last good checkpoint: {self.last_checkpoint or self._on_disk() or 'none written yet'}"
+            if c.nonfinite_in_a_row >= cfg.nonfinite.max_in_a_row:
+                raise TrainingDiverged(
+                    f"step {step}: {problem}; {c.nonfinite_in_a_row} non-finite steps in a row "
+                    f"(nonfinite.max_in_a_row={cfg.nonfinite.max_in_a_row}), so the run stopped; {where}. Try a "
+                    f"lower optim.blr, clip_grad=1.0 or amp=false, then resume=auto")
+            self.logger.write(f"warning: step {step} skipped: {problem} ({c.nonfinite_in_a_row} in a row, "
+                              f"{c.nonfinite_steps} in all)")
+            return
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not weights_finite(self.params):
+            raise TrainingDiverged(
+                f"step {step}: the weights are not finite after the optimizer step although the gradients were "
+                f"(a fault inside the optimizer or one of its hooks); stopped before saving anything; last good "
+                f"checkpoint: {self.last_checkpoint or self._on_disk() or 'none written yet'}")
+        self.task.after_optimizer_step(step)
+        c.step += 1
+        c.nonfinite_in_a_row = 0
+        c.window_loss += step_loss
+        c.window_steps += 1
+        self.losses.append(step_loss)
+
+    def _on_disk(self) -> Path | None:
+        return find_latest(self.dir.checkpoints)
+
+    def _skipped_total(self) -> int:
+        return self.counters.skipped_files + int(all_reduce_sum(self.skipped_here))
+
+    def _log(self) -> None:
+        c = self.counters
+        elapsed = time.perf_counter() - self.window_start
+        steps_timed = c.step - self.window_start_step
+        record = {"epoch": c.step / self.steps_per_epoch,
+                  "loss": c.window_loss / c.window_steps if c.window_steps else math.nan,
+                  "lr": max(g["lr"] for g in self.optimizer.param_groups),
+                  "img_per_s": steps_timed * self.effective_batch / max(elapsed, 1e-9),
+                  "skipped_files": self._skipped_total(), "nonfinite_steps": c.nonfinite_steps}
+        self.logger.log(record, c.step)
+        self.logger.progress(0, loss=record["loss"], lr=record["lr"], img_s=round(record["img_per_s"], 1))
+        c.window_loss, c.window_steps = 0.0, 0
+        self.window_start, self.window_start_step = time.perf_counter(), c.step
+
+    def _save(self) -> None:
+        """Every rank takes part (RNG states and counters are gathered); rank 0 writes."""
+        di, c = self.di, self.counters
+        total_skipped = self._skipped_total()
+        rng = capture_rng_state()
+        if di.enabled:  # every rank's RNG goes into rank 0's checkpoint
+            gathered = [None] * di.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        else:
+            rng = [rng]
+        if di.is_main:
+            engine = {**vars(c), "skipped_files": total_skipped}
+            state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "step": c.step, "epoch": c.step // self.steps_per_epoch, "rng": rng,
+                     "world_size": di.world_size, "config": self.config_yaml, "run_id": self.run_id,
+                     "engine": engine, **self.task.state_dict()}
+            self.last_checkpoint = save_checkpoint(self.dir.checkpoints, c.step, state, self.config_yaml,
+                                                   keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
+        c.skipped_files = total_skipped
+        self.skipped_here.zero_()
+        barrier()

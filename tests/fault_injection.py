@@ -1,0 +1,142 @@
+"""`python tests/fault_injection.py <app> [overrides]`: run `sparse-mae <app>` and SIGKILL this
+process at a chosen moment, as a power cut or the OOM killer would. For tests only.
+
+FAULT=<moment>:<n> picks the n-th time (counted in this process, rank 0 only) that the
+run reaches <moment>:
+  save_half      half of a checkpoint's bytes are written to its temp file
+  before_record  the checkpoint's temp file is complete; its record is not written yet
+  before_rename  the record is in place; the checkpoint is not renamed into place yet
+  after_rename   the checkpoint is in place; old ones are not rotated out yet
+  metrics_line   half of a metrics.jsonl line is written
+No FAULT: the run goes on undisturbed (the test may still kill it from outside).
+
+VIEW=<rank>:<view> gives one rank another view of the run directory's checkpoints/, as a
+node of a multi-node job may have:
+  stale   listings lack the newest step-*.pt (a network filesystem client that has not
+          seen the last write yet)
+  blind   the folder looks empty and its files do not exist (a node without the shared
+          filesystem)
+"""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sys
+
+
+def die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(moment: str, nth: int) -> None:
+    import torch
+
+    import sparse_mae.train.checkpoint as checkpoint
+    import sparse_mae.train.metrics as metrics
+
+    seen = {"n": 0}
+
+    def reached() -> bool:
+        seen["n"] += 1
+        return seen["n"] == nth
+
+    if moment == "save_half":
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if not hasattr(f, "write") or not reached():
+                return real_save(obj, f, *args, **kwargs)
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            data = buffer.getvalue()
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            die()
+
+        checkpoint.torch.save = save
+    elif moment == "before_record":
+        real_sha = checkpoint.sha256_of
+
+        def sha256_of(path):
+            if reached():
+                die()
+            return real_sha(path)
+
+        checkpoint.sha256_of = sha256_of
+    elif moment in ("before_rename", "after_rename"):
+        real_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            is_checkpoint = str(dst).endswith(".pt")
+            if is_checkpoint and moment == "before_rename" and reached():
+                die()
+            real_replace(src, dst, *args, **kwargs)
+            if is_checkpoint and moment == "after_rename" and reached():
+                die()
+
+        checkpoint.os.replace = replace
+    elif moment == "metrics_line":
+        real_log = metrics.RunLogger.log
+
+        def log(self, record, step):
+            if self.enabled and reached():
+                import json
+
+                line = json.dumps(metrics._jsonable({"step": step, **record})) + "\n"
+                self._file.write(line[: len(line) // 2])
+                self._file.flush()
+                die()
+            return real_log(self, record, step)
+
+        metrics.RunLogger.log = log
+    else:
+        raise SystemExit(f"unknown FAULT moment {moment!r}")
+
+
+def install_view(view: str) -> None:
+    import pathlib
+
+    real_iterdir, real_stat = pathlib.Path.iterdir, os.stat
+
+    def is_checkpoint(p) -> bool:
+        p = pathlib.Path(p)
+        return p.parent.name == "checkpoints" and p.name.startswith("step-")
+
+    def iterdir(self):
+        found = list(real_iterdir(self))
+        if self.name != "checkpoints":
+            return iter(found)
+        if view == "blind":
+            return iter([p for p in found if not is_checkpoint(p)])
+        newest = max((p.name for p in found if p.suffix == ".pt"), default=None)
+        return iter([p for p in found if p.stem != pathlib.Path(newest or "").stem])
+
+    def stat(path, *args, **kwargs):
+        if view == "blind" and is_checkpoint(os.fspath(path) if not isinstance(path, int) else ""):
+            raise FileNotFoundError(2, "No such file or directory", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    pathlib.Path.iterdir = iterdir
+    os.stat = stat
+
+
+def main() -> int:
+    view = os.environ.get("VIEW")
+    if view:
+        rank, kind = view.split(":")
+        if int(os.environ.get("RANK", "0")) == int(rank):
+            install_view(kind)
+    fault = os.environ.get("FAULT")
+    if fault and int(os.environ.get("RANK", "0")) == 0:
+        moment, nth = fault.rsplit(":", 1)
+        install(moment, int(nth))
+    from sparse_mae.cli import main as cli_main
+
+    sys.argv = [sys.argv[0], *sys.argv[1:]]
+    return cli_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
