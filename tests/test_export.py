@@ -27,7 +27,7 @@ from sparse_mae.convert import (
 from sparse_mae.convert.layouts import TRANSFORMS
 
 # Layout manifests (key -> shape) read off the official code and timm, kept as test data
-# (see the design notes, section 5). Listed by name, not globbed, so a missing file fails its test.
+# (docs/design.md section 5). Listed by name, not globbed, so a missing file fails its test.
 MANIFEST_DIR = Path(__file__).parent / "data" / "layouts"
 PAPER_VARIANTS = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
 MANIFESTS = [MANIFEST_DIR / f"{fmt}_convnextv2_{v}.json"
@@ -141,7 +141,7 @@ def test_transforms_are_inverse_pairs():
 
 
 def test_me_kernel_layout_agrees_with_a_direct_scatter():
-    """ME kernel offset k = (dy, dx) with x fastest after the transpose (DESIGN.md section 4):
+    """ME kernel offset k = (dy, dx) with x fastest after the transpose (docs/design.md section 4):
     check the (49, C) layout entry by entry, independently of the reshape formula."""
     w = torch.randn(3, 1, 7, 7)
     k = TRANSFORMS["me_dw"][0](w)

@@ -2,7 +2,7 @@
 
 Every conversion is a list of rules (canonical key, foreign key, tensor transform) built
 from the canonical shapes of a meta-device model, so the same table drives export,
-import, shape validation and variant detection. Layout facts: DESIGN.md sections 4-5.
+import, shape validation and variant detection. Layout facts: docs/design.md sections 4-5.
 
 Checkpoints may come from outside: `infer_spec` first checks key count, key types, the
 stage / block / decoder indices inside key names and the sizes read off the stem, head and
@@ -37,7 +37,7 @@ def _me_dw_out(w):  # (C,1,7,7) -> ME channelwise kernel (49, C)
     return w.transpose(3, 2).reshape(w.shape[0], 49).permute(1, 0)
 
 
-def _me_dw_in(k):  # (49, C) -> (C,1,7,7); DESIGN.md section 4
+def _me_dw_in(k):  # (49, C) -> (C,1,7,7); docs/design.md section 4
     return k.permute(1, 0).reshape(k.shape[1], 1, 7, 7).transpose(3, 2)
 
 
@@ -45,7 +45,7 @@ def _me_down_out(w):  # (Cout,Cin,2,2) -> ME kernel (4, Cin, Cout)
     return w.transpose(3, 2).reshape(w.shape[0], w.shape[1], 4).permute(2, 1, 0)
 
 
-def _me_down_in(k):  # (4, Cin, Cout) -> (Cout,Cin,2,2); DESIGN.md section 4
+def _me_down_in(k):  # (4, Cin, Cout) -> (Cout,Cin,2,2); docs/design.md section 4
     return k.permute(2, 1, 0).reshape(k.shape[2], k.shape[1], 2, 2).transpose(3, 2)
 
 
