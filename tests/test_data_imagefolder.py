@@ -102,6 +102,56 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
         ImageFolderDataset(tmp_path / "file.png", TrainTransform(SIZE))
 
 
+def _tiny_png(path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _noise_image(4, 4, "RGB", sum(map(ord, path.name))).save(path)
+
+
+def test_symlink_loop_to_a_parent_is_scanned_once(tmp_path):
+    """sub/up -> .. would otherwise be followed again and again (root/sub/up/sub/up/...)."""
+    _tiny_png(tmp_path / "top.png")
+    _tiny_png(tmp_path / "sub" / "inner.png")
+    (tmp_path / "sub" / "up").symlink_to("..", target_is_directory=True)
+    files, empty = find_images(tmp_path)
+    assert files == [tmp_path / "sub" / "inner.png", tmp_path / "top.png"] and empty == []
+
+
+def test_two_folder_symlink_cycle_is_scanned_once(tmp_path):
+    _tiny_png(tmp_path / "x" / "in_x.png")
+    _tiny_png(tmp_path / "y" / "in_y.png")
+    (tmp_path / "x" / "to_y").symlink_to(tmp_path / "y", target_is_directory=True)
+    (tmp_path / "y" / "to_x").symlink_to(tmp_path / "x", target_is_directory=True)
+    files, _ = find_images(tmp_path)
+    assert sorted(p.name for p in files) == ["in_x.png", "in_y.png"]
+    assert len({p.resolve() for p in files}) == len(files)
+
+
+def test_symlinked_folder_outside_root_is_followed_and_scanned_once(tmp_path):
+    """A legit link (data kept elsewhere) is still followed; two links to the same folder
+    give its files once, under the first link in name order, so the scan is deterministic."""
+    outside = tmp_path / "elsewhere"
+    _tiny_png(outside / "a.png")
+    _tiny_png(outside / "deeper" / "b.png")
+    root = tmp_path / "root"
+    _tiny_png(root / "own.png")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "linked_again").symlink_to(outside, target_is_directory=True)
+    files, _ = find_images(root)
+    assert files == [root / "linked" / "a.png", root / "linked" / "deeper" / "b.png", root / "own.png"]
+
+
+def test_labelled_image_folder_with_a_symlink_loop_lists_each_image_once(tmp_path):
+    """eval / finetune's class folders go through the same scan."""
+    from sparse_mae.apps.evaluate import LabelledImageFolder
+
+    for cls in ("cat", "dog"):
+        _tiny_png(tmp_path / cls / f"{cls}.png")
+    (tmp_path / "cat" / "again").symlink_to(".", target_is_directory=True)
+    ds = LabelledImageFolder(tmp_path, EvalTransform(32))
+    assert ds.classes == ["cat", "dog"]
+    assert sorted((p.name, label) for p, label in ds.samples) == [("cat.png", 0), ("dog.png", 1)]
+
+
 @pytest.mark.parametrize("wh", [(1, 1), (5, 3), (3, 200), (63, 64)])
 def test_images_smaller_than_the_crop(wh):
     img = _noise_image(*wh, "RGB", 0)

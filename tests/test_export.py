@@ -26,8 +26,14 @@ from sparse_mae.convert import (
 )
 from sparse_mae.convert.layouts import TRANSFORMS
 
-REFERENCE = Path("/work/shared/reference")
-MANIFESTS = sorted(REFERENCE.glob("*.json")) if REFERENCE.is_dir() else []
+# Layout manifests (key -> shape) read off the official code and timm, kept as test data
+# (docs/design.md section 5). Listed by name, not globbed, so a missing file fails its test.
+MANIFEST_DIR = Path(__file__).parent / "data" / "layouts"
+PAPER_VARIANTS = ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge")
+MANIFESTS = [MANIFEST_DIR / f"{fmt}_convnextv2_{v}.json"
+             for fmt, variants in (("official_fcmae", ("atto", "tiny")), ("official_dense", PAPER_VARIANTS),
+                                   ("timm", PAPER_VARIANTS))
+             for v in variants]
 
 
 def random_fcmae_state(variant: str = "debug", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -59,11 +65,20 @@ def _manifest_spec(path: Path) -> tuple[str, Spec]:
     return fmt, Spec(variant, "fcmae") if fmt == "official_fcmae" else Spec(variant, "classifier", 1000)
 
 
-@pytest.mark.skipif(not MANIFESTS, reason="shared/reference manifests not present")
+def _read_manifest(path: Path) -> dict[str, tuple[int, ...]]:
+    assert path.is_file(), f"layout manifest {path} is missing: it is test data kept in the repository"
+    return {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
+
+
+def test_manifest_folder_holds_exactly_the_listed_manifests():
+    """A manifest added to the folder but not to MANIFESTS would never be tested."""
+    assert sorted(p.name for p in MANIFEST_DIR.glob("*.json")) == sorted(p.name for p in MANIFESTS)
+
+
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.stem)
 def test_layout_matches_reference_manifest(manifest):
     fmt, spec = _manifest_spec(manifest)
-    reference = {k: tuple(v) for k, v in json.loads(manifest.read_text()).items()}
+    reference = _read_manifest(manifest)
     ours = expected_shapes(spec, fmt)
     assert sorted(set(reference) - set(ours)) == [] and sorted(set(ours) - set(reference)) == []
     assert {k: s for k, s in ours.items() if reference[k] != s} == {}
@@ -72,14 +87,13 @@ def test_layout_matches_reference_manifest(manifest):
 BIG = ("base", "large", "huge")  # GBs of zeros: slow on 2 cores
 
 
-@pytest.mark.skipif(not MANIFESTS, reason="shared/reference manifests not present")
 @pytest.mark.parametrize("manifest", [pytest.param(m, marks=[pytest.mark.slow] if m.stem.rsplit("_", 1)[1] in BIG
                                                    else []) for m in MANIFESTS], ids=lambda p: p.stem)
 def test_export_of_zero_weights_matches_manifest_and_detects_variant(manifest):
     """The export path itself (not just the layout table) produces exactly the manifest; built
     from zero tensors so even `huge` is quick; then the import detects the variant."""
     fmt, spec = _manifest_spec(manifest)
-    reference = {k: tuple(v) for k, v in json.loads(manifest.read_text()).items()}
+    reference = _read_manifest(manifest)
     fcmae = Spec(spec.variant, "fcmae")
     from sparse_mae.convert.layouts import canonical_shapes
 
@@ -127,7 +141,7 @@ def test_transforms_are_inverse_pairs():
 
 
 def test_me_kernel_layout_agrees_with_a_direct_scatter():
-    """ME kernel offset k = (dy, dx) with x fastest after the transpose (DESIGN.md section 4):
+    """ME kernel offset k = (dy, dx) with x fastest after the transpose (docs/design.md section 4):
     check the (49, C) layout entry by entry, independently of the reshape formula."""
     w = torch.randn(3, 1, 7, 7)
     k = TRANSFORMS["me_dw"][0](w)

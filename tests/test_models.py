@@ -4,7 +4,7 @@ import torch
 import sparse_mae
 from sparse_mae.flops import classifier_gmacs, count_params, measured_gmacs
 
-# (params M, GMACs at 224) from the paper's table (DESIGN.md section 2)
+# (params M, GMACs at 224) from the paper's table (docs/design.md section 2)
 TABLE = {
     "atto": (3.7, 0.55), "femto": (5.2, 0.78), "pico": (9.1, 1.37), "nano": (15.6, 2.45),
     "tiny": (28.6, 4.47), "base": (89.0, 15.4), "large": (198.0, 34.4), "huge": (660.0, 115.0),

@@ -1,6 +1,6 @@
 """The reference backend: dense ops on a zero-filled map, mask re-applied before every
 spatial op and every GRN. With patch-aligned masks it equals a true sparse encoder
-(DESIGN.md section 3); every other backend is tested against it."""
+(docs/design.md section 3); every other backend is tested against it."""
 from __future__ import annotations
 
 import torch

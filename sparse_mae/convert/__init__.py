@@ -62,6 +62,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             meta.update(obj.get("metadata") or {})
             obj = obj[key]
             break
+    odd = [k for k in obj if not isinstance(k, str)]
+    if odd:
+        raise ValueError(f"checkpoint {path}: key {odd[0]!r} is not a string (type {type(odd[0]).__name__}); "
+                         f"expected a state dict of parameter names")
     sd = {k.removeprefix("module."): v for k, v in obj.items()}  # DDP-wrapped saves
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -100,7 +104,7 @@ def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, metad
 def inspect_state_dict(sd: dict, fmt: str, variant: str | None = None, strict: bool = True,
                        source: str = "checkpoint") -> Spec:
     """Detect the variant (or use `variant`) and check every key and shape; -> the Spec."""
-    spec, looks_like = infer_spec(sd, fmt, variant)
+    spec, looks_like = infer_spec(sd, fmt, variant, source)
     check_layout(sd, spec, fmt, looks_like, strict=strict, source=source)
     return spec
 

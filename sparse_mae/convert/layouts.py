@@ -2,7 +2,12 @@
 
 Every conversion is a list of rules (canonical key, foreign key, tensor transform) built
 from the canonical shapes of a meta-device model, so the same table drives export,
-import, shape validation and variant detection. Layout facts: DESIGN.md sections 4-5.
+import, shape validation and variant detection. Layout facts: docs/design.md sections 4-5.
+
+Checkpoints may come from outside: `infer_spec` first checks key count, key types, the
+stage / block / decoder indices inside key names and the sizes read off the stem, head and
+decoder projection (`check_untrusted_keys`, the MAX_* bounds), so no layout is built from
+an absurd number; `check_layout` then refuses tensors whose elements overlap in memory.
 
 Kinds: "classifier" (our dense ConvNeXtV2: `stem.*`, `stages.*`, optional `head.*`) and
 "fcmae" (our FCMAE: `encoder.*`, `proj.*`, `mask_token`, `decoder.{j}.*`, `pred.*`).
@@ -32,7 +37,7 @@ def _me_dw_out(w):  # (C,1,7,7) -> ME channelwise kernel (49, C)
     return w.transpose(3, 2).reshape(w.shape[0], 49).permute(1, 0)
 
 
-def _me_dw_in(k):  # (49, C) -> (C,1,7,7); DESIGN.md section 4
+def _me_dw_in(k):  # (49, C) -> (C,1,7,7); docs/design.md section 4
     return k.permute(1, 0).reshape(k.shape[1], 1, 7, 7).transpose(3, 2)
 
 
@@ -40,7 +45,7 @@ def _me_down_out(w):  # (Cout,Cin,2,2) -> ME kernel (4, Cin, Cout)
     return w.transpose(3, 2).reshape(w.shape[0], w.shape[1], 4).permute(2, 1, 0)
 
 
-def _me_down_in(k):  # (4, Cin, Cout) -> (Cout,Cin,2,2); DESIGN.md section 4
+def _me_down_in(k):  # (4, Cin, Cout) -> (Cout,Cin,2,2); docs/design.md section 4
     return k.permute(2, 1, 0).reshape(k.shape[2], k.shape[1], 2, 2).transpose(3, 2)
 
 
@@ -156,7 +161,7 @@ class Rule:
     foreign_shape: tuple[int, ...]
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=256)  # bounded: every distinct spec a caller asks about stays cached
 def canonical_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     """Key -> shape of our model for `spec`, built on the meta device (fast at any size)."""
     from sparse_mae.models.fcmae import build_fcmae
@@ -170,7 +175,7 @@ def canonical_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=256)
 def layout(spec: Spec, fmt: str) -> tuple[Rule, ...]:
     rules = []
     for ckey, shape in canonical_shapes(spec).items():
@@ -186,6 +191,110 @@ def expected_shapes(spec: Spec, fmt: str) -> dict[str, tuple[int, ...]]:
 
 # -- detection and validation ------------------------------------------------------------
 
+# Checkpoints may come from anywhere, and the layout for a spec is built (on the meta
+# device) before shapes can be compared, so the numbers a spec is made of are checked
+# first: key count, key names' stage / block / decoder indices, and the sizes read off
+# the stem, head and decoder projection. The limits come from the variant table, or are
+# generous multiples of anything the paper or a plausible fine-tune uses.
+MAX_STAGE_DEPTHS = tuple(max(v.depths[i] for v in VARIANTS.values()) for i in range(4))  # (3, 3, 27, 3)
+NUM_STAGES = len(MAX_STAGE_DEPTHS)
+MAX_DECODER_DEPTH = 32  # the paper's FCMAE decoder is 1 block
+MAX_DECODER_DIM = 4096  # the paper's is 512
+MAX_IN_CHANS = 64  # RGB is 3; multispectral inputs a few dozen
+MAX_NUM_CLASSES = 100_000  # ImageNet-22K has 21841
+MAX_KEYS = 10_000  # the largest layout (huge FCMAE, 32 decoder blocks) has 701
+MAX_INDEX = 1_000  # any other number inside a key (stem.0, downsample.1, ...)
+
+
+def _short(key: object, limit: int = 80) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else f"{text[:limit]}...' ({len(text)} characters)"
+
+
+def _digits(number: str) -> str:
+    return number if len(number) <= 24 else f"{number[:24]}... ({len(number)} digits)"
+
+
+def _index_error(source: str, key: str, what: str, bound: str) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"{source} key {_short(key)}: {what} is out of range ({bound}); this is not a ConvNeXt V2 / FCMAE "
+        f"checkpoint of a known variant, or it was altered")
+
+
+def _is_number(part: str) -> bool:
+    return part.isascii() and part.isdigit()  # str.isdigit alone accepts "²", which int() refuses
+
+
+def _check_key_indices(key: str, source: str) -> None:
+    """Every number inside `key` is within the bounds of the known layouts (all formats)."""
+    parts = key.removeprefix("encoder.").split(".")
+    in_encoder = key.startswith("encoder.")
+    for pos, part in enumerate(parts):
+        if not _is_number(part):
+            continue
+        value = int(part) if len(part) <= 9 else None  # longer is out of every range (and int() may refuse)
+        parent = parts[pos - 1] if pos else ""
+        if pos == 1 and parent in ("stages", "downsample_layers"):
+            if value is None or value >= NUM_STAGES:
+                raise _index_error(source, key, f"stage {_digits(part)}",
+                                   f"ConvNeXt V2 has stages 0..{NUM_STAGES - 1}")
+        elif parts[0] == "stages" and _is_number(parts[1]) and (pos == 2 or (pos == 3 and parts[2] == "blocks")):
+            stage = int(parts[1])  # < NUM_STAGES: checked at pos 1
+            most = MAX_STAGE_DEPTHS[stage]
+            if value is None or value >= most:
+                raise _index_error(source, key, f"block {_digits(part)} of stage {stage}",
+                                   f"ConvNeXt V2 variants have at most {most} blocks in stage {stage}")
+        elif pos == 1 and parent == "decoder" and not in_encoder:
+            if value is None or value >= MAX_DECODER_DEPTH:
+                raise _index_error(source, key, f"decoder block {_digits(part)}",
+                                   f"at most {MAX_DECODER_DEPTH} decoder blocks are supported; the paper's FCMAE "
+                                   f"has 1")
+        elif value is None or value >= MAX_INDEX:
+            raise _index_error(source, key, f"index {_digits(part)}",
+                               f"no other number in a ConvNeXt V2 key reaches {MAX_INDEX}")
+
+
+def check_untrusted_keys(sd: dict, source: str = "checkpoint") -> None:
+    """Cheap checks on a state dict from outside, before anything is built from it: its size,
+    that keys are strings and values tensors, and that every index in a key is in range."""
+    if len(sd) > MAX_KEYS:
+        raise CheckpointMismatchError(
+            f"{source} has {len(sd)} entries; a ConvNeXt V2 / FCMAE state dict has at most {MAX_KEYS} "
+            f"(the largest layout has 701): this is not a model state dict")
+    for key, value in sd.items():
+        if not isinstance(key, str):
+            raise CheckpointMismatchError(f"{source}: key {_short(key)} is not a string (type {type(key).__name__}); "
+                                          f"state dict keys are parameter names")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointMismatchError(f"{source}: entry {_short(key)} is not a tensor (type "
+                                          f"{type(value).__name__}); expected a state dict of tensors")
+        if value.layout != torch.strided:  # a sparse tensor's shape says nothing about what the file holds
+            raise CheckpointMismatchError(f"{source}: tensor {_short(key)} has layout {value.layout}; model "
+                                          f"parameters are dense (torch.strided) tensors")
+        _check_key_indices(key, source)
+
+
+def _check_size(value: int, most: int, what: str, key: str, shape, source: str) -> None:
+    """`what` names the number read off `key`'s shape, e.g. "{} classes"."""
+    if value > most:
+        raise CheckpointMismatchError(
+            f"{source} key {_short(key)} has shape {shape}, i.e. {what.format(value)} (at most {most} supported); "
+            f"this is not a checkpoint of a known ConvNeXt V2 variant, or it was altered")
+
+
+def _check_storage(sd: dict, keys, source: str) -> None:
+    """Refuse tensors whose elements overlap in memory (e.g. one value `expand`ed to a large
+    shape): a tiny file could then demand any amount of memory once converted. Parameters
+    saved from a model never overlap."""
+    for key in keys:
+        t = sd[key]
+        if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+            raise CheckpointMismatchError(
+                f"{source}: tensor {_short(key)} of shape {tuple(t.shape)} shares its elements (its storage holds "
+                f"{t.untyped_storage().nbytes()} bytes for {t.numel()} elements); a saved parameter never does. "
+                f"If this file is yours, save it with .contiguous() tensors")
+
+
 def _kind_of(sd: dict, fmt: str) -> str:
     if fmt == "official_fcmae":
         return "fcmae"
@@ -199,28 +308,35 @@ def _shape(sd: dict, key: str):
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
 
 
-def infer_spec(sd: dict, fmt: str, variant: str | None = None) -> tuple[Spec, str]:
+def infer_spec(sd: dict, fmt: str, variant: str | None = None,
+               source: str = "checkpoint") -> tuple[Spec, str]:
     """(the spec the dict matches best, the variant its shapes look like).
 
     `variant` given: the spec uses it (validation then reports any difference); the second
     value is still the best-scoring variant, so a wrong-variant error can name it.
     """
+    check_untrusted_keys(sd, source)  # before any layout is built from numbers in the dict
     kind = _kind_of(sd, fmt)
     prefix = "encoder." if kind == "fcmae" else ""
 
     def fkey(ckey: str) -> str:
         return foreign_rule(prefix + ckey, fmt, "atto", kind)[0]
 
-    stem = _shape(sd, fkey("stem.0.weight"))
+    stem_key = fkey("stem.0.weight")
+    stem = _shape(sd, stem_key)
     in_chans = stem[1] if stem and len(stem) == 4 else 3
+    _check_size(in_chans, MAX_IN_CHANS, "{} input channels", stem_key, stem, source)
     num_classes, dec_dim, dec_depth = 0, 512, 1
     if kind == "classifier":
-        head = _shape(sd, _encoder_rule("head.fc.weight", fmt, "atto")[0])
-        num_classes = head[0] if head else 0
+        head_key = _encoder_rule("head.fc.weight", fmt, "atto")[0]
+        head = _shape(sd, head_key)
+        num_classes = head[0] if head and len(head) == 2 else 0
+        _check_size(num_classes, MAX_NUM_CLASSES, "{} classes", head_key, head, source)
     else:
         proj = _shape(sd, "proj.weight")
-        dec_dim = proj[0] if proj else 512
-        ids = {int(m[1]) for k in sd if (m := _DEC.match(k))}
+        dec_dim = proj[0] if proj and len(proj) == 4 else 512
+        _check_size(dec_dim, MAX_DECODER_DIM, "a decoder width of {}", "proj.weight", proj, source)
+        ids = {int(m[1]) for k in sd if (m := _DEC.match(k))}  # each < MAX_DECODER_DEPTH: checked above
         dec_depth = max(ids) + 1 if ids else 1
 
     def score(v: str) -> int:
@@ -264,6 +380,7 @@ def check_layout(sd: dict, spec: Spec, fmt: str, looks_like: str | None = None, 
     wrong = [f"{k}: got {tuple(sd[k].shape)}, expected {exp[k]}" for k in exp
              if k in sd and tuple(sd[k].shape) != exp[k]]
     if not (missing or unexpected or wrong):
+        _check_storage(sd, exp, source)
         return
     parts = [f"{source} does not match the {fmt} layout of {spec.describe()}:"]
     if missing:

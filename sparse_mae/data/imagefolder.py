@@ -21,8 +21,39 @@ from torch.utils.data import Dataset
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def _folder_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the real folder behind `path` (symlinks followed); None if unreadable."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def walk_each_folder_once(root: Path):
+    """os.walk that follows symlinked folders but enters each real folder once.
+
+    Plain `os.walk(followlinks=True)` goes round a symlink loop (`a -> ..`) until the path
+    gets too long, listing every file again on each lap. Here a folder already entered, or
+    already queued under another name, is skipped. Sub-folders are taken in name order, so
+    which of two names for one folder is kept (the first) does not depend on the file system.
+    """
+    seen = {_folder_id(str(root))}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        keep = []
+        for name in dirnames:
+            folder = _folder_id(os.path.join(dirpath, name))
+            if folder is not None and folder not in seen:
+                seen.add(folder)
+                keep.append(name)
+        dirnames[:] = keep  # os.walk descends only into what is left here
+        yield dirpath, filenames
+
+
 def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
-    """-> (image files sorted by path, zero-byte image files). Follows symlinked folders."""
+    """-> (image files sorted by path, zero-byte image files). Follows symlinked folders,
+    each real folder once, so a symlink loop neither hangs the scan nor repeats files."""
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data.root={root} does not exist; point data.root at a folder of images "
@@ -30,7 +61,7 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
     if not root.is_dir():
         raise NotADirectoryError(f"data.root={root} is not a folder")
     files, empty = [], []
-    for dirpath, _, names in os.walk(root, followlinks=True):
+    for dirpath, names in walk_each_folder_once(root):
         for name in names:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 p = Path(dirpath) / name
