@@ -142,12 +142,12 @@ def test_symlinked_folder_outside_root_is_followed_and_scanned_once(tmp_path):
 
 def test_labelled_image_folder_with_a_symlink_loop_lists_each_image_once(tmp_path):
     """eval / finetune's class folders go through the same scan."""
-    from sparse_mae.apps.evaluate import LabelledImageFolder
+    from sparse_mae.data.imagefolder import LabelledImageFolderDataset
 
     for cls in ("cat", "dog"):
         _tiny_png(tmp_path / cls / f"{cls}.png")
     (tmp_path / "cat" / "again").symlink_to(".", target_is_directory=True)
-    ds = LabelledImageFolder(tmp_path, EvalTransform(32))
+    ds = LabelledImageFolderDataset(tmp_path, EvalTransform(32))
     assert ds.classes == ["cat", "dog"]
     assert sorted((p.name, label) for p, label in ds.samples) == [("cat.png", 0), ("dog.png", 1)]
 

@@ -132,9 +132,9 @@ def test_deeper_decoder_within_bounds_is_accepted():
 # -- through the apps -------------------------------------------------------------------
 
 def _compose(app: str, overrides: list[str]):
-    from sparse_mae.apps.export import compose_app_config
+    from sparse_mae.apps.app import compose
 
-    return compose_app_config(app, overrides)
+    return compose(app, overrides)
 
 
 IN_FILES = [c for c in CRAFTED_FOREIGN if c[0] not in ("non_string_key", "non_tensor_value", "many_keys")]

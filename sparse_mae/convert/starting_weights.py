@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sparse_mae.convert import encoder_part, import_state_dict, read_state_dict
-from sparse_mae.convert.layouts import FORMATS, guess_format
+from sparse_mae.convert.layouts import guess_format
 
 
 def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", variant: str | None = None,
@@ -19,11 +19,8 @@ def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", 
     """Load `path` into `model` (an FCMAE or a classifier of `variant`); -> what was loaded."""
     fmt = str(fmt)
     foreign, meta = read_state_dict(path)
-    if fmt == "auto":
-        fmt = guess_format(foreign)
-        if fmt is None:
-            raise ValueError(f"{option}={path}: its key names match none of the layouts {', '.join(FORMATS)}; "
-                             f"pass {option}_format=<layout> to check it against one and see what differs")
+    if fmt == "auto":  # names that fit no layout are checked against ours, which lists what differs
+        fmt = guess_format(foreign) or "sparse_mae"
     sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
     if variant is not None and spec.variant != str(variant):
         raise ValueError(f"{option}={path} is a convnextv2_{spec.variant} checkpoint but model={variant}; "
