@@ -91,39 +91,49 @@ class DataConfig:
 
 
 @dataclass
-class BuiltinData(DataConfig):
-    name: str = "builtin"
-    num_images: int = opt(2048, "dataset length (procedurally drawn images, no download)")
+class DrawnImages:
+    """Procedurally drawn images (sparse_mae/data/builtin.py): no download."""
+
     draw_size: int = opt(256, "images are drawn at this size, then cropped and resized")
-    seed: int = opt(0, "which images are drawn")
+    seed: int = opt(0, "which images are drawn (fine-tuning: the training images; val uses seed + 1)")
 
 
 @dataclass
-class ImageFolderData(DataConfig):
-    name: str = "imagefolder"
-    root: str = opt(MISSING, "every jpg/jpeg/png/webp/bmp under this folder, recursively")
-    num_workers: int = opt(8, "DataLoader worker processes")
-
-
-FINETUNE_SCALE = [0.08, 1.0]  # RandomResizedCrop area range of the fine-tuning recipe
+class FolderImages:
+    root: str = opt(MISSING, "the folder of images (required)")
+    num_workers: int = opt(8, "DataLoader worker processes (decoding files wants more than drawing)")
 
 
 @dataclass
-class LabelledBuiltinData(DataConfig):
+class FinetuneCrop:
+    scale: list[float] = opt([0.08, 1.0], "RandomResizedCrop area range (fine-tuning recipe)")
+
+
+@dataclass
+class BuiltinData(DrawnImages, DataConfig):
     name: str = "builtin"
-    scale: list[float] = opt(FINETUNE_SCALE, "RandomResizedCrop area range (fine-tuning recipe)")
+    num_images: int = opt(2048, "dataset length")
+
+
+@dataclass
+class ImageFolderData(FolderImages, DataConfig):
+    """Every jpg/jpeg/png/webp/bmp under root, recursively (no labels needed)."""
+
+    name: str = "imagefolder"
+
+
+@dataclass
+class LabelledBuiltinData(FinetuneCrop, DrawnImages, DataConfig):
+    name: str = "builtin"
     num_train: int = opt(2048, "training images (8 classes of drawn patterns)")
-    num_val: int = opt(512, "validation images, drawn from seed + 1: never seen in training")
-    draw_size: int = opt(256, "images are drawn at this size, then cropped and resized")
-    seed: int = opt(0, "which training images are drawn")
+    num_val: int = opt(512, "validation images, never seen in training")
 
 
 @dataclass
-class LabelledImageFolderData(DataConfig):
+class LabelledImageFolderData(FinetuneCrop, FolderImages, DataConfig):
+    """root/train/<class>/*.jpg and root/val/<class>/*.jpg (classes sorted by name)."""
+
     name: str = "imagefolder"
-    scale: list[float] = opt(FINETUNE_SCALE, "RandomResizedCrop area range (fine-tuning recipe)")
-    root: str = opt(MISSING, "root/train/<class>/*.jpg and root/val/<class>/*.jpg")
-    num_workers: int = opt(8, "DataLoader worker processes")
 
 
 @dataclass
@@ -332,6 +342,9 @@ def describe(cfg) -> list[str]:
                 continue
             value = node._get_node(key)
             if isinstance(value, DictConfig):
+                doc = (OmegaConf.get_type(value).__doc__ or "").strip()
+                if not text and doc and not doc.startswith(f"{OmegaConf.get_type(value).__name__}("):
+                    text = f"  # {doc.splitlines()[0]}"  # the schema's own docstring, not dataclass's signature
                 lines.append(f"{indent}{key}:{text}")
                 lines += walk(value, indent + "  ")
             else:

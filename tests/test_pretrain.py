@@ -350,6 +350,15 @@ def cli(args: list[str], tmp_path: Path, timeout: int = 300) -> subprocess.Compl
                           capture_output=True, text=True, timeout=timeout)
 
 
+def test_help_lists_every_key_with_its_value_and_help(tmp_path):
+    proc = cli(["model=tiny", "--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "variant: tiny  # encoder variant" in proc.stdout  # composed with the overrides given
+    assert "max_in_a_row: 3  # a step with a non-finite loss" in proc.stdout
+    assert "groups, chosen with group=option: model, backend, data, logger" in proc.stdout
+    assert not (tmp_path / "outputs").exists()  # --help starts nothing
+
+
 def test_cli_unknown_key_fails_with_hydras_message(tmp_path):
     proc = cli(["model=debug", "batch_sise=8"], tmp_path)
     assert proc.returncode != 0
