@@ -65,10 +65,11 @@ esac
 """)
 
 
-def fake_cuda_home(root: Path, release: str) -> Path:
+def fake_cuda_home(root: Path, release: str, headers=("cuda_runtime.h", "cusparse.h", "cublas_v2.h")) -> Path:
     _script(root / "bin" / "nvcc", f"echo 'Cuda compilation tools, release {release}, V{release}.1'\n")
     (root / "include").mkdir(parents=True, exist_ok=True)
-    (root / "include" / "cuda_runtime.h").write_text("")
+    for header in headers:
+        (root / "include" / header).write_text("")
     return root
 
 
@@ -90,7 +91,7 @@ def fake_venv(root: Path, torch_version: str, torch_cuda: str | None) -> Path:
 def run_plan(script: Path, tmp_path: Path, *, gpus: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, str]:
     bin_dir = tmp_path / "fakebin"
     fake_nvidia_smi(bin_dir, gpus)
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARSE_MAE_", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME"))}
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARSE_MAE_", "TORCH_CUDA_ARCH_LIST", "TORCH_VERSION", "CUDA_HOME", "VENV"))}
     full_env["PATH"] = f"{bin_dir}:{full_env['PATH']}"
     full_env["SPARSE_MAE_CACHE"] = str(tmp_path / "cache")
     full_env.update(env or {})
@@ -195,12 +196,21 @@ def test_cuda12_torch_without_a_toolkit_uses_the_cu12_wheels_and_the_default_arc
     venv = fake_venv(tmp_path, "2.7.1", "12.6")
     plan = run_plan(INSTALL_ME, tmp_path, gpus=None, env={"VENV": str(venv), "CUDA_HOME": str(tmp_path / "absent"),
                                                           "TORCH_VERSION": "2.7.1"})
-    assert plan["nvcc"] == "pip" and plan["nvcc_why"] == "no system CUDA toolkit found"
+    assert plan["nvcc"] == "pip" and plan["nvcc_why"].startswith("no complete system CUDA toolkit")
     assert plan["nvcc_wheels"].split() == [
         "nvidia-cuda-nvcc-cu12==12.6.*", "nvidia-cuda-cccl-cu12==12.6.*", "nvidia-cuda-runtime-cu12==12.6.*",
     ]
     assert plan["cuda_archs"] == "8.0;9.0" and "default" in plan["cuda_archs_from"]
     assert plan["wheel_dir"].endswith("wheels/torch-2.7.1-cu126-sm80-sm90")
+
+
+def test_system_toolkit_without_cusparse_headers_is_not_used(tmp_path):
+    """A toolkit with nvcc but no cuSPARSE/cuBLAS headers (e.g. assembled from a few NVIDIA
+    wheels) cannot compile ME: the pip wheels are used instead."""
+    venv = fake_venv(tmp_path, "2.13.0", "13.0")
+    home = fake_cuda_home(tmp_path / "cuda-13.0", "13.0", headers=("cuda_runtime.h",))
+    plan = run_plan(INSTALL_ME, tmp_path, gpus=["9.0"], env={"VENV": str(venv), "CUDA_HOME": str(home)})
+    assert plan["nvcc"] == "pip" and "cusparse.h" in plan["nvcc_why"]
 
 
 def test_architecture_and_nvcc_overrides(tmp_path):

@@ -73,8 +73,10 @@ esac
 # CUDA release "X.Y" of an nvcc, or nothing.
 nvcc_release() { "$1" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -n 1; }
 
-# The system toolkit's root (with bin/nvcc and include/cuda_runtime.h), or nothing.
-# CUDA_HOME, when set, is the only candidate; else nvcc on PATH, else /usr/local/cuda.
+# The system toolkit's root, or nothing. Complete means nvcc plus the runtime, cuSPARSE
+# and cuBLAS headers that ME and torch's CUDA headers include (a toolkit assembled from
+# a few NVIDIA wheels may lack the last two). CUDA_HOME, when set, is the only
+# candidate; else nvcc on PATH, else /usr/local/cuda.
 system_cuda_home() {
   local candidates=() nvcc
   if [ -n "${CUDA_HOME+set}" ]; then
@@ -87,7 +89,8 @@ system_cuda_home() {
   fi
   local home
   for home in "${candidates[@]}"; do
-    if [ -x "$home/bin/nvcc" ] && [ -f "$home/include/cuda_runtime.h" ]; then
+    if [ -x "$home/bin/nvcc" ] && [ -f "$home/include/cuda_runtime.h" ] \
+       && [ -f "$home/include/cusparse.h" ] && [ -f "$home/include/cublas_v2.h" ]; then
       echo "$home"
       return
     fi
@@ -135,11 +138,11 @@ else
       elif [ -n "$SYSTEM_RELEASE" ]; then
         NVCC_CHOICE=pip; NVCC_WHY="system nvcc $SYSTEM_RELEASE at $SYSTEM_HOME does not match torch's CUDA $TORCH_CUDA (torch refuses another major version)"
       else
-        NVCC_CHOICE=pip; NVCC_WHY="no system CUDA toolkit found"
+        NVCC_CHOICE=pip; NVCC_WHY="no complete system CUDA toolkit found (nvcc with cuda_runtime.h, cusparse.h, cublas_v2.h)"
       fi
       ;;
     system)
-      [ -n "$SYSTEM_RELEASE" ] || die "SPARSE_MAE_NVCC=system but no CUDA toolkit was found (set CUDA_HOME, or put nvcc on PATH)."
+      [ -n "$SYSTEM_RELEASE" ] || die "SPARSE_MAE_NVCC=system but no complete CUDA toolkit was found (nvcc with cuda_runtime.h, cusparse.h, cublas_v2.h; set CUDA_HOME, or put nvcc on PATH)."
       [ "${SYSTEM_RELEASE%%.*}" = "${TORCH_CUDA%%.*}" ] \
         || die "system nvcc $SYSTEM_RELEASE at $SYSTEM_HOME does not match torch's CUDA $TORCH_CUDA; use SPARSE_MAE_NVCC=pip (NVIDIA's wheels) or a CUDA ${TORCH_CUDA%%.*} toolkit."
       NVCC_WHY="SPARSE_MAE_NVCC=system"
