@@ -134,7 +134,11 @@ def test_torch_action_follows_the_installed_build(tmp_path, installed_cuda, gpus
     version = "2.13.0+cpu" if installed_cuda is None else "2.13.0"
     venv = fake_venv(tmp_path, version, installed_cuda)
     env = {"VENV": str(venv)} | ({"SPARSE_MAE_TORCH": override} if override else {})
-    assert run_plan(SETUP_ENV, tmp_path, gpus=gpus, env=env)["torch_action"] == action
+    plan = run_plan(SETUP_ENV, tmp_path, gpus=gpus, env=env)
+    assert plan["torch_action"] == action
+    # ME follows the torch .venv ends up with.
+    kept_build = "cpu" if installed_cuda is None else "cuda"
+    assert plan["minkowski_build"] == (kept_build if action == "keep" else plan["torch_build"])
 
 
 def test_torch_of_another_version_is_installed(tmp_path):

@@ -72,7 +72,14 @@ if [ "$PRINT_PLAN" = 1 ]; then
   else
     echo "torch_pip=pip install torch==$TORCH_VERSION"
   fi
-  echo "minkowski_build=$TORCH_BUILD"
+  # ME follows the torch that .venv will have: a kept torch keeps its own build.
+  if [ "$(torch_action)" = keep ] && [ "$(installed_torch | cut -d' ' -f2)" != none ]; then
+    echo "minkowski_build=cuda"
+  elif [ "$(torch_action)" = keep ]; then
+    echo "minkowski_build=cpu"
+  else
+    echo "minkowski_build=$TORCH_BUILD"
+  fi
   exit 0
 fi
 
