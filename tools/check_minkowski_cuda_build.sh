@@ -39,8 +39,9 @@ log "throw-away venv with the CUDA build of torch==$TORCH_VERSION: $WORK/venv"
 "$PYTHON" -m venv "$WORK/venv"
 # The CUDA build comes from the registry with pip's config files and find-links off
 # (a local folder of CPU wheels would win otherwise).
+# numpy too: ME imports it (in the project venv it comes with the package).
 if ! env -u PIP_FIND_LINKS -u PIP_NO_INDEX PIP_CONFIG_FILE=/dev/null \
-     "$WORK/venv/bin/python" -m pip install --quiet "torch==$TORCH_VERSION" >"$WORK/torch-install.log" 2>&1; then
+     "$WORK/venv/bin/python" -m pip install --quiet "torch==$TORCH_VERSION" numpy >"$WORK/torch-install.log" 2>&1; then
   tail -n 20 "$WORK/torch-install.log" >&2
   finish failure "could not install the CUDA build of torch==$TORCH_VERSION (log above)"
   exit 1
