@@ -1,9 +1,12 @@
 """backend="minkowski" (MinkowskiEngine sparse convs) equals the dense_masked reference.
 
 Tests that run ME skip cleanly when it is not installed (`bash tools/install_minkowski.sh`);
-the install-hint tests run everywhere.
+the install-hint and device-error tests run everywhere (ME simulated). The `gpu` tests run
+ME on CUDA tensors; on a GPU machine `make setup` builds ME with CUDA for them.
 """
+import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -141,7 +144,7 @@ def test_backend_owns_no_parameters():
 
 
 def test_weight_layouts_invert_design_note():
-    """Our dense->ME translations are the inverses of DESIGN.md section 4's ME->dense ones."""
+    """Our dense->ME translations are the inverses of docs/design.md section 4's ME->dense ones."""
     from sparse_mae.backends.minkowski import depthwise_to_me, strided_to_me
 
     dw = torch.randn(5, 1, 7, 7)
@@ -212,3 +215,108 @@ def test_missing_minkowski_gives_install_hint(monkeypatch):
         create_model("fcmae_convnextv2_debug", backend="minkowski")
     # Everything else still works without it.
     create_model("fcmae_convnextv2_debug", backend="dense_masked")
+
+
+# -- devices ---------------------------------------------------------------------------------
+
+
+class _TensorClaimingCuda(torch.Tensor):
+    """A CPU tensor that reports a CUDA device: enough for the backend's device check
+    to take the CUDA path on a machine without a GPU."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _fake_minkowski(built_with_cuda: bool):
+    return SimpleNamespace(is_cuda_available=lambda: built_with_cuda)
+
+
+def test_cpu_only_minkowski_on_cuda_tensors_names_the_rebuild_command(monkeypatch):
+    from sparse_mae.backends import minkowski as mink
+
+    monkeypatch.setattr(mink, "import_minkowski", lambda: _fake_minkowski(False))
+    model, imgs, _ = make_case("debug", (64, 64), 2, 0.5)
+    cuda_imgs = imgs.as_subclass(_TensorClaimingCuda)
+    assert cuda_imgs.device.type == "cuda"
+    with pytest.raises(mink.MinkowskiNotBuiltForCudaError) as err:
+        get_backend("minkowski").encode(model.encoder, cuda_imgs, torch.zeros(2, 2, 2))
+    message = str(err.value)
+    assert "built without CUDA" in message and "cuda:0" in message
+    assert "SPARSE_MAE_TORCH=cuda bash tools/setup_env.sh" in message  # the rebuild command
+    # The cost counter goes through the same check: no CPU fallback there either.
+    with pytest.raises(mink.MinkowskiNotBuiltForCudaError):
+        get_backend("minkowski").uncounted_macs(model.encoder, cuda_imgs, torch.zeros(2, 2, 2))
+
+
+def test_cuda_built_minkowski_accepts_cuda_tensors_and_cpu_ones(monkeypatch):
+    from sparse_mae.backends.minkowski import MinkowskiBackend
+
+    imgs = torch.zeros(1, 3, 64, 64)
+    mask = torch.zeros(1, 2, 2)
+    MinkowskiBackend._check(_fake_minkowski(True), imgs.as_subclass(_TensorClaimingCuda), mask)
+    MinkowskiBackend._check(_fake_minkowski(True), imgs, mask)
+    MinkowskiBackend._check(_fake_minkowski(False), imgs, mask)  # CPU tensors need no CUDA build
+
+
+def test_other_devices_are_a_clear_error():
+    from sparse_mae.backends.minkowski import MinkowskiBackend
+
+    with pytest.raises(ValueError, match="CPU or CUDA tensors, got meta"):
+        MinkowskiBackend._check(_fake_minkowski(True), torch.zeros(1, 3, 64, 64, device="meta"), torch.zeros(1, 2, 2))
+
+
+def test_built_with_cuda_probe_reads_the_build():
+    from sparse_mae.backends.minkowski_compat import minkowski_built_with_cuda
+
+    assert minkowski_built_with_cuda(_fake_minkowski(True)) is True
+    assert minkowski_built_with_cuda(_fake_minkowski(False)) is False
+
+
+def _cuda_minkowski_or_fail():
+    """On a GPU machine the set-up builds ME with CUDA; a CPU-only ME there is a set-up
+    fault, unless the CPU build was asked for."""
+    from sparse_mae.backends.minkowski_compat import import_minkowski, minkowski_built_with_cuda
+
+    if not minkowski_built_with_cuda(import_minkowski()):
+        if os.environ.get("SPARSE_MAE_MINKOWSKI_BUILD") == "cpu":
+            pytest.skip("MinkowskiEngine was built for CPU on request (SPARSE_MAE_MINKOWSKI_BUILD=cpu)")
+        pytest.fail("MinkowskiEngine is CPU-only on a CUDA machine; run `SPARSE_MAE_TORCH=cuda bash tools/setup_env.sh`")
+
+
+@pytest.fixture()
+def exact_cuda_float32():
+    """No TF32 in cuDNN/cuBLAS: the reference's dense convs and ME's kernels then agree to fp32 rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@needs_me
+@pytest.mark.gpu
+@pytest.mark.parametrize("mask_ratio", [0.25, 0.75])
+def test_cuda_debug_equals_reference(exact_cuda_float32, mask_ratio):
+    _cuda_minkowski_or_fail()
+    model, imgs, mask = make_case("debug", (160, 96), 3, mask_ratio, seed=11)
+    model, imgs, mask = model.cuda(), imgs.cuda(), mask.cuda()
+    pred, ref_pred = assert_same_as_reference(model, imgs, mask, "minkowski")
+    assert pred.device.type == "cuda" and ref_pred.device.type == "cuda"
+
+
+@needs_me
+@pytest.mark.gpu
+def test_cuda_last_row_and_column_masked_keeps_full_grid_and_runs_on_the_gpu(exact_cuda_float32):
+    _cuda_minkowski_or_fail()
+    model, imgs, _ = make_case("debug", (128, 96), 2, 0.25, seed=12)
+    encoder, imgs = model.encoder.cuda(), imgs.cuda()
+    grid = torch.zeros(2, 4, 3, device="cuda")
+    grid[:, -1, :] = 1.0
+    grid[:, :, -1] = 1.0
+    backend = get_backend("minkowski")
+    latent = backend.encode(encoder, imgs, grid)
+    assert latent.device.type == "cuda" and latent.shape == (2, encoder.dims[-1], 4, 3)
+    torch.testing.assert_close(latent, get_backend("dense_masked").encode(encoder, imgs, grid), rtol=1e-5, atol=1e-5)
+    # The cost count (ME kernel maps) does not depend on where the images are.
+    assert backend.uncounted_macs(encoder, imgs, grid) == backend.uncounted_macs(encoder.cpu(), imgs.cpu(), grid.cpu())

@@ -1,8 +1,9 @@
 """`backend="minkowski"`: the encoder as true sparse convolutions with MinkowskiEngine 0.5.4.
 
-The faithful baseline, not the fast path (ME's CPU kernels are slow, DESIGN.md section 4).
-Differences from the official FCMAE code, on purpose (DESIGN.md section 3): coordinates
-come from the mask, GRN's norm is per sample, the output is densified with the grid shape.
+The faithful baseline, not the fast path (ME's CPU kernels are slow, docs/design.md
+section 4). Differences from the official FCMAE code, on purpose (docs/design.md section 3):
+coordinates come from the mask, GRN's norm is per sample, the output is densified with the
+grid shape.
 
 Layout: the stem runs dense; its output at the visible sites becomes a SparseTensor with
 int32 coordinates (batch, y, x) on the 1/4 grid and tensor stride 1. Each 2x2/2
@@ -11,6 +12,12 @@ has tensor stride 2**i and the 7x7 depthwise conv there reaches +-3 sites of its
 
 The backend owns no parameters: ME kernels are rebuilt from the encoder's canonical
 dense weights on every forward with differentiable reshapes, so gradients land on them.
+
+Devices: everything follows the images. On CUDA tensors the coordinates, and so ME's
+coordinate manager and kernel maps, live on the GPU; that needs ME compiled with CUDA
+(tools/install_minkowski.sh does so where torch is a CUDA build, docs/minkowski.md). A
+CPU-only ME stops with an error naming the rebuild command; it never runs on the CPU
+behind the caller's back.
 """
 from __future__ import annotations
 
@@ -18,7 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from sparse_mae.backends.base import STAGE_UPSAMPLE, EncoderBackend, upsample_mask
-from sparse_mae.backends.minkowski_compat import import_minkowski, minkowski_import_error
+from sparse_mae.backends.minkowski_compat import (
+    CUDA_REBUILD_COMMAND,
+    import_minkowski,
+    minkowski_built_with_cuda,
+    minkowski_import_error,
+)
 from sparse_mae.models.convnextv2 import GRN_EPS, PATCH, Block, ConvNeXtV2, drop_path_scale
 
 DW_KERNEL = 7
@@ -28,15 +40,19 @@ _GRN_TINY = 1e-30
 
 
 def depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
-    """torch depthwise (C, 1, 7, 7) -> ME channelwise kernel (49, C) (inverse of DESIGN.md 4)."""
+    """torch depthwise (C, 1, 7, 7) -> ME channelwise kernel (49, C) (inverse of docs/design.md 4)."""
     c = weight.shape[0]
     return weight.transpose(3, 2).reshape(c, DW_KERNEL * DW_KERNEL).permute(1, 0)
 
 
 def strided_to_me(weight: torch.Tensor) -> torch.Tensor:
-    """torch (Cout, Cin, 2, 2) -> ME convolution kernel (4, Cin, Cout) (inverse of DESIGN.md 4)."""
+    """torch (Cout, Cin, 2, 2) -> ME convolution kernel (4, Cin, Cout) (inverse of docs/design.md 4)."""
     cout, cin = weight.shape[:2]
     return weight.transpose(3, 2).reshape(cout, cin, 4).permute(2, 1, 0).contiguous()
+
+
+class MinkowskiNotBuiltForCudaError(RuntimeError):
+    """backend='minkowski' on CUDA tensors with a MinkowskiEngine compiled without CUDA."""
 
 
 class MinkowskiBackend(EncoderBackend):
@@ -62,10 +78,7 @@ class MinkowskiBackend(EncoderBackend):
             batch_index = x.C[:, 0].long()
             for block in stage.blocks:
                 x = self._block(ME, block, x, neighbours, batch_index, n)
-        # Explicit shape and origin: a grid whose last row/column is masked everywhere keeps its size.
-        shape = torch.Size([n, encoder.dims[-1], h // PATCH, w // PATCH])
-        dense, _, _ = x.dense(shape=shape, min_coordinate=torch.zeros(2, dtype=torch.int32))
-        return dense
+        return self._densify(x, n, h // PATCH, w // PATCH)
 
     @staticmethod
     def _check(ME, imgs: torch.Tensor, mask: torch.Tensor) -> None:
@@ -77,10 +90,16 @@ class MinkowskiBackend(EncoderBackend):
             # ME would crash (segfault) on an empty coordinate map; the interface promises >= 1.
             bad = torch.nonzero(kept == 0).flatten().tolist()
             raise ValueError(f"mask keeps 0 patches in sample(s) {bad}; every sample must keep at least 1 patch")
-        if imgs.device.type != "cpu" and not ME.is_cuda_available():
-            raise ValueError(
-                f"this MinkowskiEngine build is CPU-only; move the model and images to the CPU "
-                f"(got {imgs.device}) or use backend='native'"
+        device = imgs.device
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"MinkowskiEngine runs on CPU or CUDA tensors, got {device}; "
+                             f"move the model and images to one of them or use backend='native'")
+        if device.type == "cuda" and not minkowski_built_with_cuda(ME):
+            raise MinkowskiNotBuiltForCudaError(
+                f"the images are on {device}, but this MinkowskiEngine was built without CUDA "
+                f"(CPU_ONLY), so backend='minkowski' cannot run on the GPU. Rebuild it with CUDA: "
+                f"`{CUDA_REBUILD_COMMAND}` (installs the CUDA build of torch, then builds "
+                f"MinkowskiEngine with CUDA; docs/minkowski.md). Or run on the CPU, or use backend='native'."
             )
         if imgs.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled(imgs.device.type):
             raise ValueError(
@@ -97,8 +116,9 @@ class MinkowskiBackend(EncoderBackend):
 
     def _sparse_stem(self, ME, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor):
         stem = encoder.stem(imgs)  # dense: (N, C0, H/4, W/4)
-        coords = self._stage0_coordinates(mask.cpu())
-        rows = coords.long().to(stem.device)
+        # On the images' device: ME builds its coordinate manager where the coordinates are.
+        coords = self._stage0_coordinates(mask.to(stem.device))
+        rows = coords.long()
         feats = stem[rows[:, 0], :, rows[:, 1], rows[:, 2]]  # (M, C0), the coordinates' order
         return ME.SparseTensor(feats, coordinates=coords, tensor_stride=1)
 
@@ -113,10 +133,23 @@ class MinkowskiBackend(EncoderBackend):
             key, key, stride=1, kernel_size=DW_KERNEL, dilation=1, region_type=region_type, region_offset=region_offset
         )
         sites = x.F.shape[0]
-        neighbours = torch.full((DW_KERNEL * DW_KERNEL, sites), sites, dtype=torch.long)
+        # Built where the kernel map is (the coordinate manager's device, that of x.F).
+        neighbours = torch.full((DW_KERNEL * DW_KERNEL, sites), sites, dtype=torch.long, device=x.F.device)
         for k, in_out in kernel_map.items():
-            neighbours[k, in_out[1].long()] = in_out[0].long()
-        return neighbours.to(x.F.device)
+            neighbours[k, in_out[1].long().to(x.F.device)] = in_out[0].long().to(x.F.device)
+        return neighbours
+
+    @staticmethod
+    def _densify(x, batch: int, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Last-stage sparse tensor -> (N, C, H/32, W/32), zero at removed sites. The grid
+        shape and origin are explicit, so a grid whose last row/column is masked everywhere
+        keeps its size (ME's own dense() cannot take an origin for CUDA tensors: it wants a
+        CPU IntTensor and subtracts it from the GPU coordinates)."""
+        stride = x.tensor_stride[0]  # coordinates are in 1/4-grid units; one 1/32 site = stride
+        coords = x.C.long()
+        dense = x.F.new_zeros(batch, x.F.shape[1], grid_h, grid_w)
+        dense[coords[:, 0], :, coords[:, 1] // stride, coords[:, 2] // stride] = x.F
+        return dense
 
     @staticmethod
     def _depthwise(feats: torch.Tensor, conv: torch.nn.Conv2d, neighbours: torch.Tensor) -> torch.Tensor:

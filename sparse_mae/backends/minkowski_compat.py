@@ -13,9 +13,14 @@ from types import ModuleType
 
 INSTALL_HINT = (
     "MinkowskiEngine is not installed in this environment; run `make setup` "
-    "(or `bash tools/install_minkowski.sh`), which builds MinkowskiEngine 0.5.4 for CPU "
-    "once (~4 min) and caches the wheel under ${SPARSE_MAE_CACHE:-~/.cache/sparse-mae}"
+    "(or `bash tools/install_minkowski.sh`), which builds MinkowskiEngine 0.5.4 once for "
+    "the installed torch (CPU: ~4 min; CUDA: much longer) and caches the wheel under "
+    "${SPARSE_MAE_CACHE:-~/.cache/sparse-mae}"
 )
+
+# What to run when ME was built without CUDA but the tensors are on a GPU: set up the
+# CUDA build of torch, after which install_minkowski.sh builds ME with CUDA to match.
+CUDA_REBUILD_COMMAND = "SPARSE_MAE_TORCH=cuda bash tools/setup_env.sh"
 
 _ABC_NAMES = ("Sequence", "Iterable", "Mapping")
 
@@ -46,3 +51,9 @@ def minkowski_import_error() -> str | None:
     except Exception as err:  # a broken build can fail with OSError/RuntimeError, not only ImportError
         return str(err) if isinstance(err, ImportError) else f"{INSTALL_HINT} ({type(err).__name__}: {err})"
     return None
+
+
+def minkowski_built_with_cuda(ME: ModuleType) -> bool:
+    """True if this MinkowskiEngine was compiled with CUDA (a CPU_ONLY build has no GPU
+    coordinate maps or kernels, whatever the machine has)."""
+    return bool(ME.is_cuda_available())
