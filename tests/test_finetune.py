@@ -24,7 +24,7 @@ from sparse_mae.apps.finetune import (
 
 
 def ft_overrides(out: Path, **extra) -> list[str]:
-    base = {"model": "debug", "data.size": 64, "data.draw_size": 64, "data.num_train": 64, "data.num_val": 64,
+    base = {"device": "cpu", "model": "debug", "data.size": 64, "data.draw_size": 64, "data.num_train": 64, "data.num_val": 64,
             "data.num_workers": 0, "batch_size": 16, "epochs": 2, "sched.warmup_steps": 2, "optim.lr": 1e-3,
             "ema.decay": 0.9, "logger": "none", "logger.progress": "false", "output_dir": str(out)}
     base.update(extra)
