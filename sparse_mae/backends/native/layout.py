@@ -3,9 +3,11 @@
 Masks are patch-aligned, so at stage i (side s = 8, 4, 2, 1 sites per patch) a visible
 32x32 patch is a dense s x s block of sites. Features are packed as tiles (P, s, s, C),
 P = visible patches of the whole batch in sample-major order (sample, row, column), so
-each sample's rows form one contiguous segment. Per stage the layout caches the index
-structures the ops need (the halo gather index of the depthwise conv, and on demand the
-(M, 49) neighbour map and row segment offsets the C and Triton kernels take).
+each sample's rows form one contiguous segment; packed rows (M, C) are the same tiles
+flattened, row (p * s + y) * s + x. Per stage the layout caches the index structures the
+ops need: the halo gather index of the tile path's depthwise conv, and on demand the
+(M, 49) neighbour map, the row segment offsets and the 2x2-window row order that the
+row kernels take.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch
 
 from sparse_mae.backends.base import STAGE_UPSAMPLE
 from sparse_mae.models.convnextv2 import PATCH
+from sparse_mae_kernels.constants import HALO, KERNEL_SIZE, TAPS
 
-KERNEL = 7
-HALO = KERNEL // 2
+STEM_STRIDE = 4  # the stem's 4x4/4 conv: 8x8 windows per 32x32 patch
 
 
 @dataclass
@@ -26,6 +28,7 @@ class StageLayout:
     halo_index: torch.Tensor  # (P, s+6, s+6) int64 rows of (P*s*s, C) tiles; P*s*s = zero row
     row_offsets: torch.Tensor  # (N+1,) int64 first packed row of each sample
     _neighbours: torch.Tensor | None = field(default=None, repr=False)
+    _window_rows: torch.Tensor | None = field(default=None, repr=False)
 
     def neighbour_map(self) -> torch.Tensor:
         """(M, 49) int32: row of each site's 7x7 neighbour, -1 where absent.
@@ -34,11 +37,28 @@ class StageLayout:
         """
         if self._neighbours is None:
             p, s = self.halo_index.shape[0], self.side
-            windows = self.halo_index.unfold(1, KERNEL, 1).unfold(2, KERNEL, 1)  # (P, s, s, 7, 7)
-            nbr = windows.reshape(p * s * s, KERNEL * KERNEL)
+            windows = self.halo_index.unfold(1, KERNEL_SIZE, 1).unfold(2, KERNEL_SIZE, 1)  # (P, s, s, 7, 7)
+            nbr = windows.reshape(p * s * s, TAPS)
             nbr = torch.where(nbr == p * s * s, torch.full_like(nbr, -1), nbr)
             self._neighbours = nbr.to(torch.int32).contiguous()
         return self._neighbours
+
+    def window_rows(self) -> torch.Tensor:
+        """(M,) int64: where each row goes so that every 2x2 window of the next stage's
+        downsample is 4 consecutive rows, (ky, kx) row-major, windows in row order of the next
+        stage: row (p, y, x) -> (p, y // 2, x // 2, y % 2, x % 2)."""
+        if self._window_rows is None:
+            p, s = self.halo_index.shape[0], self.side
+            if s < 2:
+                raise ValueError("the last stage (1 site per patch) has no 2x2 windows")
+            dev = self.halo_index.device
+            y = torch.arange(s, device=dev).view(1, s, 1)
+            x = torch.arange(s, device=dev).view(1, 1, s)
+            patch = torch.arange(p, device=dev).view(p, 1, 1)
+            half = s // 2
+            dest = ((patch * half + y // 2) * half + x // 2) * 4 + (y % 2) * 2 + x % 2
+            self._window_rows = dest.reshape(-1).contiguous()
+        return self._window_rows
 
 
 class SparseLayout:
@@ -82,6 +102,16 @@ class SparseLayout:
         offsets = t6.view(-1, 1) * wp + t6.view(1, -1)
         halo_index = canvas.view(-1)[base.view(p, 1, 1) + offsets.view(1, *offsets.shape)]
         return StageLayout(s, halo_index, self.patch_offsets * (s * s))
+
+    def stem_windows(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (P * 64, C * 16): the 4x4 window of every stage-0 site of the
+        visible patches, one row each in (c, ky, kx) order (the stem conv weight's), rows in
+        the packed order (patch, y, x)."""
+        n, c = imgs.shape[:2]
+        h, w = self.grid
+        side, k = PATCH // STEM_STRIDE, STEM_STRIDE
+        view = imgs.view(n, c, h, side, k, w, side, k).permute(0, 2, 5, 3, 6, 1, 4, 7)
+        return view[self.patch_sample, self.patch_y, self.patch_x].reshape(-1, c * k * k)
 
     def visible_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (P, C, 32, 32) image patches of the visible sites."""
