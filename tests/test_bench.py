@@ -205,3 +205,35 @@ def test_matmul_peak_measures_the_requested_dtype():
 def test_bad_peak_settings_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message):
         BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", override]))
+
+
+def test_summary_sets_each_backend_beside_the_reference(tmp_path):
+    rows, paths = bench(tmp_path, "backends=[dense_masked,native]")
+    summary = paths["summary"].read_text()
+    for ratio in (0.5, 0.75):
+        dense, native = rows[("dense_masked", ratio)], rows[("native", ratio)]
+        line = next(l for l in summary.splitlines() if l.startswith(f"| native | debug | {ratio} |"))
+        assert f"{dense['step_ms'] / native['step_ms']:.2f}x" in line
+        assert f"{dense['dense_gmacs'] / native['useful_gmacs']:.2f}x" in line  # the FLOP bound
+    assert "Matmul peak of this machine" in summary
+
+
+@pytest.mark.parametrize("policy, expected", [("passive", "PASSIVE"), ("active", "ACTIVE"), (None, None)])
+def test_isolated_workers_get_the_omp_wait_policy(monkeypatch, policy, expected):
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, input, capture_output, text, timeout, env):
+        seen["env"] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert runner.run_isolated({}, 10, omp_wait_policy=policy) == {"status": "ok"}
+    assert seen["env"].get("OMP_WAIT_POLICY") == expected
+
+
+def test_bad_omp_wait_policy_is_a_clear_error():
+    with pytest.raises(ValueError, match="omp_wait_policy must be passive, active or null"):
+        BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", "omp_wait_policy=spin"]))

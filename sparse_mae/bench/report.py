@@ -58,6 +58,7 @@ def environment(settings) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": settings.threads or torch.get_num_threads(),
+        "omp_wait_policy": getattr(settings, "omp_wait_policy", None),
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "git_commit": git_commit(),
     }
@@ -140,6 +141,31 @@ def markdown_table(rows: list[dict], env: dict, peaks: dict | None = None) -> st
                 f"| {r['backend']} | {r['variant']} | {r['mask_ratio']} | {r['batch_size']} | {r['dtype']} | "
                 f"| | | | | | | | | | {r['status']}: {reason} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def comparison_table(rows: list[dict], reference: str = "dense_masked") -> str:
+    """Each other backend beside the reference in the same configuration and dtype: step times,
+    the speed-up next to its FLOP bound (dense over useful FLOPs), each one's share of the
+    matmul peak. Empty when the reference did not run."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    config = ("variant", "mask_ratio", "batch_size", "dtype")
+    ref = {tuple(r[k] for k in config): r for r in ok if r["backend"] == reference}
+    others = [r for r in ok if r["backend"] != reference and tuple(r[k] for k in config) in ref]
+    if not others:
+        return ""
+    lines = [
+        f"| backend | variant | mask | batch | dtype | step ms: {reference} / backend | speed-up | FLOP bound | "
+        f"step GFLOP/s: {reference} / backend | share of peak: {reference} / backend |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(others, key=lambda r: (r["backend"], r["dtype"], r["variant"], r["mask_ratio"], r["batch_size"])):
+        d = ref[tuple(r[k] for k in config)]
+        lines.append(
+            f"| {r['backend']} | {r['variant']} | {r['mask_ratio']} | {r['batch_size']} | {r['dtype']} | "
+            f"{d['step_ms']:.0f} / **{r['step_ms']:.0f}** | {d['step_ms'] / r['step_ms']:.2f}x | "
+            f"{d['dense_gmacs'] / r['useful_gmacs']:.2f}x | {d['step_gflop_s']:.0f} / {r['step_gflop_s']:.0f} | "
+            f"{_percent(d.get('peak_share'))} / **{_percent(r.get('peak_share'))}** |")
     return "\n".join(lines) + "\n"
 
 
@@ -240,6 +266,10 @@ def write_results(rows: list[dict], settings, out_dir: Path, plots: bool = True,
     with open(paths["json"], "w") as f:
         json.dump({"environment": env, "settings": asdict(settings), "results": rows}, f, indent=2)
     paths["md"].write_text(markdown_table(rows, env, peaks))
+    summary = comparison_table(rows)
+    if summary:
+        paths["summary"] = out_dir / "summary.md"
+        paths["summary"].write_text(f"{_peaks_line(peaks)}\n\n{summary}")
     if plots:
         for p in write_plots(rows, out_dir):
             paths[p.stem] = p

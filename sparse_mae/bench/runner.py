@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -42,6 +43,10 @@ class BenchSettings:
     measure_peak: bool = True  # time this machine's matmul peak per dtype in the same run
     peak_size: int = 2048  # of that square matmul
     fused_adamw: bool = True  # the step's AdamW as torch's fused kernel (CPU and CUDA)
+    # OMP_WAIT_POLICY of the isolated workers: "passive" lets torch's OpenMP threads sleep between
+    # parallel regions instead of spinning (on a shared CPU spinning threads fight the other
+    # processes and the C kernels' own threads: measured 4x slower steps); null inherits
+    omp_wait_policy: str | None = "passive"
     seed: int = 0
     timeout_s: float = 1800
 
@@ -67,6 +72,7 @@ class BenchSettings:
             measure_peak=bool(get("measure_peak", True)),
             peak_size=int(get("peak_size", 2048)),
             fused_adamw=bool(get("fused_adamw", True)),
+            omp_wait_policy=get("omp_wait_policy", "passive"),
             seed=int(get("seed", 0)),
             timeout_s=float(get("timeout_s", 1800)),
         )
@@ -101,6 +107,8 @@ class BenchSettings:
         need(self.memory_guard_gib is None or float(self.memory_guard_gib) > 0,
              f"memory_guard_gib must be > 0 or null, got {self.memory_guard_gib}")
         need(self.peak_size >= 64, f"peak_size must be >= 64 (the matmul of the peak), got {self.peak_size}")
+        need(self.omp_wait_policy in (None, "passive", "active"),
+             f"omp_wait_policy must be passive, active or null (inherit), got {self.omp_wait_policy!r}")
         need(self.peak_tflops is None or float(self.peak_tflops) > 0,
              f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
@@ -150,12 +158,16 @@ def plan(settings: BenchSettings) -> list[dict]:
     return specs
 
 
-def run_isolated(spec: dict, timeout_s: float, module: str = "sparse_mae.bench.measure") -> dict:
+def run_isolated(spec: dict, timeout_s: float, module: str = "sparse_mae.bench.measure",
+                 omp_wait_policy: str | None = None) -> dict:
     """Measure in a fresh interpreter; a crash or timeout becomes an `error` row."""
+    env = dict(os.environ)
+    if omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()  # read when the worker loads OpenMP
     try:
         proc = subprocess.run(
             [sys.executable, "-m", module], input=json.dumps(spec),
-            capture_output=True, text=True, timeout=timeout_s,
+            capture_output=True, text=True, timeout=timeout_s, env=env,
         )
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s (raise timeout_s)"}
@@ -223,7 +235,8 @@ def measure_peaks(settings: BenchSettings, log=print) -> dict[str, dict]:
     for dtype in settings.dtypes:
         spec = {"dtype": dtype, "device": device, "size": settings.peak_size, "threads": settings.threads}
         if settings.isolate:
-            result = run_isolated(spec, settings.timeout_s, module="sparse_mae.bench.peak")
+            result = run_isolated(spec, settings.timeout_s, module="sparse_mae.bench.peak",
+                                  omp_wait_policy=settings.omp_wait_policy)
             if "gflop_s" not in result:
                 log(f"matmul peak {dtype}: {result.get('reason', result)}")
                 continue
@@ -250,7 +263,8 @@ def run_bench(settings: BenchSettings, log=print, peaks: dict | None = None) -> 
         if reason is not None:
             row.update(status="skipped", reason=reason)
         else:
-            measured = run_isolated(spec, settings.timeout_s) if settings.isolate else run_in_process(spec)
+            measured = (run_isolated(spec, settings.timeout_s, omp_wait_policy=settings.omp_wait_policy)
+                        if settings.isolate else run_in_process(spec))
             row.update(measured)
         row["wall_s"] = time.perf_counter() - started  # the whole configuration, set-up included
         rows.append(row)
