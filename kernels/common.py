@@ -68,12 +68,6 @@ def check_offsets(seg_offsets, m: int, device: torch.device, check_values: bool 
         seg_offsets._sparse_mae_checked = (seg_offsets._version, m)
 
 
-def same_device(x: torch.Tensor, **tensors) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
-
-
 def pick_impl(impl: str | None, device: torch.device) -> str:
     """'c' on CPU, 'triton' on CUDA, unless asked for explicitly (tests run 'triton' on CPU
     in Triton's interpreter)."""
@@ -82,10 +76,3 @@ def pick_impl(impl: str | None, device: torch.device) -> str:
     if impl not in ("c", "triton"):
         raise ValueError(f"impl must be 'c', 'triton' or None (by device), got {impl!r}")
     return impl
-
-
-def grad_to(t: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
-    """A gradient in the dtype of the tensor it belongs to (fp32 sums -> parameter dtype)."""
-    if t is None or like is None:
-        return None
-    return t.to(like.dtype)

@@ -26,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from sparse_mae_kernels.constants import TAPS
+
 CSRC = Path(__file__).with_name("csrc")
 CACHE_ENV = "SPARSE_MAE_CACHE"
 # -march=native first (vector width of this CPU); plain -O3 where the compiler refuses it.
 # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs (ISO C modes turn it off).
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"], ["-O3"])
-COMMON_FLAGS = ["-std=gnu11", "-shared", "-fPIC", "-pthread"]
+COMMON_FLAGS = ["-std=gnu11", "-shared", "-fPIC", "-pthread", f"-DTAPS={TAPS}"]  # constants defined once, in Python
 
 # ctypes argument kinds for the ops' declarations
 PTR, INT, LONG, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float

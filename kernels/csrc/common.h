@@ -17,7 +17,11 @@
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
 #define VL 16
-#define TAPS 49 /* 7x7 depthwise taps, k = (dy + 3) * 7 + (dx + 3); the Python side defines it too */
+/* 7x7 depthwise taps, k = (dy + 3) * 7 + (dx + 3): passed as -DTAPS by cpu_build.py from
+ * sparse_mae_kernels.constants, where it is defined once */
+#ifndef TAPS
+#error "compile with -DTAPS=<taps of the depthwise kernel> (cpu_build.py does)"
+#endif
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));

@@ -26,6 +26,8 @@
 typedef struct {
   const void *x;
   int xdt;
+  long xsize;         /* bytes per element of x */
+  const float *zeros; /* MAX_NV * VL zeros: the row an absent neighbour reads */
   const int32_t *nbr;
   const float *w, *bias;
   void *y;
@@ -49,19 +51,49 @@ typedef struct {
 #define FOR_V(NV) for (int v = 0; v < (NV); ++v)
 #define LANES(NV, v, last) ((v) == (NV) - 1 ? (last) : VL)
 
-/* y[c0 .. c0 + NV*16) of row m = bias + sum over present taps of w[k] * x[nbr[k]] */
+/* The taps one output row sums, as (tap, source row) pairs. Absent neighbours are common at
+ * patch borders, and a branch per tap would mispredict there. Where most taps are present
+ * (the large tiles of the first stages) all 49 are summed, absent ones reading a zero row:
+ * a fixed trip count; elsewhere (small tiles, mostly absent) only the present taps, compacted
+ * without a branch. */
+#define DENSE_ROW_MIN_TAPS 40
+
+typedef struct {
+  int count;
+  int32_t tap[TAPS];
+  int32_t src[TAPS]; /* -1: the zero row */
+} taps_t;
+
+static inline void row_taps(const int32_t *nb, taps_t *p) {
+  int present = 0;
+  for (int k = 0; k < TAPS; ++k) {
+    p->tap[present] = k;
+    p->src[present] = nb[k];
+    present += nb[k] >= 0;
+  }
+  if (present >= DENSE_ROW_MIN_TAPS) {
+    for (int k = 0; k < TAPS; ++k) {
+      p->tap[k] = k;
+      p->src[k] = nb[k];
+    }
+    present = TAPS;
+  }
+  p->count = present;
+}
+
+/* y[c0 .. c0 + NV*16) of row m = bias + sum over the present taps of w[k] * x[nbr[k]] */
 #define CONV_BLOCK(NV)                                                                        \
-  static void conv_block_##NV(const dwconv_args *a, const int32_t *nb, long m, long c0, int last, \
+  static void conv_block_##NV(const dwconv_args *a, const taps_t *p, long m, long c0, int last, \
                               float *buf) {                                                   \
     const long C = a->C;                                                                      \
     vf acc[NV];                                                                               \
     FOR_V(NV) acc[v] = a->bias ? vload(a->bias, DT_F32, c0 + v * VL, LANES(NV, v, last)) : vsplat(0.0f); \
-    for (int k = 0; k < TAPS; ++k) {                                                          \
-      const int32_t src = nb[k];                                                              \
-      if (src < 0) continue;                                                                  \
-      const long xo = (long)src * C + c0;                                                     \
-      const float *wk = a->w + (long)k * C + c0;                                              \
-      FOR_V(NV) acc[v] += vload(a->x, a->xdt, xo + v * VL, LANES(NV, v, last)) *             \
+    for (int j = 0; j < p->count; ++j) {                                                      \
+      const int32_t src = p->src[j];                                                          \
+      const void *xr = src >= 0 ? (const char *)a->x + ((long)src * C + c0) * a->xsize       \
+                                : (const void *)a->zeros;                                    \
+      const float *wk = a->w + (long)p->tap[j] * C + c0;                                      \
+      FOR_V(NV) acc[v] += vload(xr, a->xdt, v * VL, LANES(NV, v, last)) *                     \
                           vload(wk, DT_F32, v * VL, LANES(NV, v, last));                      \
     }                                                                                         \
     FOR_V(NV) {                                                                               \
@@ -97,7 +129,7 @@ CONV_BLOCK(1) CONV_BLOCK(2) CONV_BLOCK(3) CONV_BLOCK(4) CONV_BLOCK(5) CONV_BLOCK
 WGRAD_BLOCK(1) WGRAD_BLOCK(2) WGRAD_BLOCK(3) WGRAD_BLOCK(4) WGRAD_BLOCK(5) WGRAD_BLOCK(6) WGRAD_BLOCK(7)
 WGRAD_BLOCK(8)
 
-typedef void (*conv_block_fn)(const dwconv_args *, const int32_t *, long, long, int, float *);
+typedef void (*conv_block_fn)(const dwconv_args *, const taps_t *, long, long, int, float *);
 typedef void (*wgrad_block_fn)(const dwconv_args *, long, long, long, int, const float *, float *);
 static const conv_block_fn conv_blocks[MAX_NV + 1] = {NULL, conv_block_1, conv_block_2, conv_block_3, conv_block_4,
                                                       conv_block_5, conv_block_6, conv_block_7, conv_block_8};
@@ -119,12 +151,13 @@ static void forward_task(void *ctx, int t, int n) {
   const dwconv_args *a = ctx;
   const long C = a->C, m0 = split_start(a->M, t, n), m1 = split_start(a->M, t + 1, n);
   float *buf = a->ln_w ? malloc(sizeof(float) * (C + VL)) : NULL;
+  taps_t taps;
   for (long m = m0; m < m1; ++m) {
-    const int32_t *nb = a->nbr + m * TAPS;
+    row_taps(a->nbr + m * TAPS, &taps);
     for (long c0 = 0; c0 < C; c0 += MAX_NV * VL) {
       int last;
       const int nv = block_at(C, c0, &last);
-      conv_blocks[nv](a, nb, m, c0, last, buf);
+      conv_blocks[nv](a, &taps, m, c0, last, buf);
     }
     if (buf) layernorm_row_forward(buf, C, a->ln_w, a->ln_b, a->eps, a->z, a->zdt, m * C, a->mean + m, a->rstd + m);
   }
@@ -162,7 +195,9 @@ static void weight_grad_task(void *ctx, int t, int n) {
 void rows_dwconv_forward(const void *x, int xdt, const int32_t *nbr, const float *w, const float *bias,
                          void *y, int ydt, const float *ln_w, const float *ln_b,
                          float eps, void *z, int zdt, float *mean, float *rstd, long M, long C, int threads) {
-  dwconv_args a = {.x = x, .xdt = xdt, .nbr = nbr, .w = w, .bias = bias, .y = y,
+  static const float zeros[MAX_NV * VL];
+  dwconv_args a = {.x = x, .xdt = xdt, .xsize = xdt == DT_F32 ? 4 : 2, .zeros = zeros, .nbr = nbr, .w = w,
+                   .bias = bias, .y = y,
                    .ydt = ydt, .ln_w = ln_w, .ln_b = ln_b, .eps = eps, .z = z, .zdt = zdt, .mean = mean,
                    .rstd = rstd, .M = M, .C = C};
   pool_run(forward_task, &a, threads_for(M, threads, MIN_ROWS_PER_THREAD));

@@ -183,6 +183,7 @@ def c_weight_grad(x, nbr, grad, with_bias: bool):
 # -- Triton kernels ------------------------------------------------------------------------
 
 if triton is not None:
+    TAPS_C = tl.constexpr(TAPS)  # the constant inside the kernels
 
     @triton.jit
     def dwconv_gather_kernel(
@@ -202,9 +203,9 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         row_ok = rows < M
         col_ok = cols < C
-        nbr_rows = nbr_ptr + rows.to(tl.int64) * 49
+        nbr_rows = nbr_ptr + rows.to(tl.int64) * TAPS_C
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for k in range(49):
+        for k in range(TAPS_C):
             src = tl.load(nbr_rows + k, mask=row_ok, other=-1)
             present = src >= 0
             src = tl.where(present, src, 0).to(tl.int64)  # keep masked-off addresses in bounds
@@ -239,20 +240,20 @@ if triton is not None:
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < C
         first = chunk * rows_per_chunk
-        for k in range(49):
+        for k in range(TAPS_C):
             acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
             for offset in range(0, rows_per_chunk, BLOCK_M):
                 rows = first + offset + tl.arange(0, BLOCK_M)
                 row_ok = rows < M
                 rows64 = rows.to(tl.int64)
-                src = tl.load(nbr_ptr + rows64 * 49 + k, mask=row_ok, other=-1)
+                src = tl.load(nbr_ptr + rows64 * TAPS_C + k, mask=row_ok, other=-1)
                 present = src >= 0
                 src = tl.where(present, src, 0).to(tl.int64)
                 xv = tl.load(x_ptr + src[:, None] * C + cols[None, :], mask=present[:, None] & col_ok[None, :], other=0.0)
                 gv = tl.load(g_ptr + rows64[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                              other=0.0)
                 acc += tl.sum(xv.to(tl.float32) * gv.to(tl.float32), axis=0)
-            tl.store(gw_ptr + (chunk * 49 + k) * C + cols, acc, mask=col_ok)
+            tl.store(gw_ptr + (chunk * TAPS_C + k) * C + cols, acc, mask=col_ok)
         if HAS_BIAS:
             acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
             for offset in range(0, rows_per_chunk, BLOCK_M):

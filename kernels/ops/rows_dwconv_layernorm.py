@@ -19,7 +19,7 @@ from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
 from sparse_mae_kernels.common import check_vector, compute_dtype, pick_impl
-from sparse_mae_kernels.constants import LN_EPS
+from sparse_mae_kernels.constants import LN_EPS, TAPS
 from sparse_mae_kernels.ops import rows_dwconv as dw
 from sparse_mae_kernels.ops import rows_layernorm as ln
 from sparse_mae_kernels.triton_runtime import BLOCK_M, block_c, cdiv, require_triton, tl, triton
@@ -42,6 +42,7 @@ def c_forward(x, nbr, w_taps, bias32, ln_w32, ln_b32, eps, dtype):
 # -- Triton ------------------------------------------------------------------------------
 
 if triton is not None:
+    TAPS_C = tl.constexpr(TAPS)  # the constant inside the kernels
 
     @triton.jit
     def dwconv_layernorm_kernel(
@@ -53,14 +54,14 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         at = rows.to(tl.int64)[:, None] * C
-        nbr_rows = nbr_ptr + rows.to(tl.int64) * 49
+        nbr_rows = nbr_ptr + rows.to(tl.int64) * TAPS_C
         total = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             col_ok = cols < C
             ok = row_ok[:, None] & col_ok[None, :]
             acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-            for k in range(49):
+            for k in range(TAPS_C):
                 src = tl.load(nbr_rows + k, mask=row_ok, other=-1)
                 present = src >= 0
                 src = tl.where(present, src, 0).to(tl.int64)
