@@ -303,7 +303,7 @@ def triton_weight_grad(x, nbr, grad, with_bias: bool):
 # -- autograd -----------------------------------------------------------------------------
 
 IMPLS = {
-    "c": (lambda x, nbr, w, b, dtype: c_forward(x, nbr, w, b, dtype), c_weight_grad),
+    "c": (c_forward, c_weight_grad),
     "triton": (triton_forward, triton_weight_grad),
 }
 
