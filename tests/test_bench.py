@@ -218,8 +218,8 @@ def test_summary_sets_each_backend_beside_the_reference(tmp_path):
     assert "Matmul peak of this machine" in summary
 
 
-@pytest.mark.parametrize("policy, expected", [("passive", "PASSIVE"), ("active", "ACTIVE"), (None, None)])
-def test_isolated_workers_get_the_omp_wait_policy(monkeypatch, policy, expected):
+@pytest.mark.parametrize("spincount, expected", [(2000, "2000"), (0, "0"), (None, None)])
+def test_isolated_workers_get_the_openmp_spin_count(monkeypatch, spincount, expected):
     import subprocess
 
     seen = {}
@@ -229,11 +229,14 @@ def test_isolated_workers_get_the_omp_wait_policy(monkeypatch, policy, expected)
         return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
 
     monkeypatch.setattr(runner.subprocess, "run", fake_run)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert runner.run_isolated({}, 10, omp_wait_policy=policy) == {"status": "ok"}
-    assert seen["env"].get("OMP_WAIT_POLICY") == expected
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runner.run_isolated({}, 10, gomp_spincount=spincount) == {"status": "ok"}
+    assert seen["env"].get("GOMP_SPINCOUNT") == expected
+    # a wait policy would override the spin count: dropped when one is set, inherited otherwise
+    assert seen["env"].get("OMP_WAIT_POLICY") == (None if expected is not None else "ACTIVE")
 
 
-def test_bad_omp_wait_policy_is_a_clear_error():
-    with pytest.raises(ValueError, match="omp_wait_policy must be passive, active or null"):
-        BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", "omp_wait_policy=spin"]))
+def test_bad_gomp_spincount_is_a_clear_error():
+    with pytest.raises(ValueError, match="gomp_spincount must be an integer >= 0 or null"):
+        BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", "gomp_spincount=-1"]))

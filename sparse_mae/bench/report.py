@@ -58,7 +58,7 @@ def environment(settings) -> dict:
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "threads": settings.threads or torch.get_num_threads(),
-        "omp_wait_policy": getattr(settings, "omp_wait_policy", None),
+        "gomp_spincount": getattr(settings, "gomp_spincount", None),
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "git_commit": git_commit(),
     }

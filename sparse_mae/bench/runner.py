@@ -43,10 +43,12 @@ class BenchSettings:
     measure_peak: bool = True  # time this machine's matmul peak per dtype in the same run
     peak_size: int = 2048  # of that square matmul
     fused_adamw: bool = True  # the step's AdamW as torch's fused kernel (CPU and CUDA)
-    # OMP_WAIT_POLICY of the isolated workers: "passive" lets torch's OpenMP threads sleep between
-    # parallel regions instead of spinning (on a shared CPU spinning threads fight the other
-    # processes and the C kernels' own threads: measured 4x slower steps); null inherits
-    omp_wait_policy: str | None = "passive"
+    # GOMP_SPINCOUNT of the isolated workers: how long torch's (GNU) OpenMP threads spin between
+    # parallel regions before they sleep. libgomp's default (300000) on a shared CPU makes spinning
+    # threads fight the other processes and the C kernels' threads (a 4x slower step under load);
+    # 0 (passive) pays a wake-up per region (~10% slower steps when the machine is quiet); 2000
+    # measured best here. null: inherit the environment.
+    gomp_spincount: int | None = 2000
     seed: int = 0
     timeout_s: float = 1800
 
@@ -72,7 +74,7 @@ class BenchSettings:
             measure_peak=bool(get("measure_peak", True)),
             peak_size=int(get("peak_size", 2048)),
             fused_adamw=bool(get("fused_adamw", True)),
-            omp_wait_policy=get("omp_wait_policy", "passive"),
+            gomp_spincount=get("gomp_spincount", 2000),
             seed=int(get("seed", 0)),
             timeout_s=float(get("timeout_s", 1800)),
         )
@@ -107,8 +109,8 @@ class BenchSettings:
         need(self.memory_guard_gib is None or float(self.memory_guard_gib) > 0,
              f"memory_guard_gib must be > 0 or null, got {self.memory_guard_gib}")
         need(self.peak_size >= 64, f"peak_size must be >= 64 (the matmul of the peak), got {self.peak_size}")
-        need(self.omp_wait_policy in (None, "passive", "active"),
-             f"omp_wait_policy must be passive, active or null (inherit), got {self.omp_wait_policy!r}")
+        need(self.gomp_spincount is None or (isinstance(self.gomp_spincount, int) and self.gomp_spincount >= 0),
+             f"gomp_spincount must be an integer >= 0 or null (inherit), got {self.gomp_spincount!r}")
         need(self.peak_tflops is None or float(self.peak_tflops) > 0,
              f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
@@ -159,11 +161,13 @@ def plan(settings: BenchSettings) -> list[dict]:
 
 
 def run_isolated(spec: dict, timeout_s: float, module: str = "sparse_mae.bench.measure",
-                 omp_wait_policy: str | None = None) -> dict:
+                 gomp_spincount: int | None = None) -> dict:
     """Measure in a fresh interpreter; a crash or timeout becomes an `error` row."""
     env = dict(os.environ)
-    if omp_wait_policy:
-        env["OMP_WAIT_POLICY"] = omp_wait_policy.upper()  # read when the worker loads OpenMP
+    if gomp_spincount is not None:
+        # read when the worker loads OpenMP; a wait policy would override the spin count
+        env["GOMP_SPINCOUNT"] = str(gomp_spincount)
+        env.pop("OMP_WAIT_POLICY", None)
     try:
         proc = subprocess.run(
             [sys.executable, "-m", module], input=json.dumps(spec),
@@ -236,7 +240,7 @@ def measure_peaks(settings: BenchSettings, log=print) -> dict[str, dict]:
         spec = {"dtype": dtype, "device": device, "size": settings.peak_size, "threads": settings.threads}
         if settings.isolate:
             result = run_isolated(spec, settings.timeout_s, module="sparse_mae.bench.peak",
-                                  omp_wait_policy=settings.omp_wait_policy)
+                                  gomp_spincount=settings.gomp_spincount)
             if "gflop_s" not in result:
                 log(f"matmul peak {dtype}: {result.get('reason', result)}")
                 continue
@@ -263,7 +267,7 @@ def run_bench(settings: BenchSettings, log=print, peaks: dict | None = None) -> 
         if reason is not None:
             row.update(status="skipped", reason=reason)
         else:
-            measured = (run_isolated(spec, settings.timeout_s, omp_wait_policy=settings.omp_wait_policy)
+            measured = (run_isolated(spec, settings.timeout_s, gomp_spincount=settings.gomp_spincount)
                         if settings.isolate else run_in_process(spec))
             row.update(measured)
         row["wall_s"] = time.perf_counter() - started  # the whole configuration, set-up included
