@@ -17,5 +17,5 @@ def renamed_packages(folder: str) -> list[str]:
 setup(
     packages=find_packages(include=["sparse_mae*"]) + renamed_packages("kernels") + renamed_packages("conf"),
     package_dir={"": ".", "sparse_mae_kernels": "kernels", "sparse_mae_conf": "conf"},
-    package_data={"sparse_mae_conf": ["*.yaml", "**/*.yaml"], "sparse_mae_kernels": ["csrc/*.c"]},
+    package_data={"sparse_mae_conf": ["*.yaml", "**/*.yaml"], "sparse_mae_kernels": ["csrc/*.c", "csrc/*.h"]},
 )

@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/fcmae_step.py                      # atto and tiny, all backends
     .venv/bin/python benchmarks/fcmae_step.py --variants atto --backends native dense_masked
-    .venv/bin/python benchmarks/fcmae_step.py --profile native --variants atto   # where time goes
+    .venv/bin/python benchmarks/fcmae_step.py --profile --backends native --variants tiny --dtype bfloat16  # where time goes
 
-One step = FCMAE forward + backward + AdamW step (betas 0.9/0.95, wd 0.05) at 224x224,
-mask ratio 0.6, batch 16, torch threads = CPU cores. Each (variant, backend) runs in a
+One step = FCMAE forward (under autocast for --dtype bfloat16) + backward + AdamW step
+(fused kernel, betas 0.9/0.95, wd 0.05) at 224x224, mask ratio 0.6, batch 16, torch
+threads = CPU cores. Each (variant, backend) runs in a
 fresh subprocess so that memory numbers do not mix: after warm-up steps we report the
 median of the timed steps, and peak memory as the peak-RSS delta of that process
 (getrusage ru_maxrss at the end minus the RSS just before the first step, i.e. the
@@ -44,12 +45,14 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     model = create_model(f"fcmae_convnextv2_{args.variant}", backend=args.backend, mask_ratio=args.mask_ratio)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+    autocast = torch.autocast("cpu", dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
     imgs = torch.randn(args.batch, 3, args.size, args.size)
     masks = [model.random_masking(args.batch, (args.size // 32) ** 2) for _ in range(4)]
 
     def step(k: int):
-        loss, _, _ = model(imgs, mask=masks[k % len(masks)])
+        with autocast:
+            loss, _, _ = model(imgs, mask=masks[k % len(masks)])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one extra step")
     ap.add_argument("--profile-rows", type=int, default=25)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -104,7 +108,7 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    print(f"FCMAE step (fwd+bwd+AdamW), {args.size}px, batch {args.batch}, mask {args.mask_ratio}, "
+    print(f"FCMAE step (fwd+bwd+AdamW), {args.dtype}, {args.size}px, batch {args.batch}, mask {args.mask_ratio}, "
           f"{args.threads} threads, median of {args.steps} after {args.warmup} warm-up; "
           f"peak = peak-RSS delta of a fresh process")
     for variant in args.variants:
@@ -116,7 +120,8 @@ def main() -> None:
                 continue
             cmd = [sys.executable, __file__, "--worker", "--variant", variant, "--backend", backend,
                    "--batch", str(args.batch), "--size", str(args.size), "--mask-ratio", str(args.mask_ratio),
-                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads)]
+                   "--warmup", str(args.warmup), "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--dtype", args.dtype]
             if args.profile:
                 cmd += ["--profile", "--profile-rows", str(args.profile_rows)]
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)

@@ -1,12 +1,18 @@
-"""Hand-written kernels (import name `sparse_mae_kernels`), each beside a plain-torch reference.
+"""Hand-written kernels of the native sparse engine, import name `sparse_mae_kernels`.
 
-- `sparse_ops`: torch autograd ops of the native sparse engine on patch tiles (halo-tile
-  depthwise 7x7, per-sample segment GRN), each with a `*_reference` in plain torch; the
-  engine's fallback on any device.
-- `dwconv_rows`: the packed-row contract of the sparse depthwise 7x7 (neighbour map,
-  checks, plain-torch reference), implemented by:
-  - `cpu_ops`: C kernels (csrc/), compiled on first use with the system C compiler;
-  - `triton_ops` (CUDA, optional): Triton kernels, plus the per-segment GRN.
+The folder is `kernels/` at the top of the repository; it installs as `sparse_mae_kernels`
+because PyPI's unrelated `kernels` package owns the plain name.
+
+- `ops/`: one op per file, each holding its kernels (C and Triton), launchers, autograd
+  function and plain-torch reference; named by the layout they take: `rows_*` on packed
+  rows (M, C), `tiles_*` on patch tiles (P, s, s, C) (torch ops, the fallback):
+  `rows_dwconv`, `rows_dwconv_layernorm`, `rows_layernorm`, `rows_grn` (with a bias +
+  GELU prologue), `rows_residual`, `tiles_dwconv`, `tiles_grn`.
+- `csrc/`: the C sources (one per op, a shared header, the thread pool), built by
+  `cpu_build` into one library on first use; `triton_runtime`: Triton where installed;
+  `triton_aot`: compiles every Triton kernel for a GPU target without a GPU.
+- `constants` (kernel size, GRN and LayerNorm epsilon, defined once), `common` (checks
+  and dtype rules every op shares).
 
 Two switches, one per device kind, read at every call:
 - `use_cpu_kernels(device)`: on CPU when the C kernels build and SPARSE_MAE_CPU_KERNELS
@@ -34,12 +40,9 @@ def use_triton(device: torch.device | str) -> bool:
     """True when the native engine should run its Triton kernels on `device`."""
     if torch.device(device).type != "cuda" or _switched_off(TRITON_ENV):
         return False
-    try:
-        from sparse_mae_kernels import triton_ops
-    except ImportError:  # triton missing, or the kernels not built for this install
-        return False
-    available = getattr(triton_ops, "triton_available", None)
-    return bool(available(device)) if available is not None else True
+    from sparse_mae_kernels.triton_runtime import triton_available
+
+    return triton_available(device)
 
 
 def use_cpu_kernels(device: torch.device | str) -> bool:
@@ -51,14 +54,14 @@ def use_cpu_kernels(device: torch.device | str) -> bool:
     global _warned_cpu_fallback
     if torch.device(device).type != "cpu" or _switched_off(CPU_KERNELS_ENV):
         return False
-    from sparse_mae_kernels import cpu_ops
+    from sparse_mae_kernels import cpu_build
 
-    if cpu_ops.available():
+    if cpu_build.available():
         return True
     if not _warned_cpu_fallback:
         _warned_cpu_fallback = True
         warnings.warn(
-            f"sparse-mae: {cpu_ops.unavailable_reason()}. The native backend runs its slower torch ops "
+            f"sparse-mae: {cpu_build.unavailable_reason()}. The native backend runs its slower torch ops "
             f"instead; set {CPU_KERNELS_ENV}=0 to choose that without this warning.",
             RuntimeWarning,
             stacklevel=2,

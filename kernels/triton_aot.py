@@ -1,9 +1,10 @@
 """Compile every Triton kernel ahead of time for a CUDA target, with no GPU needed.
 
 Triton's CPU interpreter checks what the kernels compute but not that they compile:
-typing, layouts and lowering only happen in the real compiler. This builds each kernel,
-in every dtype and constexpr variant the launchers use, down to a cubin for the given
-architecture (Triton ships its own ptxas), so a CPU-only machine catches compile errors.
+typing, layouts and lowering only happen in the real compiler. This builds each kernel of
+ops/rows_*, in every dtype and constexpr variant their launchers use, down to a cubin for
+the given architecture (Triton ships its own ptxas), so a CPU-only machine catches
+compile errors.
 
     python -m sparse_mae_kernels.triton_aot [--arch 90]
 
@@ -16,45 +17,86 @@ import itertools
 import os
 import sys
 
-FLOAT_TYPES = ("fp32", "fp16", "bf16")
+FEATURES = ("fp32", "fp16", "bf16")
+
+
+def _block_cs(limit: int) -> list[int]:
+    """The narrowest and the widest channel block a launcher picks (the layouts in between lower
+    the same way; compiling each would double the time of this check)."""
+    from sparse_mae_kernels.triton_runtime import block_c
+
+    return sorted({block_c(1, limit), block_c(1 << 20, limit)})
 
 
 def _variants():
-    """(kernel name, signature, constexprs) for every launch configuration of triton_ops."""
-    from sparse_mae_kernels import triton_ops as ops
+    """(kernel, signature, constexprs) for every launch configuration of the ops' launchers."""
+    from sparse_mae_kernels.ops import rows_dwconv as dw
+    from sparse_mae_kernels.ops import rows_dwconv_layernorm as dwln
+    from sparse_mae_kernels.ops import rows_grn as grn
+    from sparse_mae_kernels.ops import rows_layernorm as ln
+    from sparse_mae_kernels.ops import rows_residual as res
+    from sparse_mae_kernels.triton_runtime import BLOCK_M
 
-    dw_block_cs = sorted({ops._block_c(c, ops.DWCONV_MAX_BLOCK_C) for c in (1, 32, 64, 1024)})
-    seg_block_cs = sorted({ops._block_c(c, ops.SEGMENT_MAX_BLOCK_C) for c in (1, 32, 64, 128, 4096)})
-    # feature dtype, parameter dtype (fp32 params with low-precision features, or matching)
-    for feat, param in itertools.product(FLOAT_TYPES, ("fp32", "same")):
-        param = feat if param == "same" else param
-        for has_bias, block_c in itertools.product((True, False), dw_block_cs):
-            yield "dwconv_gather_kernel", {
-                "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "w_ptr": f"*{param}", "b_ptr": f"*{param}",
-                "out_ptr": f"*{feat}", "M": "i32", "C": "i32",
+    for feat in FEATURES:
+        for has_bias, bc in itertools.product((True, False), _block_cs(dw.DWCONV_MAX_BLOCK_C)):
+            yield dw.dwconv_gather_kernel, {
+                "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "w_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": f"*{feat}",
+                "M": "i32", "C": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+            }, {"HAS_BIAS": has_bias, "BLOCK_M": BLOCK_M, "BLOCK_C": bc}
+            yield dw.dwconv_weight_grad_kernel, {
+                "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "g_ptr": f"*{feat}", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
+                "M": "i32", "C": "i32", "rows_per_chunk": "i32",
                 "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
-            }, {"HAS_BIAS": has_bias, "BLOCK_M": ops.DWCONV_BLOCK_M, "BLOCK_C": block_c}
-    for feat, has_bias, block_c in itertools.product(FLOAT_TYPES, (True, False), dw_block_cs):
-        yield "dwconv_weight_grad_kernel", {
-            "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "g_ptr": f"*{feat}", "gw_ptr": "*fp32", "gb_ptr": "*fp32",
-            "M": "i32", "C": "i32", "rows_per_chunk": "i32",
-            "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
-        }, {"HAS_BIAS": has_bias, "BLOCK_M": ops.DWCONV_BLOCK_M, "BLOCK_C": block_c}
-    for feat, with_sum, block_c in itertools.product(FLOAT_TYPES, (True, False), seg_block_cs):
-        yield "segment_sums_kernel", {
-            "u_ptr": f"*{feat}", "v_ptr": f"*{feat}", "offsets_ptr": "*i64", "prod_ptr": "*fp32",
-            "sum_ptr": "*fp32", "N": "i32", "C": "i32",
-            "WITH_SUM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
-        }, {"WITH_SUM": with_sum, "BLOCK_M": ops.SEGMENT_BLOCK_M, "BLOCK_C": block_c}
-    # forward: out = x * p + beta; backward: out = dy * p + x * q
-    for feat, param, block_c in itertools.product(FLOAT_TYPES, ("fp32", "same"), seg_block_cs):
-        param = feat if param == "same" else param
-        for has_v, has_r in ((False, True), (True, False)):
-            yield "segment_affine_kernel", {
-                "u_ptr": f"*{feat}", "p_ptr": "*fp32", "v_ptr": f"*{feat}", "q_ptr": "*fp32",
-                "r_ptr": f"*{param}", "offsets_ptr": "*i64", "out_ptr": f"*{feat}", "C": "i32",
-                "HAS_V": "constexpr", "HAS_R": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
-            }, {"HAS_V": has_v, "HAS_R": has_r, "BLOCK_M": ops.SEGMENT_BLOCK_M, "BLOCK_C": block_c}
+            }, {"HAS_BIAS": has_bias, "BLOCK_M": BLOCK_M, "BLOCK_C": bc}
+        for has_bias, bc in itertools.product((True, False), _block_cs(dwln.FUSED_MAX_BLOCK_C)):
+            yield dwln.dwconv_layernorm_kernel, {
+                "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{feat}",
+                "lnw_ptr": "*fp32", "lnb_ptr": "*fp32", "z_ptr": f"*{feat}", "mean_ptr": "*fp32",
+                "rstd_ptr": "*fp32", "M": "i32", "C": "i32", "eps": "fp32",
+                "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+            }, {"HAS_BIAS": has_bias, "BLOCK_M": BLOCK_M, "BLOCK_C": bc}
+        for has_rows, bc in itertools.product((True, False), _block_cs(ln.LN_MAX_BLOCK_C)):
+            rows = "*i64" if has_rows else "*fp32"
+            consts = {"HAS_ROWS": has_rows, "BLOCK_M": BLOCK_M, "BLOCK_C": bc}
+            yield ln.layernorm_forward_kernel, {
+                "x_ptr": f"*{feat}", "w_ptr": "*fp32", "b_ptr": "*fp32", "z_ptr": f"*{feat}", "rows_ptr": rows,
+                "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "M": "i32", "C": "i32", "eps": "fp32",
+                "HAS_ROWS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+            }, consts
+            yield ln.layernorm_backward_kernel, {
+                "x_ptr": f"*{feat}", "w_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32",
+                "gz_ptr": f"*{feat}", "rows_ptr": rows, "gx_ptr": f"*{feat}", "M": "i32", "C": "i32",
+                "HAS_ROWS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+            }, consts
+            yield ln.layernorm_param_grad_kernel, {
+                "x_ptr": f"*{feat}", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "gz_ptr": f"*{feat}",
+                "rows_ptr": rows, "pw_ptr": "*fp32", "pb_ptr": "*fp32", "M": "i32", "C": "i32",
+                "rows_per_chunk": "i32", "HAS_ROWS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+            }, consts
+        for mode, has_bias, gelu, bc in itertools.product(range(4), (True, False), (True, False),
+                                                          _block_cs(grn.SEGMENT_MAX_BLOCK_C)):
+            if mode in (1, 2) and (has_bias or gelu):
+                continue  # apply and the backward sums read the stored v: no prologue
+            yield grn.grn_rows_kernel, {
+                "h_ptr": f"*{feat}", "b_ptr": "*fp32", "g_ptr": f"*{feat}", "offsets_ptr": "*i64", "p_ptr": "*fp32",
+                "q_ptr": "*fp32", "beta_ptr": "*fp32", "out_ptr": f"*{feat}", "s1_ptr": "*fp32", "s2_ptr": "*fp32",
+                "N": "i32", "C": "i32", "MODE": "constexpr", "HAS_BIAS": "constexpr", "GELU": "constexpr",
+                "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+            }, {"MODE": mode, "HAS_BIAS": has_bias, "GELU": gelu, "BLOCK_M": grn.SEGMENT_BLOCK_M, "BLOCK_C": bc}
+    # the residual: stream x and branch y of one dtype, or an fp32 stream with a low-precision branch
+    pairs = [(f, f) for f in FEATURES] + [("fp32", "bf16"), ("fp32", "fp16")]
+    for (x, y), has_bias, has_scale, bc in itertools.product(pairs, (True, False), (True, False),
+                                                            _block_cs(res.RESIDUAL_MAX_BLOCK_C)):
+        yield res.residual_forward_kernel, {
+            "x_ptr": f"*{x}", "y_ptr": f"*{y}", "b_ptr": "*fp32", "s_ptr": "*fp32", "out_ptr": f"*{x}",
+            "M": "i32", "C": "i32", "HAS_BIAS": "constexpr", "HAS_SCALE": "constexpr",
+            "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+        }, {"HAS_BIAS": has_bias, "HAS_SCALE": has_scale, "BLOCK_M": BLOCK_M, "BLOCK_C": bc}
+        yield res.residual_backward_kernel, {
+            "g_ptr": f"*{x}", "s_ptr": "*fp32", "gy_ptr": f"*{y}", "gb_ptr": "*fp32", "M": "i32", "C": "i32",
+            "rows_per_chunk": "i32", "HAS_SCALE": "constexpr", "HAS_BIAS": "constexpr",
+            "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
+        }, {"HAS_SCALE": has_scale, "HAS_BIAS": has_bias, "BLOCK_M": BLOCK_M, "BLOCK_C": bc}
 
 
 def compile_all(arch: int = 90, verbose: bool = False) -> int:
@@ -65,18 +107,16 @@ def compile_all(arch: int = 90, verbose: bool = False) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparse_mae_kernels import triton_kernels
-
     target = GPUTarget("cuda", arch, 32)
     count = 0
-    for name, signature, constexprs in _variants():
-        kernel = getattr(triton_kernels, name)
+    for kernel, signature, constexprs in _variants():
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
         if "cubin" not in compiled.asm:
-            raise RuntimeError(f"{name} {constexprs}: no cubin produced")
+            raise RuntimeError(f"{kernel.__name__} {constexprs}: no cubin produced")
         count += 1
         if verbose:
-            print(f"sm_{arch} {name} {signature['x_ptr' if 'x_ptr' in signature else 'u_ptr']} {constexprs}")
+            first = next(iter(signature.values()))
+            print(f"sm_{arch} {kernel.__name__} {first} {constexprs}")
     return count
 
 

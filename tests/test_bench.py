@@ -150,3 +150,93 @@ def test_presets_compose(preset):
 def test_bad_settings_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", override]))
+
+
+def test_share_of_the_matmul_peak_measured_in_the_same_run(tmp_path):
+    """Each dtype's matmul peak is timed before and after the grid; every row's share of peak
+    is its executed GFLOP/s over the larger of the two, and MFU its useful GFLOP/s (no card
+    peak on a CPU)."""
+    rows, paths = bench(tmp_path, "backends=[dense_masked,native]", "mask_ratios=[0.5]")
+    saved = json.loads(paths["json"].read_text())
+    peaks = saved["environment"]["matmul_peaks"]
+    assert set(peaks["before"]) == set(peaks["after"]) == set(peaks["used"]) == {"float32"}
+    used = peaks["used"]["float32"]
+    assert used == max(peaks["before"]["float32"]["gflop_s"], peaks["after"]["float32"]["gflop_s"]) > 0
+    assert saved["environment"]["load_average"] is not None
+    for r in rows.values():
+        assert r["peak_gflop_s"] == used
+        assert r["peak_share"] == pytest.approx(r["step_gflop_s"] / used)
+        assert r["mfu"] == pytest.approx(3 * 2 * r["useful_gmacs"] * r["step_images_s"] / used)
+        assert r["mfu_peak"] == "measured matmul"
+    # dense_masked executes more than the useful FLOPs: a larger share of peak than its MFU
+    dense = rows[("dense_masked", 0.5)]
+    assert dense["peak_share"] > dense["mfu"]
+    md = paths["md"].read_text()
+    assert "share of peak" in md and "Matmul peak of this machine" in md
+    assert f"{100 * rows[('native', 0.5)]['peak_share']:.1f}%" in md
+
+
+def test_without_the_peak_shares_are_not_guessed(tmp_path):
+    rows, paths = bench(tmp_path, "backends=[dense_masked]", "mask_ratios=[0.5]", "measure_peak=false")
+    r = rows[("dense_masked", 0.5)]
+    assert r["peak_share"] is None and r["mfu"] is None
+    assert "not measured" in paths["md"].read_text()
+
+
+def test_a_cards_peak_sets_mfu_and_the_measured_peak_the_share():
+    row = {"status": "ok", "executed_gmacs": 2.0, "useful_gmacs": 1.0, "fwd_images_s": 10.0, "step_images_s": 4.0}
+    runner.add_derived(row, card_peak_tflops=0.5, measured_peak_gflop_s=100.0)
+    assert row["step_gflop_s"] == pytest.approx(48.0)  # 3 forwards x 2 FLOP/MAC x 2 GMAC x 4 img/s
+    assert row["peak_share"] == pytest.approx(0.48)
+    assert row["mfu"] == pytest.approx(24.0 / 500.0) and row["mfu_peak"] == "card"
+
+
+def test_matmul_peak_measures_the_requested_dtype():
+    from sparse_mae.bench.peak import matmul_peak
+
+    result = matmul_peak("float32", "cpu", size=128, warmup=1, repeats=3)
+    assert result["size"] == 128 and result["best_gflop_s"] >= result["gflop_s"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("peak_size=8", "peak_size must be >= 64"),
+    ("peak_tflops=-1", "peak_tflops must be > 0"),
+])
+def test_bad_peak_settings_are_clear_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", override]))
+
+
+def test_summary_sets_each_backend_beside_the_reference(tmp_path):
+    rows, paths = bench(tmp_path, "backends=[dense_masked,native]")
+    summary = paths["summary"].read_text()
+    for ratio in (0.5, 0.75):
+        dense, native = rows[("dense_masked", ratio)], rows[("native", ratio)]
+        line = next(l for l in summary.splitlines() if l.startswith(f"| native | debug | {ratio} |"))
+        assert f"{dense['step_ms'] / native['step_ms']:.2f}x" in line
+        assert f"{dense['dense_gmacs'] / native['useful_gmacs']:.2f}x" in line  # the FLOP bound
+    assert "Matmul peak of this machine" in summary
+
+
+@pytest.mark.parametrize("spincount, expected", [(2000, "2000"), (0, "0"), (None, None)])
+def test_isolated_workers_get_the_openmp_spin_count(monkeypatch, spincount, expected):
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, input, capture_output, text, timeout, env):
+        seen["env"] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"status": "ok"}\n', stderr="")
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert runner.run_isolated({}, 10, gomp_spincount=spincount) == {"status": "ok"}
+    assert seen["env"].get("GOMP_SPINCOUNT") == expected
+    # a wait policy would override the spin count: dropped when one is set, inherited otherwise
+    assert seen["env"].get("OMP_WAIT_POLICY") == (None if expected is not None else "ACTIVE")
+
+
+def test_bad_gomp_spincount_is_a_clear_error():
+    with pytest.raises(ValueError, match="gomp_spincount must be an integer >= 0 or null"):
+        BenchSettings.from_config(compose_config(["bench=micro", "output_dir=x", "gomp_spincount=-1"]))

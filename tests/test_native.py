@@ -15,7 +15,7 @@ def minkowski_available() -> tuple[bool, str]:
 
 
 @pytest.fixture(params=["c", "torch"])
-def cpu_ops_kind(request, monkeypatch):
+def kernel_path(request, monkeypatch):
     """Run a case with the C kernels (default) and with the engine's torch-op fallback."""
     if request.param == "torch":
         monkeypatch.setenv("SPARSE_MAE_CPU_KERNELS", "0")
@@ -23,12 +23,12 @@ def cpu_ops_kind(request, monkeypatch):
 
 
 @pytest.mark.parametrize("mask_ratio", [0.25, 0.6, 0.9])
-def test_debug_equals_reference(mask_ratio, cpu_ops_kind):
+def test_debug_equals_reference(mask_ratio, kernel_path):
     model, imgs, mask = make_case("debug", (96, 96), 3, mask_ratio)
     assert_same_as_reference(model, imgs, mask, "native")
 
 
-def test_non_square_input(cpu_ops_kind):
+def test_non_square_input(kernel_path):
     model, imgs, mask = make_case("debug", (160, 96), 3, 0.6, seed=1)
     assert_same_as_reference(model, imgs, mask, "native")
 
@@ -56,7 +56,7 @@ def test_different_visible_counts_per_sample():
     assert_same_as_reference(model, imgs, grid, "native")
 
 
-def test_batch_independence(cpu_ops_kind):
+def test_batch_independence(kernel_path):
     model, imgs, mask = make_case("debug", (96, 96), 3, 0.6, seed=4)
     assert_batch_independent(model, imgs, mask, "native")
 
@@ -72,7 +72,46 @@ def test_drop_path_in_train_mode():
     assert not torch.equal(loss_a, loss_b)
 
 
-def test_bf16_autocast_close_to_fp32(cpu_ops_kind):
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.5])
+def test_bf16_equals_reference_in_bf16(kernel_path, drop_path_rate):
+    """Under bf16 autocast the loss and every gradient equal dense_masked's in bf16 (the C
+    kernels keep activations in bf16 between the matmuls; the torch fallback casts)."""
+    model, imgs, mask = make_case("debug", (96, 96), 3, 0.6, seed=11, drop_path_rate=drop_path_rate)
+    model.train()
+    assert_same_as_reference(model, imgs, mask, "native", dtype=torch.bfloat16)
+
+
+def test_bf16_activations_stay_bf16_between_the_kernels():
+    """No casts around the kernels: the latent comes out of the encoder in bf16, and no op of the
+    encoder's forward converts a bf16 activation to fp32 (only fp32 weights go to bf16)."""
+    model, imgs, mask = make_case("debug", (96, 96), 2, 0.6, seed=12)
+    model.set_backend("native")
+    to_fp32 = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if (isinstance(out, torch.Tensor) and source is not None and source.dtype == torch.bfloat16
+                    and out.dtype == torch.float32 and out.numel() == source.numel()):
+                to_fp32.append(getattr(func, "__name__", str(func)))
+            return out
+
+    grid = mask.view(2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+        latent = model.backend.encode(model.encoder, imgs, grid)
+    assert latent.dtype == torch.bfloat16
+    assert not to_fp32, f"bf16 activations cast to fp32 by {to_fp32}"
+
+
+@pytest.mark.slow
+def test_atto_bf16_equals_reference_in_bf16():
+    model, imgs, mask = make_case("atto", (224, 224), 3, 0.6, seed=13)
+    assert_same_as_reference(model, imgs, mask, "native", dtype=torch.bfloat16)
+
+
+def test_bf16_autocast_close_to_fp32(kernel_path):
     assert "cpu" in get_backend("native").autocast_devices
     model, imgs, mask = make_case("debug", (96, 96), 2, 0.6, seed=6)
     model.set_backend("native")
@@ -123,7 +162,7 @@ def test_atto_224_equals_reference(mask_ratio):
 
 
 @pytest.mark.slow
-def test_atto_non_square_equals_reference(cpu_ops_kind):
+def test_atto_non_square_equals_reference(kernel_path):
     model, imgs, mask = make_case("atto", (160, 96), 3, 0.6, seed=10)
     assert_same_as_reference(model, imgs, mask, "native")
 
@@ -134,6 +173,27 @@ def test_atto_batch_independence_and_drop_path():
     model.train()
     assert_same_as_reference(model, imgs, mask, "native")
     assert_batch_independent(model, imgs, mask, "native")
+
+
+def test_downsample_window_order_and_stem_windows():
+    """The row layout's two reshapes: window_rows puts each 2x2 window's sites on 4 consecutive
+    rows in the conv weight's (ky, kx) order; stem_windows gives each stage-0 site's 4x4 pixels
+    in the stem weight's (c, ky, kx) order."""
+    from sparse_mae.backends.native.layout import SparseLayout
+
+    layout = SparseLayout(torch.tensor([[[0.0, 1.0], [1.0, 0.0]], [[1.0, 1.0], [0.0, 1.0]]]))
+    st = layout.stage(1)  # 4 x 4 sites per patch
+    p, s, c = layout.num_patches, st.side, 3
+    tiles = torch.randn(p, s, s, c)
+    windows = torch.empty(p * s * s, c).index_copy_(0, st.window_rows(), tiles.reshape(-1, c))
+    expected = tiles.reshape(p, s // 2, 2, s // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4 * c)
+    assert torch.equal(windows.view(-1, 4 * c), expected)
+    imgs = torch.randn(2, 3, 64, 64)
+    conv = torch.nn.Conv2d(3, 5, 4, 4)
+    rows = torch.nn.functional.linear(layout.stem_windows(imgs), conv.weight.reshape(5, -1), conv.bias)
+    dense = conv(imgs).permute(0, 2, 3, 1).reshape(2, 2, 8, 2, 8, 5).permute(0, 1, 3, 2, 4, 5)
+    expected = dense[layout.patch_sample, layout.patch_y, layout.patch_x].reshape(-1, 5)
+    torch.testing.assert_close(rows, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_uncounted_macs_are_the_depthwise_convs_run_in_c_or_triton(monkeypatch):

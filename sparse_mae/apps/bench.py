@@ -29,8 +29,9 @@ def run(cfg: DictConfig, out_dir: str | Path, log=print) -> tuple[list[dict], di
     log(f"benchmark: {len(settings.backends)} backends x {len(settings.variants)} variants x "
         f"{len(settings.mask_ratios)} mask ratios x {len(settings.batch_sizes)} batch sizes x "
         f"{len(settings.dtypes)} dtypes at {settings.image_size}px on {settings.resolved_device}; output {out_dir}")
-    rows = run_bench(settings, log=log)
-    paths = write_results(rows, settings, Path(out_dir), plots=bool(cfg.get("plots", True)))
+    peaks: dict = {}
+    rows = run_bench(settings, log=log, peaks=peaks)
+    paths = write_results(rows, settings, Path(out_dir), plots=bool(cfg.get("plots", True)), peaks=peaks)
     log(Path(paths["md"]).read_text())
     log("wrote " + ", ".join(str(p) for p in paths.values()))
     return rows, paths

@@ -2,12 +2,15 @@
 
 A row's status is `ok`, `skipped` (backend not registered / not installed, dtype not
 supported by the backend), `oom` (out of memory, or over the memory guard) or `error`.
-One configuration failing never stops the others.
+One configuration failing never stops the others. The machine's matmul peak per dtype
+is measured before and after the grid (peak.py); each row's share of peak is against the
+larger of the two, so a load that comes and goes during the run cannot flatter a share.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -36,7 +39,16 @@ class BenchSettings:
     threads: int | None = None
     isolate: bool = True  # a fresh process per configuration (clean memory numbers, crash-proof)
     memory_guard_gib: float | None = None
-    peak_tflops: float | None = None  # the device's peak for MFU; null: a table for known GPUs
+    peak_tflops: float | None = None  # the card's peak for MFU; null: known GPUs' table, else the measured peak
+    measure_peak: bool = True  # time this machine's matmul peak per dtype in the same run
+    peak_size: int = 2048  # of that square matmul
+    fused_adamw: bool = True  # the step's AdamW as torch's fused kernel (CPU and CUDA)
+    # GOMP_SPINCOUNT of the isolated workers: how long torch's (GNU) OpenMP threads spin between
+    # parallel regions before they sleep. libgomp's default (300000) on a shared CPU makes spinning
+    # threads fight the other processes and the C kernels' threads (a 4x slower step under load);
+    # 0 (passive) pays a wake-up per region (~10% slower steps when the machine is quiet); 2000
+    # measured best here. null: inherit the environment.
+    gomp_spincount: int | None = 2000
     seed: int = 0
     timeout_s: float = 1800
 
@@ -59,6 +71,10 @@ class BenchSettings:
             isolate=bool(get("isolate", True)),
             memory_guard_gib=get("memory_guard_gib"),
             peak_tflops=get("peak_tflops"),
+            measure_peak=bool(get("measure_peak", True)),
+            peak_size=int(get("peak_size", 2048)),
+            fused_adamw=bool(get("fused_adamw", True)),
+            gomp_spincount=get("gomp_spincount", 2000),
             seed=int(get("seed", 0)),
             timeout_s=float(get("timeout_s", 1800)),
         )
@@ -92,6 +108,11 @@ class BenchSettings:
         need(self.device != "cuda" or torch.cuda.is_available(), "device=cuda but no CUDA GPU is visible; use device=auto")
         need(self.memory_guard_gib is None or float(self.memory_guard_gib) > 0,
              f"memory_guard_gib must be > 0 or null, got {self.memory_guard_gib}")
+        need(self.peak_size >= 64, f"peak_size must be >= 64 (the matmul of the peak), got {self.peak_size}")
+        need(self.gomp_spincount is None or (isinstance(self.gomp_spincount, int) and self.gomp_spincount >= 0),
+             f"gomp_spincount must be an integer >= 0 or null (inherit), got {self.gomp_spincount!r}")
+        need(self.peak_tflops is None or float(self.peak_tflops) > 0,
+             f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
 
     @property
     def resolved_device(self) -> str:
@@ -134,17 +155,23 @@ def plan(settings: BenchSettings) -> list[dict]:
             "backend": backend, "variant": variant, "image_size": settings.image_size, "mask_ratio": ratio,
             "batch_size": batch, "dtype": dtype, "device": device, "warmup": settings.warmup,
             "repeats": settings.repeats, "threads": settings.threads, "seed": settings.seed,
-            "memory_guard_gib": settings.memory_guard_gib,
+            "memory_guard_gib": settings.memory_guard_gib, "fused_adamw": settings.fused_adamw,
         })
     return specs
 
 
-def run_isolated(spec: dict, timeout_s: float) -> dict:
+def run_isolated(spec: dict, timeout_s: float, module: str = "sparse_mae.bench.measure",
+                 gomp_spincount: int | None = None) -> dict:
     """Measure in a fresh interpreter; a crash or timeout becomes an `error` row."""
+    env = dict(os.environ)
+    if gomp_spincount is not None:
+        # read when the worker loads OpenMP; a wait policy would override the spin count
+        env["GOMP_SPINCOUNT"] = str(gomp_spincount)
+        env.pop("OMP_WAIT_POLICY", None)
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sparse_mae.bench.measure"], input=json.dumps(spec),
-            capture_output=True, text=True, timeout=timeout_s,
+            [sys.executable, "-m", module], input=json.dumps(spec),
+            capture_output=True, text=True, timeout=timeout_s, env=env,
         )
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s (raise timeout_s)"}
@@ -167,17 +194,25 @@ def run_in_process(spec: dict) -> dict:
         return {"status": status, "reason": f"{type(error).__name__}: {str(error).strip()[:300]}"}
 
 
-def add_derived(row: dict, peak_tflops: float | None) -> dict:
-    """Achieved GFLOP/s (executed FLOPs; a training step counted as 3 forwards: the usual
-    convention, since FlopCounterMode's conv backward formula ignores groups) and MFU
-    (useful model FLOPs over the device peak)."""
+def add_derived(row: dict, card_peak_tflops: float | None, measured_peak_gflop_s: float | None) -> dict:
+    """Achieved GFLOP/s (a training step counted as 3 forwards: the usual convention, since
+    FlopCounterMode's conv backward formula ignores groups) and the shares of peak:
+
+    - peak_share: executed FLOP/s over this machine's measured matmul peak in the row's
+      dtype (how busy the engine keeps the hardware; the goals of the native engine);
+    - mfu: useful FLOP/s (the visible patches' work only) over the card's peak where one is
+      known (GPU table or peak_tflops), else over the measured matmul peak (a CPU "MFU")."""
     if row.get("status") != "ok":
         return row
     flop_per_mac = 2
     row["fwd_gflop_s"] = flop_per_mac * row["executed_gmacs"] * row["fwd_images_s"]
     row["step_gflop_s"] = 3 * flop_per_mac * row["executed_gmacs"] * row["step_images_s"]
     useful_step_gflop_s = 3 * flop_per_mac * row["useful_gmacs"] * row["step_images_s"]
-    row["mfu"] = useful_step_gflop_s / (peak_tflops * 1e3) if peak_tflops else None
+    row["peak_gflop_s"] = measured_peak_gflop_s
+    row["peak_share"] = row["step_gflop_s"] / measured_peak_gflop_s if measured_peak_gflop_s else None
+    mfu_peak = card_peak_tflops * 1e3 if card_peak_tflops else measured_peak_gflop_s
+    row["mfu"] = useful_step_gflop_s / mfu_peak if mfu_peak else None
+    row["mfu_peak"] = "card" if card_peak_tflops else ("measured matmul" if measured_peak_gflop_s else None)
     return row
 
 
@@ -195,7 +230,34 @@ def known_peak_tflops(device: str, dtype: str) -> float | None:
     return None
 
 
-def run_bench(settings: BenchSettings, log=print) -> list[dict]:
+def measure_peaks(settings: BenchSettings, log=print) -> dict[str, dict]:
+    """{dtype: matmul_peak result} for the dtypes of the grid, on its device and threads."""
+    from sparse_mae.bench.peak import matmul_peak
+
+    device = settings.resolved_device
+    peaks = {}
+    for dtype in settings.dtypes:
+        spec = {"dtype": dtype, "device": device, "size": settings.peak_size, "threads": settings.threads}
+        if settings.isolate:
+            result = run_isolated(spec, settings.timeout_s, module="sparse_mae.bench.peak",
+                                  gomp_spincount=settings.gomp_spincount)
+            if "gflop_s" not in result:
+                log(f"matmul peak {dtype}: {result.get('reason', result)}")
+                continue
+        else:
+            result = matmul_peak(**spec)
+        peaks[dtype] = result
+        log(f"matmul peak {dtype} ({settings.peak_size}^3 on {device}): {result['gflop_s']:.1f} GFLOP/s "
+            f"(best {result['best_gflop_s']:.1f})")
+    return peaks
+
+
+def run_bench(settings: BenchSettings, log=print, peaks: dict | None = None) -> list[dict]:
+    """Run the grid. peaks (optional, filled in): {"before": {dtype: ...}, "after": {...},
+    "used": {dtype: GFLOP/s}}, the matmul peaks the shares are computed against."""
+    peaks = {} if peaks is None else peaks
+    if settings.measure_peak:
+        peaks["before"] = measure_peaks(settings, log)
     rows = []
     specs = plan(settings)
     for i, spec in enumerate(specs, 1):
@@ -205,10 +267,9 @@ def run_bench(settings: BenchSettings, log=print) -> list[dict]:
         if reason is not None:
             row.update(status="skipped", reason=reason)
         else:
-            measured = run_isolated(spec, settings.timeout_s) if settings.isolate else run_in_process(spec)
+            measured = (run_isolated(spec, settings.timeout_s, gomp_spincount=settings.gomp_spincount)
+                        if settings.isolate else run_in_process(spec))
             row.update(measured)
-            peak = settings.peak_tflops or known_peak_tflops(spec["device"], spec["dtype"])
-            add_derived(row, peak)
         row["wall_s"] = time.perf_counter() - started  # the whole configuration, set-up included
         rows.append(row)
         label = " ".join(f"{k}={row[k]}" for k in GRID_KEYS)
@@ -217,6 +278,14 @@ def run_bench(settings: BenchSettings, log=print) -> list[dict]:
                 f"fwd {row['fwd_ms']:.1f} ms, step peak {_fmt(row.get('step_peak_mib'))} MiB")
         else:
             log(f"[{i}/{len(specs)}] {label}: {row['status']}: {row.get('reason', '')}")
+    if settings.measure_peak:
+        peaks["after"] = measure_peaks(settings, log)
+    # the larger of the two: a share never looks better because the peak was measured under load
+    peaks["used"] = {d: max(p[d]["gflop_s"] for p in (peaks.get("before", {}), peaks.get("after", {})) if d in p)
+                     for d in settings.dtypes if any(d in peaks.get(k, {}) for k in ("before", "after"))}
+    for row in rows:
+        card = settings.peak_tflops or known_peak_tflops(row["device"], row["dtype"])
+        add_derived(row, card, peaks["used"].get(row["dtype"]))
     return rows
 
 

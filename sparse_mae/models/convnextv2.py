@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LN_EPS = 1e-6
-GRN_EPS = 1e-6
+from sparse_mae_kernels.constants import GRN_EPS, KERNEL_SIZE, LN_EPS  # noqa: F401 (re-exported; defined once there)
 
 
 @dataclass(frozen=True)
@@ -106,7 +105,7 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, drop_path: float = 0.0):
         super().__init__()
-        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=7, padding=3, groups=dim)
+        self.conv_dw = nn.Conv2d(dim, dim, kernel_size=KERNEL_SIZE, padding=KERNEL_SIZE // 2, groups=dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = drop_path

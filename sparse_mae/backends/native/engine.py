@@ -1,23 +1,25 @@
 """Native sparse encoder: every op runs on the visible patches only (see layout.py).
 
-Per op: stem = 4x4/4 conv on the visible image patches; downsample = LayerNorm, then the
-2x2/2 conv as one matmul (its windows never cross a patch border, so it is a reshape,
-no gather); block = submanifold depthwise 7x7, LayerNorm / Linear / GELU on packed rows,
-GRN per sample over its visible sites, drop path per sample.
+Two paths, one result (equal to the dense_masked reference):
 
-The depthwise conv runs as a gather kernel over the stage's neighbour map: C on the CPU
-(`sparse_mae_kernels.cpu_ops`), Triton on CUDA (`triton_ops`, which also runs the GRN).
-Each is switched off by SPARSE_MAE_CPU_KERNELS=0 / SPARSE_MAE_TRITON=0, and where neither
-runs the torch ops of `sparse_ops` take over (halo tiles for the conv). The result
-equals the dense_masked reference in every case.
+- Packed rows (C kernels on CPU, Triton on CUDA; `sparse_mae_kernels.ops.rows_*`). The
+  features of a stage are rows (M, C), one per visible site. Stem = the 4x4/4 conv as
+  one matmul over the visible windows, then LayerNorm; downsample = LayerNorm writing
+  its rows in 2x2-window order, then the 2x2/2 conv as one matmul (a reshape, no copy);
+  block = depthwise 7x7 with its LayerNorm as the epilogue (one kernel), Linear as a bare
+  matmul, its bias + GELU + GRN (per sample) in one kernel, Linear as a bare matmul, its
+  bias + drop path + residual in one kernel. Under autocast every activation stays in
+  the autocast dtype between the ops (no casts around the kernels); parameters are read
+  in float32 by the kernels, cast by autocast for the matmuls.
+- Patch tiles (torch ops, `sparse_mae_kernels.ops.tiles_*`): the fallback where no kernel
+  runs (SPARSE_MAE_CPU_KERNELS=0 / SPARSE_MAE_TRITON=0, no compiler, no Triton): tiles
+  (P, s, s, C), halo-tile depthwise conv, LayerNorm / Linear / GELU as torch ops, GRN
+  over each sample's tiles.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-from typing import Callable
-
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import sparse_mae_kernels
@@ -25,7 +27,13 @@ from sparse_mae.backends.base import EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
 from sparse_mae.flops import STAGE_SITES_PER_PATCH
 from sparse_mae.models.convnextv2 import PATCH, Block, ConvNeXtV2, drop_path_scale
-from sparse_mae_kernels.sparse_ops import segment_grn, tile_dwconv
+from sparse_mae_kernels.constants import TAPS
+from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm
+from sparse_mae_kernels.ops.rows_grn import rows_grn
+from sparse_mae_kernels.ops.rows_layernorm import rows_layernorm
+from sparse_mae_kernels.ops.rows_residual import rows_residual
+from sparse_mae_kernels.ops.tiles_dwconv import tiles_dwconv
+from sparse_mae_kernels.ops.tiles_grn import tiles_grn
 
 
 class NativeBackend(EncoderBackend):
@@ -37,35 +45,113 @@ class NativeBackend(EncoderBackend):
         if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
             raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
         layout = SparseLayout(mask.to(imgs.device))
-        kernels = _row_kernels(imgs.device)
-        x = self._stem(encoder, imgs, layout)
-        for i, stage in enumerate(encoder.stages):
-            if i > 0:
-                x = self._downsample(stage.downsample, x)
-            stage_layout = layout.stage(i)
-            for block in stage.blocks:
-                x = self._block(block, x, layout, stage_layout, kernels)
-        return layout.densify(x)
+        impl = row_impl(imgs.device)
+        if impl is not None:
+            return RowEncoder(encoder, layout, impl).run(imgs)
+        return TileEncoder(encoder, layout).run(imgs)
 
     def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
         """The depthwise convs in C or Triton are invisible to FlopCounterMode; torch ops are not."""
-        if _row_kernels(imgs.device).dwconv is None:
+        if row_impl(imgs.device) is None:
             return 0
         visible = int((mask == 0).sum())
         return sum(
-            depth * visible * STAGE_SITES_PER_PATCH[i] * 49 * dim
+            depth * visible * STAGE_SITES_PER_PATCH[i] * TAPS * dim
             for i, (depth, dim) in enumerate(zip(encoder.depths, encoder.dims))
         )
 
-    @staticmethod
-    def _stem(encoder: ConvNeXtV2, imgs: torch.Tensor, layout: SparseLayout) -> torch.Tensor:
+
+def row_impl(device: torch.device) -> str | None:
+    """The row kernels for `device`: 'triton' on CUDA, 'c' on the CPU, each when switched on
+    and usable (sparse_mae_kernels); None: the tile path's torch ops."""
+    if sparse_mae_kernels.use_triton(device):
+        return "triton"
+    if sparse_mae_kernels.use_cpu_kernels(device):
+        return "c"
+    return None
+
+
+def _check_gelu(act: nn.Module) -> None:
+    # the GRN kernel's prologue is the exact (erf) GELU of nn.GELU()
+    if not isinstance(act, nn.GELU) or act.approximate != "none":
+        raise ValueError(f"the native engine's fused MLP needs nn.GELU() (exact), got {act}")
+
+
+class RowEncoder:
+    """The packed-row path: features (M, C) per stage, the kernels of sparse_mae_kernels.ops."""
+
+    def __init__(self, encoder: ConvNeXtV2, layout: SparseLayout, impl: str):
+        self.encoder, self.layout, self.impl = encoder, layout, impl
+
+    def run(self, imgs: torch.Tensor) -> torch.Tensor:
+        enc, layout = self.encoder, self.layout
+        x = self.stem(imgs)
+        for i, stage in enumerate(enc.stages):
+            if i > 0:
+                x = self.downsample(stage.downsample, x, layout.stage(i - 1))
+            st = layout.stage(i)
+            for block in stage.blocks:
+                x = self.block(block, x, st)
+        return layout.densify(x.view(layout.num_patches, 1, 1, -1))
+
+    def stem(self, imgs: torch.Tensor) -> torch.Tensor:
+        """4x4/4 conv as one matmul over the visible windows, then LayerNorm -> (P*64, C0)."""
+        conv, norm = self.encoder.stem
+        windows = self.layout.stem_windows(imgs)
+        x = F.linear(windows, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+        return rows_layernorm(x, norm.weight, norm.bias, norm.eps, impl=self.impl, check_values=False)
+
+    def downsample(self, downsample, x: torch.Tensor, prev: StageLayout) -> torch.Tensor:
+        """LayerNorm written in 2x2-window order, then the 2x2/2 conv as a matmul -> (M/4, C')."""
+        norm, conv = downsample
+        c = x.shape[1]
+        x = rows_layernorm(x, norm.weight, norm.bias, norm.eps, out_rows=prev.window_rows(), impl=self.impl,
+                           check_values=False)
+        # each output site's window is one row (ky, kx, c), matching the conv weight's order
+        weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * c)
+        return F.linear(x.view(-1, 4 * c), weight, conv.bias)
+
+    def block(self, block: Block, x: torch.Tensor, st: StageLayout) -> torch.Tensor:
+        conv, norm, mlp = block.conv_dw, block.norm, block.mlp
+        _check_gelu(mlp.act)
+        c = x.shape[1]
+        z = rows_dwconv_layernorm(x, st.neighbour_map(), conv.weight.view(c, TAPS), conv.bias, norm.weight, norm.bias,
+                                  norm.eps, impl=self.impl, check_values=False)
+        # the Linears run as bare matmuls: fc1's bias is the GRN kernel's prologue, fc2's the residual's
+        h = F.linear(z, mlp.fc1.weight)
+        u = rows_grn(h, st.row_offsets, mlp.grn.weight, mlp.grn.bias, mlp.fc1.bias, gelu=True, impl=self.impl,
+                     check_values=False)
+        y = F.linear(u, mlp.fc2.weight)
+        scale = drop_path_scale(self.layout.batch, block.drop_path, block.training, x.device, x.dtype)
+        return rows_residual(x, y, mlp.fc2.bias, scale, st.row_offsets if scale is not None else None,
+                             impl=self.impl, check_values=False)
+
+
+class TileEncoder:
+    """The torch fallback: features as patch tiles (P, s, s, C)."""
+
+    def __init__(self, encoder: ConvNeXtV2, layout: SparseLayout):
+        self.encoder, self.layout = encoder, layout
+
+    def run(self, imgs: torch.Tensor) -> torch.Tensor:
+        layout = self.layout
+        x = self.stem(imgs)
+        for i, stage in enumerate(self.encoder.stages):
+            if i > 0:
+                x = self.downsample(stage.downsample, x)
+            st = layout.stage(i)
+            for block in stage.blocks:
+                x = self.block(block, x, st)
+        return layout.densify(x)
+
+    def stem(self, imgs: torch.Tensor) -> torch.Tensor:
         """-> (P, 8, 8, C0) tiles."""
-        conv, norm = encoder.stem
-        x = conv(layout.visible_patches(imgs)).permute(0, 2, 3, 1)
+        conv, norm = self.encoder.stem
+        x = conv(self.layout.visible_patches(imgs)).permute(0, 2, 3, 1)
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
     @staticmethod
-    def _downsample(downsample, x: torch.Tensor) -> torch.Tensor:
+    def downsample(downsample, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm then 2x2/2 conv: (P, s, s, C) -> (P, s/2, s/2, C')."""
         norm, conv = downsample
         p, s, _, c = x.shape
@@ -75,46 +161,16 @@ class NativeBackend(EncoderBackend):
         weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, 4 * c)
         return F.linear(windows, weight, conv.bias).view(p, s // 2, s // 2, conv.out_channels)
 
-    @staticmethod
-    def _block(block: Block, x: torch.Tensor, layout: SparseLayout, st: StageLayout, kernels: RowKernels) -> torch.Tensor:
+    def block(self, block: Block, x: torch.Tensor, st: StageLayout) -> torch.Tensor:
+        layout = self.layout
         p, s, _, c = x.shape
         conv = block.conv_dw
-        if kernels.dwconv is not None:
-            y = kernels.dwconv(x.reshape(-1, c), st.neighbour_map(), conv.weight.view(c, -1), conv.bias)
-            y = y.view(p, s, s, c)
-        else:
-            y = tile_dwconv(x, st.halo_index, conv.weight, conv.bias)
+        y = tiles_dwconv(x, st.halo_index, conv.weight, conv.bias)
         mlp = block.mlp
         y = mlp.act(mlp.fc1(block.norm(y)))
-        hidden = y.shape[-1]
-        if kernels.grn is not None:
-            y = kernels.grn(y.reshape(-1, hidden), st.row_offsets, mlp.grn.weight, mlp.grn.bias)
-        else:
-            y = segment_grn(y.reshape(p, s * s, hidden), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
+        y = tiles_grn(y.reshape(p, s * s, -1), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
         y = mlp.fc2(y).view(p, s, s, c)
         scale = drop_path_scale(layout.batch, block.drop_path, block.training, x.device, x.dtype)
         if scale is not None:
             y = y * scale[layout.patch_sample].view(p, 1, 1, 1)
         return x + y
-
-
-@dataclass(frozen=True)
-class RowKernels:
-    """Kernels on packed rows for one device; None where the engine's torch op runs instead."""
-
-    dwconv: Callable | None = None  # (x (M, C), nbr (M, 49), weight (C, 49), bias) -> (M, C)
-    grn: Callable | None = None  # (x (M, C), row_offsets (N+1,), gamma, beta) -> (M, C)
-
-
-def _row_kernels(device: torch.device) -> RowKernels:
-    """Triton on CUDA, C on the CPU, each when switched on and usable (sparse_mae_kernels)."""
-    if sparse_mae_kernels.use_triton(device):
-        from sparse_mae_kernels import triton_ops
-
-        return RowKernels(dwconv=triton_ops.sparse_dwconv, grn=triton_ops.segment_grn)
-    if sparse_mae_kernels.use_cpu_kernels(device):
-        from sparse_mae_kernels import cpu_ops
-
-        # the layout built the map from one set of sites: skip the symmetry check per call
-        return RowKernels(dwconv=partial(cpu_ops.sparse_dwconv, check_values=False))
-    return RowKernels()

@@ -1,7 +1,6 @@
-"""The native engine's CPU ops (sparse_mae_kernels.sparse_ops) against plain-torch references.
-
-Output and every gradient, fp32 and bf16 with dtype-paired tolerances, odd sizes.
-"""
+"""The tile ops (sparse_mae_kernels.ops.tiles_*: the native engine's torch fallback)
+against their plain-torch references and dense torch: output and every gradient, fp32 and
+bf16 at paired tolerances, odd sizes."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,26 +8,12 @@ import torch.nn.functional as F
 from sparse_mae.backends.native.layout import SparseLayout
 from sparse_mae.models.convnextv2 import GRN
 from sparse_mae_kernels import use_triton
-from sparse_mae_kernels.sparse_ops import segment_grn, segment_grn_reference, tile_dwconv, tile_dwconv_reference
+from sparse_mae_kernels.ops.tiles_dwconv import tiles_dwconv, tiles_dwconv_reference
+from sparse_mae_kernels.ops.tiles_grn import tiles_grn, tiles_grn_reference
+from tests.kernel_helpers import assert_close
+from tests.kernel_helpers import odd_patch_mask as odd_mask
 
-TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
-
-
-def assert_close_scaled(got, ref, dtype, name):
-    """assert_close with atol relative to the reference's scale: gradients are long sums whose
-    low-precision error grows with their magnitude, not with each entry."""
-    tol = TOL[dtype]
-    atol = tol["atol"] * max(1.0, float(ref.abs().max()))
-    torch.testing.assert_close(got, ref, atol=atol, rtol=tol["rtol"], msg=lambda m: f"{name}: {m}")
 SIDES = {0: 8, 1: 4, 2: 2, 3: 1}
-
-
-def odd_mask() -> torch.Tensor:
-    """2 samples on a 3x4 grid, 5 visible patches, neighbours across and along rows."""
-    mask = torch.ones(2, 3, 4)
-    for n, y, x in [(0, 0, 0), (0, 0, 1), (0, 2, 3), (1, 1, 1), (1, 2, 1)]:
-        mask[n, y, x] = 0
-    return mask
 
 
 def dense_canvas_dwconv(x, layout: SparseLayout, s: int, weight, bias):
@@ -45,7 +30,7 @@ def dense_canvas_dwconv(x, layout: SparseLayout, s: int, weight, bias):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_tile_dwconv_matches_reference(stage, dtype):
+def test_tiles_dwconv_matches_reference(stage, dtype):
     torch.manual_seed(stage)
     layout = SparseLayout(odd_mask())
     st, s, c = layout.stage(stage), SIDES[stage], 13
@@ -59,35 +44,35 @@ def test_tile_dwconv_matches_reference(stage, dtype):
         y.backward(dy.to(cast))
         return [t.detach().float() for t in (y, xs.grad, ws.grad, bs.grad)]
 
-    got = run(tile_dwconv, dtype)
-    ref = run(tile_dwconv_reference, torch.float32)  # fp32 reference for both dtypes
+    got = run(tiles_dwconv, dtype)
+    ref = run(tiles_dwconv_reference, torch.float32)  # fp32 reference for both dtypes
     for name, g, r in zip(("out", "grad x", "grad weight", "grad bias"), got, ref):
-        assert_close_scaled(g, r, dtype, name)
+        assert_close(g, r, dtype, name)
 
 
 @pytest.mark.parametrize("stage", [0, 3])
-def test_tile_dwconv_reference_equals_masked_dense_conv(stage):
+def test_tiles_dwconv_reference_equals_masked_dense_conv(stage):
     layout = SparseLayout(odd_mask())
     s, c = SIDES[stage], 5
     x = torch.randn(layout.num_patches, s, s, c)
     weight, bias = torch.randn(c, 1, 7, 7), torch.randn(c)
-    ref = tile_dwconv_reference(x, layout.stage(stage).halo_index, weight, bias)
+    ref = tiles_dwconv_reference(x, layout.stage(stage).halo_index, weight, bias)
     torch.testing.assert_close(ref, dense_canvas_dwconv(x, layout, s, weight, bias), atol=1e-5, rtol=1e-5)
 
 
-def test_tile_dwconv_input_grad_only():
+def test_tiles_dwconv_input_grad_only():
     layout = SparseLayout(odd_mask())
     x = torch.randn(layout.num_patches, 2, 2, 3, requires_grad=True)
     weight = torch.randn(3, 1, 7, 7)  # frozen: its gradient must not be asked for
-    tile_dwconv(x, layout.stage(2).halo_index, weight, None).sum().backward()
+    tiles_dwconv(x, layout.stage(2).halo_index, weight, None).sum().backward()
     x2 = x.detach().clone().requires_grad_()
-    tile_dwconv_reference(x2, layout.stage(2).halo_index, weight, None).sum().backward()
+    tiles_dwconv_reference(x2, layout.stage(2).halo_index, weight, None).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sites", [1, 4, 64])
-def test_segment_grn_matches_reference(dtype, sites):
+def test_tiles_grn_matches_reference(dtype, sites):
     torch.manual_seed(sites)
     layout = SparseLayout(odd_mask())
     p, c = layout.num_patches, 13
@@ -100,13 +85,13 @@ def test_segment_grn_matches_reference(dtype, sites):
         y.backward(dy.to(cast))
         return [t.detach().float() for t in (y, xs.grad, gs.grad, bs.grad)]
 
-    got = run(segment_grn, dtype)
-    ref = run(segment_grn_reference, torch.float32)
+    got = run(tiles_grn, dtype)
+    ref = run(tiles_grn_reference, torch.float32)
     for name, g, r in zip(("out", "grad x", "grad gamma", "grad beta"), got, ref):
-        assert_close_scaled(g, r, dtype, name)
+        assert_close(g, r, dtype, name)
 
 
-def test_segment_grn_equals_dense_grn_including_zero_channels():
+def test_tiles_grn_equals_dense_grn_including_zero_channels():
     """All patches visible -> the model's dense GRN; an all-zero channel has gradient 0 (not NaN)."""
     torch.manual_seed(0)
     n, h, w, c = 2, 3, 5, 7
@@ -121,7 +106,7 @@ def test_segment_grn_equals_dense_grn_including_zero_channels():
     layout = SparseLayout(torch.zeros(n, h, w))
     xs = x.reshape(n * h * w, 1, c).clone().requires_grad_()  # one site per patch, sample-major
     gamma, beta = grn.weight.detach().clone().requires_grad_(), grn.bias.detach().clone().requires_grad_()
-    segment_grn(xs, layout.patch_sample, n, gamma, beta).square().sum().backward()
+    tiles_grn(xs, layout.patch_sample, n, gamma, beta).square().sum().backward()
     assert torch.isfinite(xs.grad).all()
     torch.testing.assert_close(xs.grad.view(n, h, w, c), xd.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gamma.grad, grn.weight.grad, atol=1e-5, rtol=1e-4)
@@ -149,13 +134,13 @@ def test_bad_shapes_raise():
     layout = SparseLayout(odd_mask())
     x = torch.randn(layout.num_patches, 2, 2, 3)
     with pytest.raises(ValueError, match="halo_index"):
-        tile_dwconv(x, layout.stage(1).halo_index, torch.randn(3, 1, 7, 7))
+        tiles_dwconv(x, layout.stage(1).halo_index, torch.randn(3, 1, 7, 7))
     with pytest.raises(ValueError, match="depthwise weight"):
-        tile_dwconv(x, layout.stage(2).halo_index, torch.randn(4, 1, 7, 7))
+        tiles_dwconv(x, layout.stage(2).halo_index, torch.randn(4, 1, 7, 7))
     with pytest.raises(ValueError, match="gamma"):
-        segment_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample, 2, torch.zeros(4), torch.zeros(3))
+        tiles_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample, 2, torch.zeros(4), torch.zeros(3))
     with pytest.raises(ValueError, match="sample-major"):
-        segment_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample.flip(0), 2, torch.zeros(3), torch.zeros(3))
+        tiles_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample.flip(0), 2, torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="keeps 0 patches"):
         SparseLayout(torch.ones(1, 2, 2))
 
