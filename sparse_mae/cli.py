@@ -6,6 +6,7 @@ of the command line as its own argv.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> ("module:function", one-line help). The function takes no arguments.
@@ -38,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"sparse-mae: unknown command {command!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    # torch's OpenMP threads spin 300000 times between parallel regions before they sleep;
+    # on a CPU shared with other processes (or the C kernels' own threads) that made steps up
+    # to 4x slower. 2000 measured best on this project's 2-core machine, and it is what
+    # `sparse-mae bench` runs with. libgomp reads it once, so it is set before torch is
+    # imported; a value in the environment wins.
+    os.environ.setdefault("GOMP_SPINCOUNT", "2000")
     target, _ = COMMANDS[command]
     module, func = target.split(":")
     sys.argv = [f"sparse-mae {command}", *rest]

@@ -55,6 +55,7 @@ WandbMode = Choice("WandbMode", [(m, m) for m in ("offline", "online", "disabled
 LayoutFormat = Choice("LayoutFormat", [(f, f) for f in ("sparse_mae", "timm", "official_dense", "official_fcmae")])
 ExportFormat = Choice("ExportFormat", [(f, f) for f in (*LayoutFormat.__members__, "onnx")])
 InitFormat = Choice("InitFormat", [(f, f) for f in ("auto", *LayoutFormat.__members__)])
+DType = Choice("DType", [(d, d) for d in ("float32", "bfloat16", "float16")])
 
 
 # -- groups ------------------------------------------------------------------------------
@@ -298,9 +299,38 @@ class ImportConfig:
     strict: bool = opt(True, "false: ignore unexpected keys")
 
 
+@dataclass
+class BenchConfig:
+    """Every backend x variant x mask ratio x batch size x dtype is one configuration (one row)."""
+
+    backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped")
+    variants: list[Variant] = opt(["atto"], "encoder variants")
+    mask_ratios: list[float] = opt([0.6], "fractions of patches removed")
+    batch_sizes: list[int] = opt([8], "images per step")
+    dtypes: list[DType] = opt(["float32"], "bfloat16 / float16 run under autocast, where the backend supports it")
+    image_size: int = opt(224, "square images of this side, a multiple of 32")
+    warmup: int = opt(2, "untimed calls before the timed ones")
+    repeats: int = opt(5, "timed calls; median and IQR are reported")
+    device: Device = opt("auto", "auto: CUDA if visible, else CPU")
+    threads: Optional[int] = opt(None, "torch intra-op threads; null: torch's default (all cores)")
+    isolate: bool = opt(True, "a fresh process per configuration: clean memory numbers, a crash stays local")
+    memory_guard_gib: Optional[float] = opt(None, "most memory one configuration may add; over it: recorded as oom")
+    peak_tflops: Optional[float] = opt(None, "the card's peak for MFU; null: known GPUs, else the measured matmul peak")
+    measure_peak: bool = opt(True, "time this machine's matmul peak per dtype before and after the grid")
+    peak_size: int = opt(2048, "that matmul is peak_size^3")
+    fused_adamw: bool = opt(True, "the step's AdamW as torch's fused kernel (CPU and CUDA), for every backend")
+    gomp_spincount: Optional[int] = opt(2000, "isolated workers' GOMP_SPINCOUNT: spins of torch's OpenMP threads "
+                                              "before they sleep (libgomp's 300000 fights other processes on a "
+                                              "shared CPU; 0 = passive); null: inherit")
+    timeout_s: float = opt(1800.0, "per configuration (isolated runs)")
+    plots: bool = opt(True, "PNG plots beside the tables")
+    seed: int = opt(0, "weights, images and masks")
+    output_dir: str = opt("outputs/bench/${now:%Y-%m-%d_%H-%M-%S}", "results.csv / .json / .md and plots")
+
+
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
-    "export": ExportConfig, "import": ImportConfig,
+    "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig,
 }
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
+from sparse_mae_kernels.constants import TAPS
 
 STAGE_SITES_PER_PATCH = (64, 16, 4, 1)  # sites of one 32x32 patch at strides 4, 8, 16, 32
 
@@ -35,7 +36,7 @@ def measured_gmacs(model: torch.nn.Module, input_size=(224, 224), batch: int = 1
 
 def block_macs_per_site(dim: int) -> int:
     """depthwise 7x7 + Linear(C, 4C) + Linear(4C, C)."""
-    return 49 * dim + 8 * dim * dim
+    return TAPS * dim + 8 * dim * dim
 
 
 def encoder_macs_per_patch(depths, dims, in_chans: int = 3) -> int:

@@ -1,4 +1,4 @@
-"""`sparse-mae bench [hydra overrides]`: the benchmark grid of conf/bench.yaml.
+"""`sparse-mae bench [hydra overrides]`: the benchmark grid (schema: config.BenchConfig).
 
     sparse-mae bench bench=quick                      # a couple of minutes on a laptop CPU
     sparse-mae bench bench=full
@@ -10,22 +10,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.bench import BenchSettings, run_bench, write_results
-
-CONFIG_MODULE = "sparse_mae_conf"
-CONFIG_NAME = "bench"
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The config `sparse-mae bench <overrides>` would run (for tests and notebooks)."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+    return compose("bench", overrides)
 
 
 def run(cfg: DictConfig, out_dir: str | Path, log=print) -> tuple[list[dict], dict[str, Path]]:
-    settings = BenchSettings.from_config(OmegaConf.to_container(cfg, resolve=True))
+    settings = BenchSettings.from_config(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     log(f"benchmark: {len(settings.backends)} backends x {len(settings.variants)} variants x "
         f"{len(settings.mask_ratios)} mask ratios x {len(settings.batch_sizes)} batch sizes x "
         f"{len(settings.dtypes)} dtypes at {settings.image_size}px on {settings.resolved_device}; output {out_dir}")
@@ -38,12 +33,4 @@ def run(cfg: DictConfig, out_dir: str | Path, log=print) -> tuple[list[dict], di
 
 
 def main() -> int:
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-
-    @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=CONFIG_NAME)
-    def _app(cfg: DictConfig) -> None:
-        run(cfg, HydraConfig.get().runtime.output_dir)
-
-    _app()
-    return 0
+    return hydra_main("bench", run)

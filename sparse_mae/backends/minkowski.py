@@ -32,8 +32,8 @@ from sparse_mae.backends.minkowski_compat import (
     minkowski_import_error,
 )
 from sparse_mae.models.convnextv2 import GRN_EPS, PATCH, Block, ConvNeXtV2, drop_path_scale
+from sparse_mae_kernels.constants import KERNEL_SIZE, TAPS
 
-DW_KERNEL = 7
 # Below this, sum of squares is treated as 0 so sqrt's gradient stays finite (a channel
 # that is exactly zero over a sample); far below GRN_EPS, so values are unchanged.
 _GRN_TINY = 1e-30
@@ -42,7 +42,7 @@ _GRN_TINY = 1e-30
 def depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
     """torch depthwise (C, 1, 7, 7) -> ME channelwise kernel (49, C) (inverse of docs/design.md 4)."""
     c = weight.shape[0]
-    return weight.transpose(3, 2).reshape(c, DW_KERNEL * DW_KERNEL).permute(1, 0)
+    return weight.transpose(3, 2).reshape(c, TAPS).permute(1, 0)
 
 
 def strided_to_me(weight: torch.Tensor) -> torch.Tensor:
@@ -126,15 +126,15 @@ class MinkowskiBackend(EncoderBackend):
     def _depthwise_neighbours(ME, x) -> torch.Tensor:
         """(49, M) long: for kernel offset k and site o, the row of the input site that ME's
         submanifold 7x7 kernel map pairs with o, or M (a zero pad row) where there is none."""
-        generator = ME.KernelGenerator(kernel_size=DW_KERNEL, stride=1, dilation=1, dimension=2)
+        generator = ME.KernelGenerator(kernel_size=KERNEL_SIZE, stride=1, dilation=1, dimension=2)
         region_type, region_offset, _ = generator.get_kernel(x.tensor_stride, False)
         key = x.coordinate_map_key
         kernel_map = x.coordinate_manager.kernel_map(
-            key, key, stride=1, kernel_size=DW_KERNEL, dilation=1, region_type=region_type, region_offset=region_offset
+            key, key, stride=1, kernel_size=KERNEL_SIZE, dilation=1, region_type=region_type, region_offset=region_offset
         )
         sites = x.F.shape[0]
         # Built where the kernel map is (the coordinate manager's device, that of x.F).
-        neighbours = torch.full((DW_KERNEL * DW_KERNEL, sites), sites, dtype=torch.long, device=x.F.device)
+        neighbours = torch.full((TAPS, sites), sites, dtype=torch.long, device=x.F.device)
         for k, in_out in kernel_map.items():
             neighbours[k, in_out[1].long().to(x.F.device)] = in_out[0].long().to(x.F.device)
         return neighbours

@@ -27,56 +27,52 @@ GRID_KEYS = ("backend", "variant", "mask_ratio", "batch_size", "dtype")
 
 @dataclass
 class BenchSettings:
+    """The bench config, checked (defaults and meanings: config.BenchConfig). GOMP_SPINCOUNT of
+    the isolated workers: how long torch's (GNU) OpenMP threads spin between parallel regions
+    before they sleep. libgomp's default (300000) on a shared CPU makes spinning threads fight
+    the other processes and the C kernels' threads (a 4x slower step under load); 0 (passive)
+    pays a wake-up per region (~10% slower steps when the machine is quiet); 2000 measured
+    best here."""
+
     backends: list[str]
     variants: list[str]
     mask_ratios: list[float]
     batch_sizes: list[int]
     dtypes: list[str]
-    image_size: int = 224
-    warmup: int = 2
-    repeats: int = 5
-    device: str = "auto"
-    threads: int | None = None
-    isolate: bool = True  # a fresh process per configuration (clean memory numbers, crash-proof)
-    memory_guard_gib: float | None = None
-    peak_tflops: float | None = None  # the card's peak for MFU; null: known GPUs' table, else the measured peak
-    measure_peak: bool = True  # time this machine's matmul peak per dtype in the same run
-    peak_size: int = 2048  # of that square matmul
-    fused_adamw: bool = True  # the step's AdamW as torch's fused kernel (CPU and CUDA)
-    # GOMP_SPINCOUNT of the isolated workers: how long torch's (GNU) OpenMP threads spin between
-    # parallel regions before they sleep. libgomp's default (300000) on a shared CPU makes spinning
-    # threads fight the other processes and the C kernels' threads (a 4x slower step under load);
-    # 0 (passive) pays a wake-up per region (~10% slower steps when the machine is quiet); 2000
-    # measured best here. null: inherit the environment.
-    gomp_spincount: int | None = 2000
-    seed: int = 0
-    timeout_s: float = 1800
+    image_size: int
+    warmup: int
+    repeats: int
+    device: str
+    threads: int | None
+    isolate: bool
+    memory_guard_gib: float | None
+    peak_tflops: float | None
+    measure_peak: bool
+    peak_size: int
+    fused_adamw: bool
+    gomp_spincount: int | None
+    seed: int
+    timeout_s: float
 
     @classmethod
     def from_config(cls, cfg) -> "BenchSettings":
-        """From the Hydra config (or any mapping with the same keys); checks every value."""
-        get = cfg.get
-        backends = get("backends", "all")
+        """From the bench config, or any mapping of its keys (the rest from config.BenchConfig's
+        defaults, which Hydra type-checks); then checks every range."""
+        from omegaconf import OmegaConf
+
+        from sparse_mae.config import BenchConfig
+
+        full = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg), enum_to_str=True)
+        backends = full["backends"]
         settings = cls(
             backends=list_backends() if backends in ("all", None) else _as_list(backends),
-            variants=_as_list(get("variants")),
-            mask_ratios=[float(r) for r in _as_list(get("mask_ratios"))],
-            batch_sizes=[int(b) for b in _as_list(get("batch_sizes"))],
-            dtypes=[str(d) for d in _as_list(get("dtypes", ["float32"]))],
-            image_size=int(get("image_size", 224)),
-            warmup=int(get("warmup", 2)),
-            repeats=int(get("repeats", 5)),
-            device=str(get("device", "auto")),
-            threads=get("threads"),
-            isolate=bool(get("isolate", True)),
-            memory_guard_gib=get("memory_guard_gib"),
-            peak_tflops=get("peak_tflops"),
-            measure_peak=bool(get("measure_peak", True)),
-            peak_size=int(get("peak_size", 2048)),
-            fused_adamw=bool(get("fused_adamw", True)),
-            gomp_spincount=get("gomp_spincount", 2000),
-            seed=int(get("seed", 0)),
-            timeout_s=float(get("timeout_s", 1800)),
+            variants=list(full["variants"]),
+            mask_ratios=[float(r) for r in full["mask_ratios"]],
+            batch_sizes=[int(b) for b in full["batch_sizes"]],
+            dtypes=list(full["dtypes"]),
+            **{k: full[k] for k in ("image_size", "warmup", "repeats", "device", "threads", "isolate",
+                                    "memory_guard_gib", "peak_tflops", "measure_peak", "peak_size",
+                                    "fused_adamw", "gomp_spincount", "seed", "timeout_s")},
         )
         settings.validate()
         return settings

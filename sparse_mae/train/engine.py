@@ -294,8 +294,9 @@ class _Engine:
 
         if resume_path is None:
             task.init_weights(lambda m: print(m, flush=True) if di.is_main else None)
+        # torch's fused AdamW (CPU and CUDA): its per-tensor loop costs over a tenth of a small step
         self.optimizer = torch.optim.AdamW(task.param_groups(), lr=self.peak_lr, betas=tuple(cfg.optim.betas),
-                                           eps=cfg.optim.eps)
+                                           eps=cfg.optim.eps, fused=di.device.type in ("cpu", "cuda"))
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.counters = Counters()
         self.run_id = uuid.uuid4().hex
