@@ -68,6 +68,20 @@ def check_offsets(seg_offsets, m: int, device: torch.device, check_values: bool 
         seg_offsets._sparse_mae_checked = (seg_offsets._version, m)
 
 
+def ready_impl(op: str, impl: str, x: torch.Tensor) -> None:
+    """Check that `impl` runs here (C: CPU tensors and a built library; Triton: importable for
+    x's device): a clear error now rather than inside autograd."""
+    if impl == "c":
+        from sparse_mae_kernels import cpu_build
+
+        cpu_build.require_cpu(op, x=x)
+        cpu_build.library()
+    else:
+        from sparse_mae_kernels.triton_runtime import require_triton
+
+        require_triton(x.device)
+
+
 def pick_impl(impl: str | None, device: torch.device) -> str:
     """'c' on CPU, 'triton' on CUDA, unless asked for explicitly (tests run 'triton' on CPU
     in Triton's interpreter)."""

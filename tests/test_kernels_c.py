@@ -22,12 +22,10 @@ from sparse_mae_kernels.ops.rows_grn import rows_grn, rows_grn_reference
 from sparse_mae_kernels.ops.rows_layernorm import rows_layernorm
 from sparse_mae_kernels.ops.rows_residual import rows_residual
 from tests.kernel_helpers import (
-    assert_close,
     compare_with_reference,
     odd_patch_mask,
     offsets_of_sites,
     random_sites,
-    run_with_grads,
 )
 
 pytestmark = pytest.mark.skipif(not cpu_build.available(), reason=f"C kernels: {cpu_build.unavailable_reason()}")

@@ -6,12 +6,10 @@ command-line checks run `python -m sparse_mae.cli` in a subprocess.
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 
 from sparse_mae.apps.finetune import compose_config as finetune_config
 from sparse_mae.apps.finetune import run_finetune
-from sparse_mae.apps.pretrain import NonFiniteLossError, compose_config, run_pretrain
+from sparse_mae.apps.pretrain import NonFiniteLossError
 from sparse_mae.models.fcmae import FCMAE
 from sparse_mae.train.checkpoint import list_checkpoints, load_checkpoint
 from sparse_mae.train.errors import RunDirectoryInUse
@@ -321,14 +319,10 @@ def readme_commands() -> list[tuple[str, list[str]]]:
 
 @pytest.mark.parametrize("app, args", readme_commands(), ids=lambda x: " ".join(x) if isinstance(x, list) else x)
 def test_readme_command_composes(app, args):
-    from hydra import compose, initialize_config_module
-
-    import sparse_mae.config  # noqa: F401 - registers the schemas
+    from sparse_mae.apps.app import compose
 
     args = [a for a in args if a not in ("-m", "--help")]
-    with initialize_config_module(config_module="sparse_mae_conf", version_base="1.3"):
-        cfg = compose(config_name=app, overrides=[a.split(",")[0] if a.startswith(("backend=", "mask_ratio=")) else a
-                                                  for a in args])
+    cfg = compose(app, [a.split(",")[0] if a.startswith(("backend=", "mask_ratio=")) else a for a in args])
     assert cfg is not None
 
 

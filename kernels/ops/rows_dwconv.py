@@ -20,9 +20,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
-from sparse_mae_kernels.common import check_rows, compute_dtype, pick_impl
+from sparse_mae_kernels.common import check_rows, compute_dtype, pick_impl, ready_impl
 from sparse_mae_kernels.constants import HALO, KERNEL_SIZE, TAPS
-from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, require_triton, tl, triton
+from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, tl, triton
 
 DWCONV_MAX_BLOCK_C = 64
 
@@ -357,11 +357,7 @@ def rows_dwconv(x, nbr, weight, bias=None, *, impl: str | None = None, check_val
     """
     x, nbr, weight, bias = check_dwconv(x, nbr, weight, bias, check_values)
     impl = pick_impl(impl, x.device)
-    if impl == "c":
-        cpu_build.require_cpu("rows_dwconv", x=x)
-        if not check_values:
-            check_neighbour_range(nbr)
-        cpu_build.library()  # a clear error now rather than inside autograd
-    else:
-        require_triton(x.device)
+    ready_impl("rows_dwconv", impl, x)
+    if impl == "c" and not check_values:
+        check_neighbour_range(nbr)  # the C kernels read through it
     return RowsDwconv.apply(x.to(compute_dtype(x)), nbr, weight, bias, impl)

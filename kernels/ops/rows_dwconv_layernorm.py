@@ -17,12 +17,11 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from sparse_mae_kernels import cpu_build
-from sparse_mae_kernels.common import check_vector, compute_dtype, pick_impl
+from sparse_mae_kernels.common import check_vector, compute_dtype, pick_impl, ready_impl
 from sparse_mae_kernels.constants import LN_EPS, TAPS
 from sparse_mae_kernels.ops import rows_dwconv as dw
 from sparse_mae_kernels.ops import rows_layernorm as ln
-from sparse_mae_kernels.triton_runtime import BLOCK_M, block_c, cdiv, require_triton, tl, triton
+from sparse_mae_kernels.triton_runtime import BLOCK_M, block_c, cdiv, tl, triton
 
 FUSED_MAX_BLOCK_C = 64
 
@@ -157,11 +156,7 @@ def rows_dwconv_layernorm(x, nbr, weight, bias, ln_weight, ln_bias, eps: float =
     check_vector(ln_weight, "ln_weight", c, x.device)
     check_vector(ln_bias, "ln_bias", c, x.device)
     impl = pick_impl(impl, x.device)
-    if impl == "c":
-        cpu_build.require_cpu("rows_dwconv_layernorm", x=x)
-        if not check_values:
-            dw.check_neighbour_range(nbr)
-        cpu_build.library()
-    else:
-        require_triton(x.device)
+    ready_impl("rows_dwconv_layernorm", impl, x)
+    if impl == "c" and not check_values:
+        dw.check_neighbour_range(nbr)  # the C kernels read through it
     return RowsDwconvLayerNorm.apply(x.to(compute_dtype(x)), nbr, weight, bias, ln_weight, ln_bias, float(eps), impl)

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
-from sparse_mae_kernels.common import check_offsets, check_rows, check_vector, compute_dtype, pick_impl
+from sparse_mae_kernels.common import check_offsets, check_rows, check_vector, compute_dtype, pick_impl, ready_impl
 from sparse_mae_kernels.constants import GRN_EPS
-from sparse_mae_kernels.triton_runtime import block_c, cdiv, require_triton, tl, triton
+from sparse_mae_kernels.triton_runtime import block_c, cdiv, tl, triton
 
 SEGMENT_BLOCK_M = 32
 SEGMENT_MAX_BLOCK_C = 128
@@ -302,9 +302,5 @@ def rows_grn(x, seg_offsets, gamma, beta, input_bias=None, gelu: bool = False, e
     impl = pick_impl(impl, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
     check = True if impl == "c" else check_values
     x, seg_offsets, gamma, beta, input_bias = check_grn(x, seg_offsets, gamma, beta, input_bias, check)
-    if impl == "c":
-        cpu_build.require_cpu("rows_grn", x=x)
-        cpu_build.library()
-    else:
-        require_triton(x.device)
+    ready_impl("rows_grn", impl, x)
     return RowsGRN.apply(x.to(compute_dtype(x)), seg_offsets, gamma, beta, input_bias, bool(gelu), float(eps), impl)

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
-from sparse_mae_kernels.common import check_rows, check_vector, compute_dtype, pick_impl
+from sparse_mae_kernels.common import check_rows, check_vector, compute_dtype, pick_impl, ready_impl
 from sparse_mae_kernels.constants import LN_EPS
-from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, require_triton, tl, triton
+from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, tl, triton
 
 LN_MAX_BLOCK_C = 128
 
@@ -295,11 +295,7 @@ def rows_layernorm(x, weight, bias, eps: float = LN_EPS, *, out_rows=None, impl:
     impl = pick_impl(impl, x.device)
     if out_rows is not None and (check_values or (check_values is None and x.device.type == "cpu")):
         check_permutation(out_rows)
-    if impl == "c":
-        cpu_build.require_cpu("rows_layernorm", x=x)
-        if out_rows is not None:
-            check_row_range(out_rows)
-        cpu_build.library()
-    else:
-        require_triton(x.device)
+    ready_impl("rows_layernorm", impl, x)
+    if impl == "c" and out_rows is not None:
+        check_row_range(out_rows)  # the C kernels write through it
     return RowsLayerNorm.apply(x.to(compute_dtype(x)), weight, bias, float(eps), out_rows, impl)

@@ -15,8 +15,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
-from sparse_mae_kernels.common import check_offsets, check_rows, check_vector, compute_dtype, pick_impl
-from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, require_triton, tl, triton
+from sparse_mae_kernels.common import check_offsets, check_rows, check_vector, compute_dtype, pick_impl, ready_impl
+from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, tl, triton
 
 RESIDUAL_MAX_BLOCK_C = 128
 
@@ -228,10 +228,6 @@ def rows_residual(x, y, bias=None, scale=None, seg_offsets=None, *, impl: str | 
     impl = pick_impl(impl, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
     check = True if impl == "c" else check_values
     x, y, bias, scale, seg_offsets = check_residual(x, y, bias, scale, seg_offsets, check)
-    if impl == "c":
-        cpu_build.require_cpu("rows_residual", x=x)
-        cpu_build.library()
-    else:
-        require_triton(x.device)
+    ready_impl("rows_residual", impl, x)
     y = y.to(compute_dtype(y))
     return RowsResidual.apply(x, y, bias, scale, seg_offsets, torch.promote_types(x.dtype, y.dtype), impl)

@@ -14,7 +14,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 

@@ -238,7 +238,7 @@ class _Engine:
     # -- set-up --------------------------------------------------------------------------
 
     def run(self) -> tuple[RunResult, TrainTask]:
-        cfg, di = self.cfg, self.di
+        di = self.di
         run_on_main(self.dir.lock)  # before anything is read or written; released by run() or by death
         try:
             resume_path, resume_state = run_on_main(self._choose_checkpoint, default=(None, None))
