@@ -43,11 +43,16 @@ def test_reusing_an_output_dir_without_resume_is_refused_and_changes_nothing(tmp
     assert after == before
 
 
-def test_reusing_an_output_dir_on_the_command_line_exits_2_with_the_fix(tmp_path):
-    run(tmp_path / "run", max_steps=2)
-    proc = cli(debug_overrides(tmp_path / "run", max_steps=4), tmp_path)
+def test_reusing_an_output_dir_on_the_command_line_exits_2_with_the_fix_and_changes_nothing(tmp_path):
+    first = cli(debug_overrides(tmp_path / "run", max_steps=2), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = files_of(tmp_path / "run")
+    proc = cli(debug_overrides(tmp_path / "run", max_steps=4, seed=5), tmp_path)
     assert proc.returncode == 2
     assert "resume=auto" in proc.stderr and "Traceback" not in proc.stderr
+    after = files_of(tmp_path / "run")
+    assert after.pop("run.lock") != before.pop("run.lock")  # it held the directory to look, then let go
+    assert after == before  # Hydra's own files included
 
 
 def test_a_second_live_writer_is_refused_naming_the_holder_and_a_dead_one_is_not(tmp_path):
