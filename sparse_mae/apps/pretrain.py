@@ -17,7 +17,6 @@ from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.backends import backend_availability, list_backends
 from sparse_mae.models import create_model
 from sparse_mae.models.fcmae import random_mask
-from sparse_mae.train.checkpoint import atomic_write_bytes
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.engine import Run, RunResult, TrainTask, check_run_config, resolve_amp, train
 from sparse_mae.train.errors import TrainingDiverged
@@ -152,9 +151,8 @@ class PretrainTask(TrainTask):
         imgs, mask = self._recon_batch
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             path = run.dir.path / "reconstructions" / f"step-{step:08d}.png"
-            save_reconstruction(self.model, imgs, mask, path)
-        latest = run.dir.path / "reconstruction.png"
-        atomic_write_bytes(latest, lambda f: f.write(path.read_bytes()))
+            latest = run.dir.path / "reconstruction.png"
+            save_reconstruction(self.model, imgs, mask, path, latest)
         self.recon_path = latest
         run.logger.log_image("reconstruction", path, step, caption="original | masked | prediction | pasted")
 

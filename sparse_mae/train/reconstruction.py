@@ -2,11 +2,14 @@
 visible patches pasted back, one row per image."""
 from __future__ import annotations
 
+import io
+
 import torch
 from PIL import Image
 
 from sparse_mae.data.builtin import IMAGENET_MEAN, IMAGENET_STD
 from sparse_mae.data.transforms import tensor_to_pil
+from sparse_mae.train.checkpoint import atomic_write_bytes
 
 GAP = 2  # pixels between tiles
 
@@ -54,10 +57,12 @@ def panels_to_image(panels: torch.Tensor) -> Image.Image:
     return tensor_to_pil(canvas)
 
 
-def save_reconstruction(model, imgs: torch.Tensor, mask: torch.Tensor, path) -> Image.Image:
+def save_reconstruction(model, imgs: torch.Tensor, mask: torch.Tensor, *paths) -> Image.Image:
+    """Encode the picture once and write it to every path atomically (a viewer, or a run
+    resumed after a kill, never sees a half-written PNG)."""
     image = panels_to_image(reconstruction_panels(model, imgs, mask))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)  # a viewer never sees a half-written PNG
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    for path in paths:
+        atomic_write_bytes(path, lambda f: f.write(png.getvalue()))
     return image
