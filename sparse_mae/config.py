@@ -4,7 +4,10 @@ Every default lives here, once. `conf/<app>.yaml` holds only the defaults list (
 group option is the default), Hydra's own settings and examples; `conf/experiment/*.yaml`
 hold only the differences of an experiment. Because the schemas are dataclasses, Hydra
 itself rejects unknown keys, wrong types and unknown choices (enums) when it composes a
-config; the `check_*` functions below are left with ranges and relations only.
+config. Ranges are declared on the fields too (`opt(..., check=Range(...))`), and
+`validate(cfg)` checks every declared range of a composed config: `apps.app.compose` and
+the Hydra entry points call it, so an out-of-range value fails when the config is
+composed, with a message naming the key and the allowed range.
 
 Config groups whose options differ by one key are not files: `model=tiny` selects the
 option `{variant: tiny}` registered below for every variant, and `backend=` / `logger=`
@@ -20,15 +23,115 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sparse_mae.backends import list_backends
-from sparse_mae.models.convnextv2 import VARIANTS
+from sparse_mae.models.convnextv2 import PATCH, VARIANTS
 
 
-def opt(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
-    """A schema field with its default and the help line `--help` prints for it."""
+class ConfigError(ValueError):
+    """A config value out of its declared range (apps report it as bad input, exit 2)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number within bounds, declared on a schema field. For a list field every element
+    is checked, and `length` / `nonempty` / `ascending` constrain the list. None passes:
+    whether a field may be null is its type's business, which Hydra checks."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself excluded
+    high_open: bool = False
+    multiple_of: Optional[int] = None
+    length: Optional[int] = None
+    nonempty: bool = False
+    ascending: bool = False
+    hint: str = ""  # appended to the error, e.g. what the paper uses
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low:g}"
+        elif self.high is not None:
+            text = f"{'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = "a number"
+        if self.multiple_of:
+            text += f" and a multiple of {self.multiple_of}"
+        return text
+
+    def _fits(self, x) -> bool:
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return False
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        if self.high is not None and (x >= self.high if self.high_open else x > self.high):
+            return False
+        return not self.multiple_of or x % self.multiple_of == 0
+
+    def problem(self, value: Any) -> Optional[str]:
+        """None if `value` fits, else what it must be."""
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            what = f"a list of {self.length} numbers" if self.length else "a list of numbers"
+            shape_ok = (self.length is None or len(value) == self.length) and (value or not self.nonempty)
+            order_ok = not self.ascending or all(a <= b for a, b in zip(value, value[1:]))
+            if shape_ok and order_ok and all(self._fits(x) for x in value):
+                return None
+            return (f"{'a non-empty list' if self.nonempty and not self.length else what}, each {self.describe()}"
+                    + (", in ascending order (min, max)" if self.ascending else ""))
+        return None if self._fits(value) else self.describe()
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A string among a few words (case-insensitive), for fields that Hydra must keep as
+    strings because `true`/`false` are among them."""
+
+    words: tuple[str, ...]
+
+    def problem(self, value: Any) -> Optional[str]:
+        return None if str(value).lower() in self.words else f"one of {', '.join(self.words)}"
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A list with at least one entry (the entries' own type is Hydra's to check)."""
+
+    def problem(self, value: Any) -> Optional[str]:
+        return None if value is None or len(value) else "a non-empty list"
+
+
+@dataclass(frozen=True)
+class Registered:
+    """`all`, or a non-empty list naming at least one registered backend (the bench lists
+    the others as skipped)."""
+
+    def problem(self, value: Any) -> Optional[str]:
+        if value in ("all", None):
+            return None
+        names = [value] if isinstance(value, str) else list(value)
+        if names and any(n in list_backends() for n in names):
+            return None
+        return f"all, or a list naming at least one registered backend ({', '.join(list_backends())})"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1)
+PATCH_MULTIPLE = Range(PATCH, multiple_of=PATCH, hint="the patch size")
+AREA_RANGE = Range(0, 1, low_open=True, length=2, ascending=True)
+MASK_RATIO = Range(0, 1, low_open=True, high_open=True, hint="the paper uses 0.6")
+
+
+def opt(default: Any, help: str, check: Any = None) -> Any:  # noqa: A002 - `help` reads best at the call sites
+    """A schema field with its default, the help line `--help` prints for it and, where the
+    type alone does not say it, the range `validate` checks."""
+    metadata = {"help": help, "check": check}
     if isinstance(default, (list, dict)) or is_dataclass(default):
         value = default
-        return field(default_factory=lambda: _copy(value), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: _copy(value), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _copy(value):
@@ -63,16 +166,17 @@ DType = Choice("DType", [(d, d) for d in ("float32", "bfloat16", "float16")])
 @dataclass
 class FcmaeModelConfig:
     variant: Variant = opt(MISSING, "encoder variant; `model=<variant>` sets it")
-    decoder_dim: int = opt(512, "width of the decoder's ConvNeXt block (paper: 512)")
-    decoder_depth: int = opt(1, "decoder blocks (paper: 1)")
+    decoder_dim: int = opt(512, "width of the decoder's ConvNeXt block (paper: 512)", POSITIVE)
+    decoder_depth: int = opt(1, "decoder blocks (paper: 1)", POSITIVE)
     norm_pix_loss: bool = opt(True, "loss on per-patch normalised pixels (paper)")
-    drop_path_rate: float = opt(0.0, "stochastic depth of the encoder")
+    drop_path_rate: float = opt(0.0, "stochastic depth of the encoder", Range(0, 1, high_open=True))
 
 
 @dataclass
 class ClassifierModelConfig:
     variant: Variant = opt(MISSING, "classifier variant; must match the pretrained checkpoint")
-    drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1)")
+    drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1)",
+                                Range(0, 1, high_open=True))
 
 
 @dataclass
@@ -85,35 +189,35 @@ class DataConfig:
     """What every data option has."""
 
     name: str = opt(MISSING, "which data option this is (set by the group)")
-    size: int = opt(224, "crop fed to the model, a multiple of 32 (the patch size)")
-    scale: list[float] = opt([0.2, 1.0], "RandomResizedCrop area range (pretraining recipe)")
-    hflip: float = opt(0.5, "probability of a horizontal flip")
-    num_workers: int = opt(2, "DataLoader worker processes")
+    size: int = opt(224, f"crop fed to the model, a multiple of {PATCH} (the patch size)", PATCH_MULTIPLE)
+    scale: list[float] = opt([0.2, 1.0], "RandomResizedCrop area range (pretraining recipe)", AREA_RANGE)
+    hflip: float = opt(0.5, "probability of a horizontal flip", PROBABILITY)
+    num_workers: int = opt(2, "DataLoader worker processes", NON_NEGATIVE)
 
 
 @dataclass
 class DrawnImages:
     """Procedurally drawn images (sparse_mae/data/builtin.py): no download."""
 
-    draw_size: int = opt(256, "images are drawn at this size, then cropped and resized")
+    draw_size: int = opt(256, "images are drawn at this size, then cropped and resized", POSITIVE)
     seed: int = opt(0, "which images are drawn (fine-tuning: the training images; val uses seed + 1)")
 
 
 @dataclass
 class FolderImages:
     root: str = opt(MISSING, "the folder of images (required)")
-    num_workers: int = opt(8, "DataLoader worker processes (decoding files wants more than drawing)")
+    num_workers: int = opt(8, "DataLoader worker processes (decoding files wants more than drawing)", NON_NEGATIVE)
 
 
 @dataclass
 class FinetuneCrop:
-    scale: list[float] = opt([0.08, 1.0], "RandomResizedCrop area range (fine-tuning recipe)")
+    scale: list[float] = opt([0.08, 1.0], "RandomResizedCrop area range (fine-tuning recipe)", AREA_RANGE)
 
 
 @dataclass
 class BuiltinData(DrawnImages, DataConfig):
     name: str = "builtin"
-    num_images: int = opt(2048, "dataset length")
+    num_images: int = opt(2048, "dataset length", POSITIVE)
 
 
 @dataclass
@@ -126,8 +230,8 @@ class ImageFolderData(FolderImages, DataConfig):
 @dataclass
 class LabelledBuiltinData(FinetuneCrop, DrawnImages, DataConfig):
     name: str = "builtin"
-    num_train: int = opt(2048, "training images (8 classes of drawn patterns)")
-    num_val: int = opt(512, "validation images, never seen in training")
+    num_train: int = opt(2048, "training images (8 classes of drawn patterns)", POSITIVE)
+    num_val: int = opt(512, "validation images, never seen in training", POSITIVE)
 
 
 @dataclass
@@ -152,30 +256,30 @@ class LoggerConfig:
 
 @dataclass
 class OptimConfig:
-    blr: float = opt(1.5e-4, "base lr: lr = blr * effective_batch / 256")
-    lr: Optional[float] = opt(None, "absolute lr; overrides blr when set")
-    betas: list[float] = opt([0.9, 0.95], "AdamW betas")
-    weight_decay: float = opt(0.05, "AdamW weight decay (none on biases, norms, GRN, mask token)")
-    eps: float = opt(1.0e-8, "AdamW eps")
+    blr: float = opt(1.5e-4, "base lr: lr = blr * effective_batch / 256", POSITIVE)
+    lr: Optional[float] = opt(None, "absolute lr; overrides blr when set", POSITIVE)
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas", Range(0, 1, high_open=True, length=2))
+    weight_decay: float = opt(0.05, "AdamW weight decay (none on biases, norms, GRN, mask token)", NON_NEGATIVE)
+    eps: float = opt(1.0e-8, "AdamW eps", POSITIVE)
 
 
 @dataclass
 class SchedConfig:
-    warmup_epochs: float = opt(40.0, "linear warmup, then half-cosine to min_lr, per step")
-    warmup_steps: Optional[int] = opt(None, "overrides warmup_epochs when set")
-    min_lr: float = opt(0.0, "lr at the end of the schedule")
+    warmup_epochs: float = opt(40.0, "linear warmup, then half-cosine to min_lr, per step", NON_NEGATIVE)
+    warmup_steps: Optional[int] = opt(None, "overrides warmup_epochs when set", NON_NEGATIVE)
+    min_lr: float = opt(0.0, "lr at the end of the schedule", NON_NEGATIVE)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = opt(1000, "checkpoint cadence in optimizer steps; also written at the end")
-    keep_last: int = opt(3, "checkpoints of this run kept (oldest deleted first); 0 keeps all")
+    every_steps: int = opt(1000, "checkpoint cadence in optimizer steps; also written at the end", POSITIVE)
+    keep_last: int = opt(3, "checkpoints of this run kept (oldest deleted first); 0 keeps all", NON_NEGATIVE)
 
 
 @dataclass
 class NonFiniteConfig:
     max_in_a_row: int = opt(3, "a step with a non-finite loss or gradient norm is skipped and counted; "
-                               "this many in a row stop the run")
+                               "this many in a row stop the run", POSITIVE)
 
 
 @dataclass
@@ -184,13 +288,15 @@ class RunConfig:
 
     seed: int = opt(0, "seeds data order, augmentation, masks and init")
     device: Device = opt("auto", "auto: CUDA if visible, else CPU")
-    amp: str = opt("auto", "bf16 autocast: auto (on for CUDA where the backend supports it), true, false")
-    epochs: int = opt(MISSING, "length of the lr schedule and of the run")
-    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (the schedule still spans epochs)")
-    batch_size: int = opt(MISSING, "per process; effective batch = batch_size * processes * accum_iter")
-    accum_iter: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
-    clip_grad: Optional[float] = opt(None, "max gradient norm, or null for none")
-    log_every_steps: int = opt(10, "metrics.jsonl / wandb / progress-bar averages")
+    amp: str = opt("auto", "bf16 autocast: auto (on for CUDA where the backend supports it), true, false",
+                   OneOf(("auto", "true", "false")))
+    epochs: int = opt(MISSING, "length of the lr schedule and of the run", POSITIVE)
+    max_steps: Optional[int] = opt(None, "stop after this many optimizer steps (the schedule still spans epochs)",
+                                   POSITIVE)
+    batch_size: int = opt(MISSING, "per process; effective batch = batch_size * processes * accum_iter", POSITIVE)
+    accum_iter: int = opt(1, "micro-batches per optimizer step (gradient accumulation)", POSITIVE)
+    clip_grad: Optional[float] = opt(None, "max gradient norm, or null for none", POSITIVE)
+    log_every_steps: int = opt(10, "metrics.jsonl / wandb / progress-bar averages", POSITIVE)
     output_dir: str = opt(MISSING, "the run directory: checkpoints, metrics, pictures")
     resume: Optional[str] = opt(None, "null: start fresh (refused where checkpoints exist); auto: the newest "
                                       "checkpoint of output_dir that verifies, or fresh; or a checkpoint path")
@@ -205,8 +311,9 @@ class RunConfig:
 
 @dataclass
 class ReconConfig:
-    every_steps: int = opt(1000, "reconstruction PNG cadence; also written at the end; 0: only at the end")
-    num_images: int = opt(4, "fixed images shown (the same at every picture, across resumes)")
+    every_steps: int = opt(1000, "reconstruction PNG cadence; also written at the end; 0: only at the end",
+                           NON_NEGATIVE)
+    num_images: int = opt(4, "fixed images shown (the same at every picture, across resumes)", NON_NEGATIVE)
 
 
 @dataclass
@@ -214,12 +321,12 @@ class PretrainConfig(RunConfig):
     model: FcmaeModelConfig = opt(FcmaeModelConfig(), "")
     backend: BackendConfig = opt(BackendConfig(), "")
     data: DataConfig = opt(MISSING, "")
-    mask_ratio: float = opt(0.6, "fraction of 32x32 patches removed (paper: 0.6)")
+    mask_ratio: float = opt(0.6, f"fraction of {PATCH}x{PATCH} patches removed (paper: 0.6)", MASK_RATIO)
     init: Optional[str] = opt(None, "start a fresh run from these weights (any format `import` reads); "
                                     "a resumed run keeps its checkpoint's weights")
     init_format: InitFormat = opt("auto", "layout of init: auto (from the key names) or a format name")
-    epochs: int = opt(800, "length of the lr schedule and of the run")
-    batch_size: int = opt(64, "per process; effective batch = batch_size * processes * accum_iter")
+    epochs: int = opt(800, "length of the lr schedule and of the run", POSITIVE)
+    batch_size: int = opt(64, "per process; effective batch = batch_size * processes * accum_iter", POSITIVE)
     output_dir: str = opt("outputs/pretrain/${now:%Y-%m-%d_%H-%M-%S}", "the run directory")
     recon: ReconConfig = opt(ReconConfig(), "")
 
@@ -227,16 +334,17 @@ class PretrainConfig(RunConfig):
 @dataclass
 class EmaConfig:
     enabled: bool = opt(True, "keep an exponential moving average of the weights")
-    decay: float = opt(0.9999, "paper; short runs need a lower decay (e.g. 0.99) for the EMA to move")
+    decay: float = opt(0.9999, "paper; short runs need a lower decay (e.g. 0.99) for the EMA to move",
+                       Range(0, 1, low_open=True, high_open=True))
     evaluate: bool = opt(True, "also evaluate the EMA weights (the best of both is reported)")
 
 
 @dataclass
 class MixupConfig:
-    mixup_alpha: float = opt(0.0, "> 0 enables mixup (paper: 0.8)")
-    cutmix_alpha: float = opt(0.0, "> 0 enables cutmix (paper: 1.0)")
-    prob: float = opt(1.0, "probability of mixing a batch")
-    switch_prob: float = opt(0.5, "with both enabled: probability of cutmix instead of mixup")
+    mixup_alpha: float = opt(0.0, "> 0 enables mixup (paper: 0.8)", NON_NEGATIVE)
+    cutmix_alpha: float = opt(0.0, "> 0 enables cutmix (paper: 1.0)", NON_NEGATIVE)
+    prob: float = opt(1.0, "probability of mixing a batch", PROBABILITY)
+    switch_prob: float = opt(0.5, "with both enabled: probability of cutmix instead of mixup", PROBABILITY)
 
 
 @dataclass
@@ -246,13 +354,14 @@ class FinetuneConfig(RunConfig):
     pretrained: Optional[str] = opt(None, "encoder weights (our checkpoint, an import, or any format import "
                                           "reads); null: random init")
     pretrained_format: InitFormat = opt("auto", "layout of pretrained: auto (from the key names) or a format")
-    layer_decay: float = opt(0.9, "lr scale = layer_decay ** (13 - layer id), head 1 (ConvNeXt V2 recipe)")
-    label_smoothing: float = opt(0.2, "label smoothing (paper: 0.2)")
+    layer_decay: float = opt(0.9, "lr scale = layer_decay ** (13 - layer id), head 1 (ConvNeXt V2 recipe); "
+                                     "1 = no decay", Range(0, 1, low_open=True))
+    label_smoothing: float = opt(0.2, "label smoothing (paper: 0.2)", Range(0, 1, high_open=True))
     ema: EmaConfig = opt(EmaConfig(), "")
     mixup: MixupConfig = opt(MixupConfig(), "")
-    eval_every_epochs: int = opt(1, "evaluation cadence; also evaluated at the end")
+    eval_every_epochs: int = opt(1, "evaluation cadence; also evaluated at the end", POSITIVE)
     epochs: int = opt(100, "length of the lr schedule and of the run")
-    batch_size: int = opt(32, "per process; effective batch = batch_size * processes * accum_iter")
+    batch_size: int = opt(32, "per process; effective batch = batch_size * processes * accum_iter", POSITIVE)
     output_dir: str = opt("outputs/finetune/${now:%Y-%m-%d_%H-%M-%S}", "the run directory")
     # the fine-tuning recipe of the paper for atto, where it differs from pretraining's
     optim: OptimConfig = opt(OptimConfig(blr=2.0e-4, betas=[0.9, 0.999], weight_decay=0.3),
@@ -265,15 +374,15 @@ class EvalConfig:
     data: DataConfig = opt(MISSING, "")
     ckpt: str = opt(MISSING, "a finetune checkpoint, `sparse-mae export format=sparse_mae` output, or an import")
     use_ema: bool = opt(True, "evaluate the EMA weights when the checkpoint has them")
-    batch_size: int = opt(64, "images per forward")
+    batch_size: int = opt(64, "images per forward", POSITIVE)
     device: Device = opt("auto", "auto: CUDA if visible, else CPU")
     out: Optional[str] = opt(None, "folder for confusion_matrix.png and eval.json; null: beside the checkpoint")
 
 
 @dataclass
 class OnnxConfig:
-    opset: int = opt(17, "ONNX opset")
-    image_size: int = opt(224, "example input for tracing; batch is dynamic, H and W fixed")
+    opset: int = opt(17, "ONNX opset", POSITIVE)
+    image_size: int = opt(224, "example input for tracing; batch is dynamic, H and W fixed", PATCH_MULTIPLE)
 
 
 @dataclass
@@ -283,7 +392,7 @@ class ExportConfig:
     out: str = opt(MISSING, ".safetensors (default layout) or .pt; .onnx for onnx")
     variant: Optional[Variant] = opt(None, "null: detected from the shapes; else it must match")
     head: bool = opt(False, "encoder-only sources: add a fresh head (needs num_classes)")
-    num_classes: Optional[int] = opt(None, "classes of the fresh head")
+    num_classes: Optional[int] = opt(None, "classes of the fresh head", POSITIVE)
     strict: bool = opt(True, "false: ignore unexpected keys in ckpt")
     check: bool = opt(True, "check the conversion: dense converted model vs the sparse encoder")
     check_backends: Optional[list[str]] = opt(None, "backends for the check; null: all available here")
@@ -303,26 +412,31 @@ class ImportConfig:
 class BenchConfig:
     """Every backend x variant x mask ratio x batch size x dtype is one configuration (one row)."""
 
-    backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped")
-    variants: list[Variant] = opt(["atto"], "encoder variants")
-    mask_ratios: list[float] = opt([0.6], "fractions of patches removed")
-    batch_sizes: list[int] = opt([8], "images per step")
-    dtypes: list[DType] = opt(["float32"], "bfloat16 / float16 run under autocast, where the backend supports it")
-    image_size: int = opt(224, "square images of this side, a multiple of 32")
-    warmup: int = opt(2, "untimed calls before the timed ones")
-    repeats: int = opt(5, "timed calls; median and IQR are reported")
+    backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped",
+                        Registered())
+    variants: list[Variant] = opt(["atto"], "encoder variants", NonEmpty())
+    mask_ratios: list[float] = opt([0.6], "fractions of patches removed",
+                                   Range(0, 1, low_open=True, high_open=True, nonempty=True, hint="the paper uses 0.6"))
+    batch_sizes: list[int] = opt([8], "images per step", Range(1, nonempty=True))
+    dtypes: list[DType] = opt(["float32"], "bfloat16 / float16 run under autocast, where the backend supports it",
+                              NonEmpty())
+    image_size: int = opt(224, f"square images of this side, a multiple of {PATCH}", PATCH_MULTIPLE)
+    warmup: int = opt(2, "untimed calls before the timed ones", NON_NEGATIVE)
+    repeats: int = opt(5, "timed calls; median and IQR are reported", POSITIVE)
     device: Device = opt("auto", "auto: CUDA if visible, else CPU")
-    threads: Optional[int] = opt(None, "torch intra-op threads; null: torch's default (all cores)")
+    threads: Optional[int] = opt(None, "torch intra-op threads; null: torch's default (all cores)", POSITIVE)
     isolate: bool = opt(True, "a fresh process per configuration: clean memory numbers, a crash stays local")
-    memory_guard_gib: Optional[float] = opt(None, "most memory one configuration may add; over it: recorded as oom")
-    peak_tflops: Optional[float] = opt(None, "the card's peak for MFU; null: known GPUs, else the measured matmul peak")
+    memory_guard_gib: Optional[float] = opt(None, "most memory one configuration may add; over it: recorded as oom",
+                                            POSITIVE)
+    peak_tflops: Optional[float] = opt(None, "the card's peak for MFU; null: known GPUs, else the measured matmul peak",
+                                       POSITIVE)
     measure_peak: bool = opt(True, "time this machine's matmul peak per dtype before and after the grid")
-    peak_size: int = opt(2048, "that matmul is peak_size^3")
+    peak_size: int = opt(2048, "that matmul is peak_size^3", Range(64))
     fused_adamw: bool = opt(True, "the step's AdamW as torch's fused kernel (CPU and CUDA), for every backend")
     gomp_spincount: Optional[int] = opt(2000, "isolated workers' GOMP_SPINCOUNT: spins of torch's OpenMP threads "
                                               "before they sleep (libgomp's 300000 fights other processes on a "
-                                              "shared CPU; 0 = passive); null: inherit")
-    timeout_s: float = opt(1800.0, "per configuration (isolated runs)")
+                                              "shared CPU; 0 = passive); null: inherit", NON_NEGATIVE)
+    timeout_s: float = opt(1800.0, "per configuration (isolated runs)", POSITIVE)
     plots: bool = opt(True, "PNG plots beside the tables")
     seed: int = opt(0, "weights, images and masks")
     output_dir: str = opt("outputs/bench/${now:%Y-%m-%d_%H-%M-%S}", "results.csv / .json / .md and plots")
@@ -352,6 +466,39 @@ def register() -> None:
 
 
 register()
+
+
+# -- ranges --------------------------------------------------------------------------------
+
+def validate(cfg) -> None:
+    """Check every range declared on the fields (`opt(..., check=...)`) of a composed config,
+    nested nodes included; raises ConfigError naming the key, the allowed range and the value.
+    Nodes not built from a schema (plain dicts) carry no ranges and pass."""
+    from omegaconf import DictConfig, OmegaConf
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        checks = {f.name: f.metadata.get("check") for f in fields(schema)} if is_dataclass(schema) else {}
+        for key in node:
+            if OmegaConf.is_missing(node, key):
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, f"{prefix}{key}.")
+                continue
+            check = checks.get(key)
+            if check is None:
+                continue
+            value = OmegaConf.to_container(node, resolve=False, enum_to_str=True)[key] \
+                if OmegaConf.is_list(child) else node[key]
+            if isinstance(value, Enum):
+                value = value.value
+            problem = check.problem(value)
+            if problem is not None:
+                hint = f" ({check.hint})" if getattr(check, "hint", "") else ""
+                raise ConfigError(f"invalid config: {prefix}{key} must be {problem}{hint}, got {_shown(value)}")
+
+    walk(cfg, "")
 
 
 # -- help ----------------------------------------------------------------------------------

@@ -26,14 +26,18 @@ EXIT_BAD_INPUT = 2
 EXIT_STOPPED = 3
 
 
-def compose(app: str, overrides: list[str] | None = None) -> DictConfig:
+def compose(app: str, overrides: list[str] | None = None, check: bool = True) -> DictConfig:
     """The config `sparse-mae <app> <overrides>` would use, without starting Hydra's app
-    (for tools, tests and notebooks). A run's output goes to its `output_dir` override."""
+    (for tools, tests and notebooks). A run's output goes to its `output_dir` override.
+    Hydra checks keys, types and choices; `check` also checks the schemas' ranges."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name=app, overrides=list(overrides or []))
+        cfg = hydra_compose(config_name=app, overrides=list(overrides or []))
+    if check:
+        schemas.validate(cfg)
+    return cfg
 
 
 def require_all(cfg: DictConfig) -> None:
@@ -51,7 +55,7 @@ def help_text(app: str, argv: list[str]) -> str:
     text = files(CONFIG_MODULE).joinpath(f"{app}.yaml").read_text().splitlines()
     header = [line for line in text if line.startswith("#")]
     groups = [m[1] for line in text if (m := re.match(r"^\s+- ([\w/@]+): ", line))]
-    cfg = compose(app, [a for a in argv if a not in ("-h", "--help")])
+    cfg = compose(app, [a for a in argv if a not in ("-h", "--help")], check=False)
     title = "options (key=value" + (f"; groups, chosen with group=option: {', '.join(groups)}" if groups else "") + "):"
     return "\n".join(header + ["", title] + ["  " + line for line in schemas.describe(cfg)])
 
@@ -99,6 +103,7 @@ def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     def _job(cfg: DictConfig) -> None:
         try:
+            schemas.validate(cfg)
             fn(cfg, HydraConfig.get().runtime.output_dir)
         except EXPECTED_ERRORS as e:
             sys.exit(report(app, e))

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from sparse_mae.apps.app import compose, hydra_main
-from sparse_mae.bench import BenchSettings, run_bench, write_results
+from sparse_mae.bench import run_bench, settings_from, write_results
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -20,10 +20,10 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def run(cfg: DictConfig, out_dir: str | Path, log=print) -> tuple[list[dict], dict[str, Path]]:
-    settings = BenchSettings.from_config(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    settings = settings_from(cfg)
     log(f"benchmark: {len(settings.backends)} backends x {len(settings.variants)} variants x "
         f"{len(settings.mask_ratios)} mask ratios x {len(settings.batch_sizes)} batch sizes x "
-        f"{len(settings.dtypes)} dtypes at {settings.image_size}px on {settings.resolved_device}; output {out_dir}")
+        f"{len(settings.dtypes)} dtypes at {settings.image_size}px on {settings.device}; output {out_dir}")
     peaks: dict = {}
     rows = run_bench(settings, log=log, peaks=peaks)
     paths = write_results(rows, settings, Path(out_dir), plots=bool(cfg.get("plots", True)), peaks=peaks)

@@ -23,8 +23,6 @@ def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = No
     from sparse_mae.data.transforms import EvalTransform, TrainTransform
 
     size = data_cfg.size
-    if not (isinstance(size, int) and size > 0 and size % 32 == 0):
-        raise ValueError(f"data.size must be a positive multiple of 32, got {size!r}")
     if split == "train":
         transform = TrainTransform(size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
     else:

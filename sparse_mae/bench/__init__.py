@@ -2,6 +2,6 @@
 batch sizes and dtypes. runner plans and runs the grid, measure times one configuration,
 report writes the files."""
 from sparse_mae.bench.report import write_results
-from sparse_mae.bench.runner import BenchSettings, plan, run_bench
+from sparse_mae.bench.runner import plan, run_bench, settings_from
 
-__all__ = ["BenchSettings", "plan", "run_bench", "write_results"]
+__all__ = ["plan", "run_bench", "settings_from", "write_results"]

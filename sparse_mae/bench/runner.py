@@ -14,107 +14,34 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-
 import torch
 
 from sparse_mae.backends import backend_availability, get_backend, list_backends
-from sparse_mae.bench.measure import DTYPES, is_out_of_memory, measure_configuration
-from sparse_mae.models.convnextv2 import PATCH, VARIANTS
+from sparse_mae.bench.measure import is_out_of_memory, measure_configuration
+from sparse_mae.config import BenchConfig, validate
 
 GRID_KEYS = ("backend", "variant", "mask_ratio", "batch_size", "dtype")
 
 
-@dataclass
-class BenchSettings:
-    """The bench config, checked (defaults and meanings: config.BenchConfig). GOMP_SPINCOUNT of
-    the isolated workers: how long torch's (GNU) OpenMP threads spin between parallel regions
-    before they sleep. libgomp's default (300000) on a shared CPU makes spinning threads fight
-    the other processes and the C kernels' threads (a 4x slower step under load); 0 (passive)
-    pays a wake-up per region (~10% slower steps when the machine is quiet); 2000 measured
-    best here."""
+def settings_from(cfg) -> BenchConfig:
+    """The bench config (composed, or any mapping of its keys: the rest are the schema's
+    defaults) as its schema object, ranges checked, with the grid spelled out: `backends`
+    as a list of names, `variants` / `dtypes` as plain strings, `device` resolved."""
+    from omegaconf import OmegaConf
 
-    backends: list[str]
-    variants: list[str]
-    mask_ratios: list[float]
-    batch_sizes: list[int]
-    dtypes: list[str]
-    image_size: int
-    warmup: int
-    repeats: int
-    device: str
-    threads: int | None
-    isolate: bool
-    memory_guard_gib: float | None
-    peak_tflops: float | None
-    measure_peak: bool
-    peak_size: int
-    fused_adamw: bool
-    gomp_spincount: int | None
-    seed: int
-    timeout_s: float
-
-    @classmethod
-    def from_config(cls, cfg) -> "BenchSettings":
-        """From the bench config, or any mapping of its keys (the rest from config.BenchConfig's
-        defaults, which Hydra type-checks); then checks every range."""
-        from omegaconf import OmegaConf
-
-        from sparse_mae.config import BenchConfig
-
-        full = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg), enum_to_str=True)
-        backends = full["backends"]
-        settings = cls(
-            backends=list_backends() if backends in ("all", None) else _as_list(backends),
-            variants=list(full["variants"]),
-            mask_ratios=[float(r) for r in full["mask_ratios"]],
-            batch_sizes=[int(b) for b in full["batch_sizes"]],
-            dtypes=list(full["dtypes"]),
-            **{k: full[k] for k in ("image_size", "warmup", "repeats", "device", "threads", "isolate",
-                                    "memory_guard_gib", "peak_tflops", "measure_peak", "peak_size",
-                                    "fused_adamw", "gomp_spincount", "seed", "timeout_s")},
-        )
-        settings.validate()
-        return settings
-
-    def validate(self) -> None:
-        def need(ok: bool, message: str):
-            if not ok:
-                raise ValueError(message)
-
-        need(bool(self.backends), "backends is empty; use backends=all or e.g. backends=[dense_masked,native]")
-        registered = list_backends()
-        need(any(b in registered for b in self.backends),
-             f"none of backends={self.backends} is registered; registered backends: {', '.join(registered)}")
-        for v in self.variants:
-            need(v in VARIANTS, f"unknown variant {v!r}; valid variants: {', '.join(VARIANTS)}")
-        need(bool(self.variants), "variants is empty; e.g. variants=[atto]")
-        for r in self.mask_ratios:
-            need(0.0 < r < 1.0, f"mask ratios must be in (0, 1), got {r}; the paper uses 0.6")
-        need(bool(self.mask_ratios), "mask_ratios is empty; e.g. mask_ratios=[0.6]")
-        for b in self.batch_sizes:
-            need(b >= 1, f"batch sizes must be >= 1, got {b}")
-        need(bool(self.batch_sizes), "batch_sizes is empty; e.g. batch_sizes=[8]")
-        for d in self.dtypes:
-            need(d in DTYPES, f"unknown dtype {d!r}; valid dtypes: {', '.join(DTYPES)}")
-        need(self.image_size >= PATCH and self.image_size % PATCH == 0,
-             f"image_size must be a positive multiple of {PATCH}, got {self.image_size}")
-        need(self.repeats >= 1 and self.warmup >= 0, f"need repeats >= 1 and warmup >= 0, got {self.repeats}, {self.warmup}")
-        need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.device != "cuda" or torch.cuda.is_available(), "device=cuda but no CUDA GPU is visible; use device=auto")
-        need(self.memory_guard_gib is None or float(self.memory_guard_gib) > 0,
-             f"memory_guard_gib must be > 0 or null, got {self.memory_guard_gib}")
-        need(self.peak_size >= 64, f"peak_size must be >= 64 (the matmul of the peak), got {self.peak_size}")
-        need(self.gomp_spincount is None or (isinstance(self.gomp_spincount, int) and self.gomp_spincount >= 0),
-             f"gomp_spincount must be an integer >= 0 or null (inherit), got {self.gomp_spincount!r}")
-        need(self.peak_tflops is None or float(self.peak_tflops) > 0,
-             f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
-
-    @property
-    def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
+    merged = OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg)
+    validate(merged)
+    settings = OmegaConf.to_object(merged)
+    settings.backends = list_backends() if settings.backends in ("all", None) else [
+        str(b) for b in _as_list(settings.backends)]
+    settings.variants = [str(v) for v in settings.variants]
+    settings.dtypes = [str(d) for d in settings.dtypes]
+    settings.device = str(settings.device)
+    if settings.device == "auto":
+        settings.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif settings.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but no CUDA GPU is visible; use device=auto")
+    return settings
 
 
 def _as_list(value) -> list:
@@ -140,9 +67,9 @@ def skip_reason(backend: str, dtype: str, device: str) -> str | None:
     return None
 
 
-def plan(settings: BenchSettings) -> list[dict]:
+def plan(settings: BenchConfig) -> list[dict]:
     """Every configuration of the grid as a spec dict (the measure worker's input)."""
-    device = settings.resolved_device
+    device = settings.device
     specs = []
     for backend, variant, ratio, batch, dtype in itertools.product(
         settings.backends, settings.variants, settings.mask_ratios, settings.batch_sizes, settings.dtypes
@@ -226,11 +153,11 @@ def known_peak_tflops(device: str, dtype: str) -> float | None:
     return None
 
 
-def measure_peaks(settings: BenchSettings, log=print) -> dict[str, dict]:
+def measure_peaks(settings: BenchConfig, log=print) -> dict[str, dict]:
     """{dtype: matmul_peak result} for the dtypes of the grid, on its device and threads."""
     from sparse_mae.bench.peak import matmul_peak
 
-    device = settings.resolved_device
+    device = settings.device
     peaks = {}
     for dtype in settings.dtypes:
         spec = {"dtype": dtype, "device": device, "size": settings.peak_size, "threads": settings.threads}
@@ -248,7 +175,7 @@ def measure_peaks(settings: BenchSettings, log=print) -> dict[str, dict]:
     return peaks
 
 
-def run_bench(settings: BenchSettings, log=print, peaks: dict | None = None) -> list[dict]:
+def run_bench(settings: BenchConfig, log=print, peaks: dict | None = None) -> list[dict]:
     """Run the grid. peaks (optional, filled in): {"before": {dtype: ...}, "after": {...},
     "used": {dtype: GFLOP/s}}, the matmul peaks the shares are computed against."""
     peaks = {} if peaks is None else peaks

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from sparse_mae.config import validate
 from sparse_mae.train.checkpoint import (
     atomic_write_bytes,
     explicit_resume_path,
@@ -152,41 +153,6 @@ def resolve_amp(amp: str, device: torch.device, autocast_devices: tuple[str, ...
     return amp == "true"
 
 
-def check_run_config(cfg: DictConfig) -> None:
-    """Ranges and relations of the engine's keys (types and names: Hydra, from the schema)."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(f"invalid config: {message}")
-
-    for key in ("batch_size", "accum_iter", "epochs", "log_every_steps", "checkpoint.every_steps",
-                "nonfinite.max_in_a_row"):
-        value = OmegaConf.select(cfg, key)
-        need(value > 0, f"{key} must be > 0, got {value!r}")
-    need(cfg.max_steps is None or cfg.max_steps > 0, f"max_steps must be > 0 or null, got {cfg.max_steps!r}")
-    need(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.checkpoint.keep_last}")
-    need(str(cfg.amp).lower() in ("auto", "true", "false"), f"amp must be auto, true or false, got {cfg.amp!r}")
-    need(cfg.clip_grad is None or cfg.clip_grad > 0, f"clip_grad must be > 0 or null, got {cfg.clip_grad!r}")
-    optim = cfg.optim
-    need(optim.blr > 0, f"optim.blr must be > 0, got {optim.blr!r}")
-    need(optim.lr is None or optim.lr > 0,
-         f"optim.lr must be > 0 or null (then lr = blr * effective_batch / 256), got {optim.lr!r}")
-    need(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay!r}")
-    need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
-         f"optim.betas must be two numbers in [0, 1), got {list(optim.betas)}")
-    need(optim.eps > 0, f"optim.eps must be > 0, got {optim.eps!r}")
-    need(cfg.sched.warmup_epochs >= 0, f"sched.warmup_epochs must be >= 0, got {cfg.sched.warmup_epochs!r}")
-    need(cfg.sched.warmup_steps is None or cfg.sched.warmup_steps >= 0,
-         f"sched.warmup_steps must be >= 0 or null, got {cfg.sched.warmup_steps!r}")
-    need(cfg.sched.min_lr >= 0, f"sched.min_lr must be >= 0, got {cfg.sched.min_lr!r}")
-    size = cfg.data.size
-    need(size > 0 and size % 32 == 0, f"data.size must be a positive multiple of 32 (the patch size), got {size!r}")
-    need(cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers!r}")
-    lo, hi = cfg.data.scale
-    need(0 < lo <= hi <= 1, f"data.scale must satisfy 0 < min <= max <= 1, got [{lo}, {hi}]")
-    need(0 <= cfg.data.hflip <= 1, f"data.hflip must be a probability in [0, 1], got {cfg.data.hflip!r}")
-
-
 def align_grad_strides(model: torch.nn.Module) -> None:
     """Give each gradient its parameter's strides where they differ only on size-1 dims (a
     free view: same memory order). Conv backward writes (C,1,7,7) depthwise and 1x1 conv
@@ -217,7 +183,7 @@ def weights_finite(params: list[torch.Tensor]) -> bool:
 def train(cfg: DictConfig, make_task: Callable[[DictConfig, DistInfo], TrainTask],
           run_dir: str | Path | None = None) -> tuple[RunResult, TrainTask]:
     """Run (or continue) one training job in `run_dir` (default cfg.output_dir)."""
-    check_run_config(cfg)
+    validate(cfg)  # composed configs were checked already; this catches values set by hand since
     di = init_distributed(cfg.device)
     try:
         # ranks may resolve ${now:...} in different seconds: rank 0's folder wins
