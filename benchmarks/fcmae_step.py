@@ -4,9 +4,10 @@
     .venv/bin/python benchmarks/fcmae_step.py --variants atto --backends native dense_masked
     .venv/bin/python benchmarks/fcmae_step.py --profile --backends native --variants tiny --dtype bfloat16  # where time goes
 
-One step = FCMAE forward (under autocast for --dtype bfloat16) + backward + AdamW step
-(fused kernel, betas 0.9/0.95, wd 0.05) at 224x224, mask ratio 0.6, batch 16, torch
-threads = CPU cores. Each (variant, backend) runs in a
+One step = the training engine's own step (sparse_mae.train.step.train_step, as
+`sparse-mae bench` times it): FCMAE loss (under autocast for --dtype bfloat16) with
+per-sample masks, backward, gradient norm, AdamW with the pretraining recipe, at 224x224,
+mask ratio 0.6, batch 16, torch threads = CPU cores. Each (variant, backend) runs in a
 fresh subprocess so that memory numbers do not mix: after warm-up steps we report the
 median of the timed steps, and peak memory as the peak-RSS delta of that process
 (getrusage ru_maxrss at the end minus the RSS just before the first step, i.e. the
@@ -39,23 +40,13 @@ def _peak_rss_mib() -> float:
 def worker(args) -> dict:
     import torch
 
-    from sparse_mae import create_model
+    from sparse_mae.bench.measure import FcmaeStep
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = create_model(f"fcmae_convnextv2_{args.variant}", backend=args.backend, mask_ratio=args.mask_ratio)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
-    autocast = torch.autocast("cpu", dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
-    imgs = torch.randn(args.batch, 3, args.size, args.size)
-    masks = [model.random_masking(args.batch, (args.size // 32) ** 2) for _ in range(4)]
-
-    def step(k: int):
-        with autocast:
-            loss, _, _ = model(imgs, mask=masks[k % len(masks)])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    run = FcmaeStep({"backend": args.backend, "variant": args.variant, "image_size": args.size,
+                     "mask_ratio": args.mask_ratio, "batch_size": args.batch, "dtype": args.dtype,
+                     "device": "cpu", "seed": 0})
+    step = run.step  # the engine's training step (sparse_mae.train.step), as `sparse-mae bench` times it
 
     rss_before = _rss_mib()
     times = []

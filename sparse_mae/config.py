@@ -432,7 +432,6 @@ class BenchConfig:
                                        POSITIVE)
     measure_peak: bool = opt(True, "time this machine's matmul peak per dtype before and after the grid")
     peak_size: int = opt(2048, "that matmul is peak_size^3", Range(64))
-    fused_adamw: bool = opt(True, "the step's AdamW as torch's fused kernel (CPU and CUDA), for every backend")
     gomp_spincount: Optional[int] = opt(2000, "isolated workers' GOMP_SPINCOUNT: spins of torch's OpenMP threads "
                                               "before they sleep (libgomp's 300000 fights other processes on a "
                                               "shared CPU; 0 = passive); null: inherit", NON_NEGATIVE)

@@ -255,3 +255,43 @@ def test_isolated_workers_get_the_openmp_spin_count(monkeypatch, spincount, expe
     assert seen["env"].get("GOMP_SPINCOUNT") == expected
     # a wait policy would override the spin count: dropped when one is set, inherited otherwise
     assert seen["env"].get("OMP_WAIT_POLICY") == (None if expected is not None else "ACTIVE")
+
+
+def test_the_bench_times_the_engines_own_step(tmp_path, monkeypatch):
+    """The bench's step and a pretraining run's step are one function called alike: the same
+    optimizer recipe and parameter groups, clipping, accumulation, and the FCMAE loss with
+    per-sample masks from seeds. Drift in either (a hard-coded beta, other groups, another
+    loss) fails here."""
+    from sparse_mae.apps.pretrain import compose_config as pretrain_config
+    from sparse_mae.apps.pretrain import run_pretrain
+    from sparse_mae.bench.measure import FcmaeStep
+    from sparse_mae.train import step as training_step
+    from sparse_mae.train.step import fcmae_loss
+
+    calls = []
+    real = training_step.train_step
+
+    def recording(model, loss_fn, micro_batches, optimizer, params, **kw):
+        batches = list(micro_batches) if isinstance(micro_batches, list) else None
+        unwrapped = getattr(model, "module", model)
+        probe = {"image": torch.randn(2, 3, 64, 64), "seed": torch.tensor([11, 12])}
+        with torch.no_grad():
+            same_loss = torch.equal(loss_fn(unwrapped, probe, 0), fcmae_loss(unwrapped, probe, 0.6))
+        calls.append({
+            "defaults": {k: v for k, v in optimizer.defaults.items() if k != "lr"},
+            "groups": [(len(g["params"]), g["weight_decay"]) for g in optimizer.param_groups],
+            "clip_grad": kw.get("clip_grad"), "accum_iter": kw.get("accum_iter", 1),
+            "autocast_dtype": kw.get("autocast_dtype"), "same_loss": same_loss,
+            "optimizer": type(optimizer)})
+        return real(model, loss_fn, batches if batches is not None else micro_batches, optimizer, params, **kw)
+
+    monkeypatch.setattr(training_step, "train_step", recording)
+    cfg = pretrain_config(["model=debug", "backend=native", "data.size=64", "batch_size=2", "max_steps=1",
+                           "data.num_images=4", "data.num_workers=0", "logger=none", "recon.num_images=0",
+                           "amp=false", f"output_dir={tmp_path / 'run'}"])
+    run_pretrain(cfg)
+    FcmaeStep({"backend": "native", "variant": "debug", "image_size": 64, "mask_ratio": 0.6, "batch_size": 2,
+               "dtype": "float32", "device": "cpu", "seed": 0}).step(0)
+    engine, bench = calls
+    assert engine == bench
+    assert engine["same_loss"] and engine["defaults"]["betas"] == (0.9, 0.95) and engine["defaults"]["fused"]

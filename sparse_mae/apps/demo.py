@@ -1,7 +1,8 @@
 """One FCMAE training step per available backend on built-in images.
 
-Every backend gets the same weights, images and mask, so the losses printed side by
-side should agree to float precision.
+Every backend gets the same weights, images and masks, and runs the training engine's own
+step (sparse_mae.train.step) with the pretraining recipe's optimizer, so the losses printed
+side by side should agree to float precision.
 """
 from __future__ import annotations
 
@@ -13,8 +14,11 @@ import torch
 
 from sparse_mae import create_model
 from sparse_mae.backends import backend_availability, list_backends
+from sparse_mae.config import PretrainConfig
 from sparse_mae.data.builtin import builtin_batch, normalize
 from sparse_mae.flops import fcmae_gmacs
+from sparse_mae.models.fcmae import masks_from_seeds
+from sparse_mae.train import step as training_step
 
 
 def main() -> int:
@@ -28,16 +32,17 @@ def main() -> int:
 
     torch.manual_seed(args.seed)
     imgs = normalize(builtin_batch(args.batch, args.size, seed=args.seed)[0])
+    batch = {"image": imgs, "seed": torch.arange(args.batch) + args.seed * args.batch}
     reference = create_model(args.model, mask_ratio=args.mask_ratio)
     state = reference.state_dict()
-    mask = reference.random_masking(args.batch, reference.patchify(imgs).shape[1],
-                                    generator=torch.Generator().manual_seed(args.seed))
+    mask = masks_from_seeds(batch["seed"], reference.patchify(imgs).shape[1], args.mask_ratio)
     gmacs = fcmae_gmacs(reference, (args.size, args.size), mask=mask)
     print(f"{args.model}  batch {args.batch}  {args.size}x{args.size}  mask ratio {args.mask_ratio}  "
           f"visible fraction {float((mask == 0).float().mean()):.3f}")
     print(f"GMACs per image: encoder dense {gmacs.encoder_dense:.3f}, encoder useful (visible only) "
           f"{gmacs.encoder_useful:.3f}, decoder {gmacs.decoder:.3f}")
     print(f"{'backend':<14}{'loss':>12}{'step s':>10}")
+    recipe = PretrainConfig().optim
     for name in list_backends():
         ok, reason = backend_availability(name)
         if not ok:
@@ -45,10 +50,12 @@ def main() -> int:
             continue
         model = create_model(args.model, backend=name, mask_ratio=args.mask_ratio)
         model.load_state_dict(state)
-        opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        optimizer = training_step.build_optimizer(
+            training_step.fcmae_param_groups(model, recipe.weight_decay), recipe,
+            lr=recipe.blr * args.batch / 256, device=imgs.device)
         start = time.perf_counter()
-        loss, _, _ = model(imgs, mask=mask)
-        loss.backward()
-        opt.step()
-        print(f"{name:<14}{loss.item():>12.6f}{time.perf_counter() - start:>10.3f}")
+        result = training_step.train_step(
+            model, lambda m, b, micro: training_step.fcmae_loss(m, b, args.mask_ratio), [batch], optimizer,
+            [p for p in model.parameters() if p.requires_grad])
+        print(f"{name:<14}{result.loss:>12.6f}{time.perf_counter() - start:>10.3f}")
     return 0

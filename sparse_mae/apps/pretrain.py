@@ -16,15 +16,14 @@ from omegaconf import DictConfig
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.backends import backend_availability, list_backends
 from sparse_mae.models import create_model
-from sparse_mae.models.fcmae import random_mask
+from sparse_mae.models.convnextv2 import PATCH
+from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.engine import Run, RunResult, TrainTask, resolve_amp, train
 from sparse_mae.train.errors import TrainingDiverged
-from sparse_mae.train.optim import param_groups_weight_decay
+from sparse_mae.train.step import fcmae_loss, fcmae_param_groups
 from sparse_mae.train.reconstruction import save_reconstruction
 
-# Masks are drawn from the sample seed XOR this salt, so they are independent of the crop.
-MASK_SALT = 0x5A5A_1234_ABCD
 # Backends in order of preference for backend=auto.
 AUTO_BACKEND_ORDER = ("native", "dense_masked")
 # Kept for callers of earlier versions: the non-finite stop is the engine's now.
@@ -70,13 +69,6 @@ def build_dataset(data_cfg: DictConfig):
     return ImageFolderDataset(data_cfg.root, transform)
 
 
-def masks_from_seeds(seeds: torch.Tensor, num_patches: int, mask_ratio: float) -> torch.Tensor:
-    """One mask per sample from that sample's seed -> (N, L) float, 1 = removed."""
-    rows = [random_mask(1, num_patches, mask_ratio, generator=torch.Generator().manual_seed(int(s) ^ MASK_SALT))
-            for s in seeds.tolist()]
-    return torch.cat(rows)
-
-
 # -- the task ----------------------------------------------------------------------------
 
 class PretrainTask(TrainTask):
@@ -92,7 +84,7 @@ class PretrainTask(TrainTask):
         ).to(di.device)
         self.amp = resolve_amp(cfg.amp, di.device, self.model.backend.autocast_devices, f"backend {self.backend}")
         self.dataset = build_dataset(cfg.data)
-        self.num_patches = (cfg.data.size // 32) ** 2
+        self.num_patches = (cfg.data.size // PATCH) ** 2
         self.recon_path: Path | None = None
         self._recon_batch = None
 
@@ -110,12 +102,10 @@ class PretrainTask(TrainTask):
             log(f"init: {loaded}")
 
     def param_groups(self) -> list[dict]:
-        return param_groups_weight_decay(self.model, self.cfg.optim.weight_decay)
+        return fcmae_param_groups(self.model, self.cfg.optim.weight_decay)
 
     def loss(self, model, batch: dict, step: int, micro: int) -> torch.Tensor:
-        mask = masks_from_seeds(batch["seed"], self.num_patches, self.cfg.mask_ratio).to(self.device)
-        loss, _, _ = model(batch["image"], mask=mask)
-        return loss
+        return fcmae_loss(model, batch, self.cfg.mask_ratio)
 
     def after_step(self, run: Run, step: int, last: bool) -> None:
         every = self.cfg.recon.every_steps

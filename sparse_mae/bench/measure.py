@@ -3,8 +3,10 @@
 `measure_configuration(spec)` builds the FCMAE model, then measures
 - executed forward MACs: torch's FlopCounterMode over one real forward plus the backend's
   `uncounted_macs` hook for kernels the counter cannot see;
-- forward time (training forward, autograd on) and step time (forward + backward + AdamW
-  step): `warmup` untimed calls, then `repeats` timed ones (CUDA events on GPU);
+- forward time (the training loss's forward, autograd on) and step time: the engine's own
+  step (train.step.train_step: FCMAE loss with per-sample masks from seeds, backward, the
+  gradient norm, AdamW with the pretraining recipe's groups, betas and weight decay):
+  `warmup` untimed calls, then `repeats` timed ones (CUDA events on GPU);
 - peak memory of the forward and of the step, on top of what existed before them (model,
   batch): CUDA max allocated on GPU; on CPU the peak RSS (VmHWM, reset through
   /proc/self/clear_refs) minus the RSS before.
@@ -23,6 +25,8 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from sparse_mae.models.convnextv2 import PATCH
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIB = 2**20
@@ -164,56 +168,83 @@ def median_iqr(times: list[float]) -> tuple[float, float]:
 # -- one configuration ------------------------------------------------------------------------
 
 
+class FcmaeStep:
+    """The training step the engine runs (train.step.train_step with the FCMAE loss, the
+    pretraining app's parameter groups and the schema's AdamW recipe), on random images of
+    one configuration. Call k draws the batch's masks from seeds k * batch .. (k+1) * batch,
+    as training draws them from sample seeds, so no engine can cache one mask's indices."""
+
+    def __init__(self, spec: dict):
+        from sparse_mae.config import PretrainConfig
+        from sparse_mae.models import create_model
+        from sparse_mae.train.step import build_optimizer, fcmae_param_groups
+
+        torch.manual_seed(spec["seed"])
+        self.device = torch.device(spec["device"])
+        self.batch_size, self.mask_ratio = spec["batch_size"], spec["mask_ratio"]
+        size = spec["image_size"]
+        self.model = create_model(f"fcmae_convnextv2_{spec['variant']}", backend=spec["backend"],
+                                  mask_ratio=self.mask_ratio).to(self.device)
+        self.model.train()
+        recipe = PretrainConfig()  # the defaults a pretraining run starts from
+        self.clip_grad = recipe.clip_grad
+        lr = recipe.optim.lr or recipe.optim.blr * self.batch_size / 256
+        self.optimizer = build_optimizer(fcmae_param_groups(self.model, recipe.optim.weight_decay), recipe.optim,
+                                         lr, self.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.imgs = torch.randn(self.batch_size, 3, size, size, device=self.device)
+        dtype = DTYPES[spec["dtype"]]
+        self.autocast_dtype = None if dtype == torch.float32 else dtype
+
+    def batch(self, k: int) -> dict:
+        seeds = torch.arange(k * self.batch_size, (k + 1) * self.batch_size) + 1_000_003 * self.batch_size
+        return {"image": self.imgs, "seed": seeds}
+
+    def mask(self, k: int) -> torch.Tensor:
+        from sparse_mae.models.fcmae import masks_from_seeds
+
+        return masks_from_seeds(self.batch(k)["seed"], self.model.patchify(self.imgs).shape[1], self.mask_ratio)
+
+    def loss(self, model, batch: dict, micro: int = 0) -> torch.Tensor:
+        from sparse_mae.train.step import fcmae_loss
+
+        return fcmae_loss(model, batch, self.mask_ratio)
+
+    def forward(self, k: int) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                            enabled=self.autocast_dtype is not None):
+            return self.loss(self.model, self.batch(k))
+
+    def step(self, k: int):
+        from sparse_mae.train import step as training
+
+        return training.train_step(self.model, self.loss, [self.batch(k)], self.optimizer, self.params,
+                                   clip_grad=self.clip_grad, autocast_dtype=self.autocast_dtype)
+
+
 def measure_configuration(spec: dict) -> dict:
     """spec keys: backend, variant, image_size, mask_ratio, batch_size, dtype, device,
-    warmup, repeats, threads, seed, memory_guard_gib, fused_adamw, fresh_process.
+    warmup, repeats, threads, seed, memory_guard_gib, fresh_process.
     -> measured fields (times in ms, memory in MiB, MACs per image in G)."""
     from sparse_mae.flops import fcmae_gmacs
-    from sparse_mae.models import create_model
-    from sparse_mae.models.fcmae import random_mask
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    torch.manual_seed(spec["seed"])
-    device = torch.device(spec["device"])
-    size, batch = spec["image_size"], spec["batch_size"]
-    grid = size // 32
-    model = create_model(
-        f"fcmae_convnextv2_{spec['variant']}", backend=spec["backend"], mask_ratio=spec["mask_ratio"]
-    ).to(device)
-    model.train()
-    # fused: one kernel over all parameters instead of ~8 ops per tensor (the for-loop version
-    # on CPU costs more than a tenth of a small model's step); the same for every backend
-    fused = bool(spec.get("fused_adamw", True)) and device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
-    imgs = torch.randn(batch, 3, size, size, device=device)
-    generator = torch.Generator().manual_seed(spec["seed"])
-    # a few masks cycled through, so no engine can cache one mask's index structures
-    masks = [random_mask(batch, grid * grid, spec["mask_ratio"], generator=generator).to(device) for _ in range(4)]
-    dtype = DTYPES[spec["dtype"]]
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
-
-    def forward(k: int):
-        with autocast:
-            return model(imgs, mask=masks[k % len(masks)])[0]
-
-    def step(k: int):
-        loss = forward(k)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    run = FcmaeStep(spec)
+    model, imgs, device, batch = run.model, run.imgs, run.device, run.batch_size
+    grid = imgs.shape[-1] // PATCH
+    forward, step = run.forward, run.step
+    mask0 = run.mask(0).to(device)
 
     result: dict = {}
     with FlopCounterMode(display=False) as counter:
         forward(0)
-    uncounted = model.backend.uncounted_macs(model.encoder, imgs, masks[0].reshape(batch, grid, grid))
+    uncounted = model.backend.uncounted_macs(model.encoder, imgs, mask0.reshape(batch, grid, grid))
     result["executed_gmacs"] = (counter.get_total_flops() / 2 + uncounted) / batch / 1e9
-    analytic = fcmae_gmacs(model, (size, size), mask=masks[0])
+    analytic = fcmae_gmacs(model, tuple(imgs.shape[-2:]), mask=mask0)
     result["dense_gmacs"] = analytic.total_dense
     result["useful_gmacs"] = analytic.total_useful
-    result["visible_patches"] = int((masks[0][0] == 0).sum())
+    result["visible_patches"] = int((mask0[0] == 0).sum())
     result["patches"] = grid * grid
 
     probe = MemoryProbe(device, spec.get("fresh_process", False))

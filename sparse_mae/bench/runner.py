@@ -78,7 +78,7 @@ def plan(settings: BenchConfig) -> list[dict]:
             "backend": backend, "variant": variant, "image_size": settings.image_size, "mask_ratio": ratio,
             "batch_size": batch, "dtype": dtype, "device": device, "warmup": settings.warmup,
             "repeats": settings.repeats, "threads": settings.threads, "seed": settings.seed,
-            "memory_guard_gib": settings.memory_guard_gib, "fused_adamw": settings.fused_adamw,
+            "memory_guard_gib": settings.memory_guard_gib,
         })
     return specs
 

@@ -141,6 +141,19 @@ def random_mask(
     return mask.to(device) if device is not None else mask
 
 
+# Per-sample masks are drawn from the sample seed XOR this salt, so they are independent of
+# the crop and flip drawn from the same seed.
+MASK_SALT = 0x5A5A_1234_ABCD
+
+
+def masks_from_seeds(seeds: torch.Tensor, num_patches: int, ratio: float) -> torch.Tensor:
+    """One mask per sample from that sample's seed -> (N, L) float, 1 = removed. A sample is
+    masked alike in any batch, on any number of processes, and after a resume."""
+    rows = [random_mask(1, num_patches, ratio, generator=torch.Generator().manual_seed(int(s) ^ MASK_SALT))
+            for s in seeds.tolist()]
+    return torch.cat(rows)
+
+
 def check_mask(mask: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
     """Validate a user-given mask; returns it as float."""
     if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (batch, num_patches):

@@ -58,6 +58,7 @@ from sparse_mae.train.rng import capture_rng_state, restore_rng_state, seed_ever
 from sparse_mae.train.rundir import RunDirectory
 from sparse_mae.train.sampler import ResumableDistributedSampler
 from sparse_mae.train.schedule import set_lr, warmup_cosine_lr
+from sparse_mae.train import step as training_step
 
 # Metrics that measure the machine, not the training: they differ between runs of the
 # same training (and between an interrupted run and an uninterrupted one).
@@ -260,9 +261,7 @@ class _Engine:
 
         if resume_path is None:
             task.init_weights(lambda m: print(m, flush=True) if di.is_main else None)
-        # torch's fused AdamW (CPU and CUDA): its per-tensor loop costs over a tenth of a small step
-        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=self.peak_lr, betas=tuple(cfg.optim.betas),
-                                           eps=cfg.optim.eps, fused=di.device.type in ("cpu", "cuda"))
+        self.optimizer = training_step.build_optimizer(task.param_groups(), cfg.optim, self.peak_lr, di.device)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.counters = Counters()
         self.run_id = uuid.uuid4().hex
@@ -377,32 +376,12 @@ class _Engine:
         step = c.step
         set_lr(self.optimizer, warmup_cosine_lr(step, self.total_steps, self.warmup_steps, self.peak_lr,
                                                 cfg.sched.min_lr))
-        step_loss, problem = 0.0, None
-        for micro in range(cfg.accum_iter):
-            batch = next(batches)
-            self.skipped_here += batch["skipped"].sum()
-            batch = {k: v.to(di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
-            sync = micro == cfg.accum_iter - 1 or not di.enabled
-            with self.train_model.no_sync() if not sync else contextlib.nullcontext():
-                with torch.autocast(di.device.type, dtype=torch.bfloat16, enabled=self.run.amp):
-                    loss = self.task.loss(self.train_model, batch, step, micro)
-                global_loss = float(all_reduce_mean(loss.detach().float()))
-                if not math.isfinite(global_loss) and problem is None:
-                    problem = f"loss is {global_loss} (micro-batch {micro})"
-                # even a non-finite loss goes through backward: DDP expects the reduction it
-                # prepared in forward; the step is dropped below
-                (loss / cfg.accum_iter).backward()
-            step_loss += global_loss / cfg.accum_iter
-        if problem is None:
-            if cfg.clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            if not torch.isfinite(grad_norm):
-                problem = f"gradient norm is {float(grad_norm)} (loss {step_loss:.6g})"
+        result = training_step.train_step(self.train_model, lambda model, batch, micro: self.task.loss(model, batch, step, micro),
+                            self._micro_batches(batches), self.optimizer, self.params, accum_iter=cfg.accum_iter,
+                            clip_grad=cfg.clip_grad, autocast_dtype=torch.bfloat16 if self.run.amp else None,
+                            distributed=di.enabled)
+        step_loss, problem = result.loss, result.problem
         if problem is not None:
-            self.optimizer.zero_grad(set_to_none=True)
             c.step += 1
             c.nonfinite_steps += 1
             c.nonfinite_in_a_row += 1
@@ -416,8 +395,6 @@ class _Engine:
             self.logger.write(f"warning: step {step} skipped: {problem} ({c.nonfinite_in_a_row} in a row, "
                               f"{c.nonfinite_steps} in all)")
             return
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if not weights_finite(self.params):
             raise TrainingDiverged(
                 f"step {step}: the weights are not finite after the optimizer step although the gradients were "
@@ -429,6 +406,14 @@ class _Engine:
         c.window_loss += step_loss
         c.window_steps += 1
         self.losses.append(step_loss)
+
+    def _micro_batches(self, batches):
+        """The loader's next batches on the device, counting the unreadable files they stand for."""
+        while True:
+            batch = next(batches)
+            self.skipped_here += batch["skipped"].sum()
+            yield {k: v.to(self.di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                   for k, v in batch.items()}
 
     def _on_disk(self) -> Path | None:
         return find_latest(self.dir.checkpoints)
