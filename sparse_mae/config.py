@@ -286,7 +286,7 @@ class NonFiniteConfig:
 class RunConfig:
     """Everything sparse_mae.train's engine reads."""
 
-    seed: int = opt(0, "seeds data order, augmentation, masks and init")
+    seed: int = opt(0, "seeds data order, augmentation, masks and init", NON_NEGATIVE)
     device: Device = opt("auto", "auto: CUDA if visible, else CPU")
     amp: str = opt("auto", "bf16 autocast: auto (on for CUDA where the backend supports it), true, false",
                    OneOf(("auto", "true", "false")))

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparse_mae.models.convnextv2 import PATCH, VARIANTS
+from sparse_mae.backends.base import PATCH, STAGE_SITES_PER_PATCH
+from sparse_mae.models.convnextv2 import VARIANTS
 from sparse_mae_kernels.constants import TAPS
 
-STAGE_SITES_PER_PATCH = (64, 16, 4, 1)  # sites of one 32x32 patch at strides 4, 8, 16, 32
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import sparse_mae
-from sparse_mae.data.builtin import builtin_batch, normalize
+from sparse_mae.data.builtin import builtin_batch
+from sparse_mae.data.transforms import normalize
 from tests.equivalence import make_case
 
 

@@ -20,7 +20,8 @@ from omegaconf.errors import MissingMandatoryValue
 from PIL import Image
 
 import sparse_mae.train.checkpoint as checkpoint_module
-from sparse_mae.apps.pretrain import NonFiniteLossError, compose_config, resolve_backend, run_pretrain
+from sparse_mae.apps.pretrain import NonFiniteLossError, compose_config, run_pretrain
+from sparse_mae.backends import resolve_backend
 from sparse_mae.models.fcmae import FCMAE
 from sparse_mae.train.checkpoint import find_latest, list_checkpoints, load_checkpoint
 

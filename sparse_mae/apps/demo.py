@@ -15,7 +15,8 @@ import torch
 from sparse_mae import create_model
 from sparse_mae.backends import backend_availability, list_backends
 from sparse_mae.config import PretrainConfig
-from sparse_mae.data.builtin import builtin_batch, normalize
+from sparse_mae.data.builtin import builtin_batch
+from sparse_mae.data.transforms import normalize
 from sparse_mae.flops import fcmae_gmacs
 from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train import step as training_step

@@ -14,7 +14,8 @@ import torch
 from omegaconf import DictConfig
 
 from sparse_mae.apps.app import compose, hydra_main
-from sparse_mae.backends import backend_availability, list_backends
+from sparse_mae.backends import resolve_backend
+from sparse_mae.data.build import pretrain_dataset
 from sparse_mae.models import create_model
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
@@ -24,8 +25,6 @@ from sparse_mae.train.errors import TrainingDiverged
 from sparse_mae.train.step import fcmae_loss, fcmae_param_groups
 from sparse_mae.train.reconstruction import save_reconstruction
 
-# Backends in order of preference for backend=auto.
-AUTO_BACKEND_ORDER = ("native", "dense_masked")
 # Kept for callers of earlier versions: the non-finite stop is the engine's now.
 NonFiniteLossError = TrainingDiverged
 
@@ -38,35 +37,6 @@ class PretrainResult(RunResult):
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The config `sparse-mae pretrain <overrides>` would run (for tests and notebooks)."""
     return compose("pretrain", overrides)
-
-
-def resolve_backend(name: str) -> str:
-    """"auto" -> the fastest backend available here; an explicit name must be available."""
-    name = str(name)
-    if name == "auto":
-        for candidate in AUTO_BACKEND_ORDER:
-            if candidate in list_backends() and backend_availability(candidate)[0]:
-                return candidate
-        raise ValueError(f"backend=auto found none of {AUTO_BACKEND_ORDER} available")
-    ok, reason = backend_availability(name)
-    if not ok:
-        raise ValueError(f"backend={name} is not available here: {reason}. Use backend=auto or backend=dense_masked")
-    return name
-
-
-# -- data --------------------------------------------------------------------------------
-
-def build_dataset(data_cfg: DictConfig):
-    from sparse_mae.data.transforms import TrainTransform
-
-    transform = TrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
-    if data_cfg.name == "builtin":
-        from sparse_mae.data.builtin import BuiltinDataset
-
-        return BuiltinDataset(data_cfg.num_images, data_cfg.draw_size, transform, seed=data_cfg.seed)
-    from sparse_mae.data.imagefolder import ImageFolderDataset
-
-    return ImageFolderDataset(data_cfg.root, transform)
 
 
 # -- the task ----------------------------------------------------------------------------
@@ -83,7 +53,7 @@ class PretrainTask(TrainTask):
             decoder_depth=cfg.model.decoder_depth, drop_path_rate=cfg.model.drop_path_rate,
         ).to(di.device)
         self.amp = resolve_amp(cfg.amp, di.device, self.model.backend.autocast_devices, f"backend {self.backend}")
-        self.dataset = build_dataset(cfg.data)
+        self.dataset = pretrain_dataset(cfg.data)
         self.num_patches = (cfg.data.size // PATCH) ** 2
         self.recon_path: Path | None = None
         self._recon_batch = None

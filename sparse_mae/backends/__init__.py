@@ -36,6 +36,24 @@ def available_backends() -> list[str]:
     return [n for n in _REGISTRY if backend_availability(n)[0]]
 
 
+# Backends in order of preference for backend=auto: the fastest available one.
+AUTO_BACKEND_ORDER = ("native", "dense_masked")
+
+
+def resolve_backend(name: str) -> str:
+    """"auto" -> the fastest backend available here; an explicit name must be available."""
+    name = str(name)
+    if name == "auto":
+        for candidate in AUTO_BACKEND_ORDER:
+            if candidate in _REGISTRY and backend_availability(candidate)[0]:
+                return candidate
+        raise ValueError(f"backend=auto found none of {AUTO_BACKEND_ORDER} available")
+    ok, reason = backend_availability(name)
+    if not ok:
+        raise ValueError(f"backend={name} is not available here: {reason}. Use backend=auto or backend=dense_masked")
+    return name
+
+
 def get_backend(name: str) -> EncoderBackend:
     cls = _backend_class(name)
     ok, reason = cls.availability()
@@ -51,4 +69,5 @@ __all__ = [
     "backend_availability",
     "get_backend",
     "list_backends",
+    "resolve_backend",
 ]

@@ -10,11 +10,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the models import the backends, not the other way round
+if TYPE_CHECKING:  # the models import the backends, not the other way round (type hints only)
     from sparse_mae.models.convnextv2 import ConvNeXtV2
 
-# Down-sampling factor from the 1/32 mask grid to each stage's grid (1/4, 1/8, 1/16, 1/32).
+# The geometry every backend and the FLOP count share, defined once here:
+PATCH = 32  # the encoder's total stride, so one cell of the mask grid: the FCMAE patch size
+# Up-sampling factor from the 1/32 mask grid to each stage's grid (1/4, 1/8, 1/16, 1/32).
 STAGE_UPSAMPLE = (8, 4, 2, 1)
+# Sites of one patch at each stage (64, 16, 4, 1).
+STAGE_SITES_PER_PATCH = tuple(f * f for f in STAGE_UPSAMPLE)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -3,10 +3,14 @@ spatial op and every GRN. With patch-aligned masks it equals a true sparse encod
 (docs/design.md section 3); every other backend is tested against it."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from sparse_mae.backends.base import STAGE_UPSAMPLE, EncoderBackend, upsample_mask
-from sparse_mae.models.convnextv2 import Block, ConvNeXtV2, drop_path_scale
+
+if TYPE_CHECKING:  # type hints only: the backends do not import the models
+    from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
 
 class DenseMaskedBackend(EncoderBackend):
@@ -34,7 +38,7 @@ class DenseMaskedBackend(EncoderBackend):
         y = mlp.act(mlp.fc1(block.norm(y)))
         y = mlp.grn(y * keep.permute(0, 2, 3, 1))  # GRN's norm over visible sites only
         y = mlp.fc2(y).permute(0, 3, 1, 2)
-        scale = drop_path_scale(x.shape[0], block.drop_path, block.training, x.device, x.dtype)
+        scale = block.drop_path_scale(x.shape[0], x.device, x.dtype)
         if scale is not None:
             y = y * scale.view(-1, 1, 1, 1)
         return (x + y) * keep

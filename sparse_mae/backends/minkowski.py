@@ -21,18 +21,22 @@ behind the caller's back.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from sparse_mae.backends.base import STAGE_UPSAMPLE, EncoderBackend, upsample_mask
+from sparse_mae.backends.base import PATCH, STAGE_UPSAMPLE, EncoderBackend, upsample_mask
 from sparse_mae.backends.minkowski_compat import (
     CUDA_REBUILD_COMMAND,
     import_minkowski,
     minkowski_built_with_cuda,
     minkowski_import_error,
 )
-from sparse_mae.models.convnextv2 import GRN_EPS, PATCH, Block, ConvNeXtV2, drop_path_scale
-from sparse_mae_kernels.constants import KERNEL_SIZE, TAPS
+from sparse_mae_kernels.constants import GRN_EPS, KERNEL_SIZE, TAPS
+
+if TYPE_CHECKING:  # type hints only: the backends do not import the models
+    from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
 # Below this, sum of squares is treated as 0 so sqrt's gradient stays finite (a channel
 # that is exactly zero over a sample); far below GRN_EPS, so values are unchanged.
@@ -45,10 +49,21 @@ def depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
     return weight.transpose(3, 2).reshape(c, TAPS).permute(1, 0)
 
 
+def depthwise_from_me(kernel: torch.Tensor) -> torch.Tensor:
+    """ME channelwise kernel (49, C) -> torch depthwise (C, 1, 7, 7) (docs/design.md section 4)."""
+    c = kernel.shape[1]
+    return kernel.permute(1, 0).reshape(c, 1, KERNEL_SIZE, KERNEL_SIZE).transpose(3, 2)
+
+
 def strided_to_me(weight: torch.Tensor) -> torch.Tensor:
     """torch (Cout, Cin, 2, 2) -> ME convolution kernel (4, Cin, Cout) (inverse of docs/design.md 4)."""
     cout, cin = weight.shape[:2]
     return weight.transpose(3, 2).reshape(cout, cin, 4).permute(2, 1, 0).contiguous()
+
+
+def strided_from_me(kernel: torch.Tensor) -> torch.Tensor:
+    """ME convolution kernel (4, Cin, Cout) -> torch (Cout, Cin, 2, 2) (docs/design.md section 4)."""
+    return kernel.permute(2, 1, 0).reshape(kernel.shape[2], kernel.shape[1], 2, 2).transpose(3, 2)
 
 
 class MinkowskiNotBuiltForCudaError(RuntimeError):
@@ -177,7 +192,7 @@ class MinkowskiBackend(EncoderBackend):
         y = mlp.act(mlp.fc1(block.norm(y)))
         y = mlp.fc2(self._grn(mlp.grn, y, batch_index, batch))
         # Drawn once per block through the shared helper: same RNG order as dense_masked.
-        scale = drop_path_scale(batch, block.drop_path, block.training, feats.device, feats.dtype)
+        scale = block.drop_path_scale(batch, feats.device, feats.dtype)
         if scale is not None:
             y = y * scale[batch_index].unsqueeze(1)
         return ME.SparseTensor(feats + y, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)

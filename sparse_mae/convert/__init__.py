@@ -25,7 +25,7 @@ from sparse_mae.convert.layouts import (
     infer_spec,
     to_format,
 )
-from sparse_mae.models.convnextv2 import VARIANTS, ClassifierHead, build_convnextv2
+from sparse_mae.models.convnextv2 import PATCH, VARIANTS, ClassifierHead, build_convnextv2
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
 
@@ -205,7 +205,7 @@ def conversion_check(source_sd: dict, source_spec: Spec, exported: dict, fmt: st
 
     g = torch.Generator().manual_seed(seed)
     imgs = torch.randn(2, source_spec.in_chans, size, size, generator=g)
-    grid = size // 32
+    grid = size // PATCH
     mask = random_mask(2, grid * grid, 0.5, generator=g).reshape(2, grid, grid)
     visible = (1.0 - mask).unsqueeze(1)
     dense = get_backend("dense_masked").encode(converted, imgs, mask) * visible

@@ -20,6 +20,7 @@ from functools import lru_cache
 
 import torch
 
+from sparse_mae.backends.minkowski import depthwise_from_me, depthwise_to_me, strided_from_me, strided_to_me
 from sparse_mae.models.convnextv2 import VARIANTS, build_convnextv2
 
 FORMATS = ("sparse_mae", "timm", "official_dense", "official_fcmae")
@@ -33,29 +34,13 @@ class CheckpointMismatchError(ValueError):
 
 # -- tensor transforms: name -> (canonical -> foreign, foreign -> canonical) ---------------
 
-def _me_dw_out(w):  # (C,1,7,7) -> ME channelwise kernel (49, C)
-    return w.transpose(3, 2).reshape(w.shape[0], 49).permute(1, 0)
-
-
-def _me_dw_in(k):  # (49, C) -> (C,1,7,7); docs/design.md section 4
-    return k.permute(1, 0).reshape(k.shape[1], 1, 7, 7).transpose(3, 2)
-
-
-def _me_down_out(w):  # (Cout,Cin,2,2) -> ME kernel (4, Cin, Cout)
-    return w.transpose(3, 2).reshape(w.shape[0], w.shape[1], 4).permute(2, 1, 0)
-
-
-def _me_down_in(k):  # (4, Cin, Cout) -> (Cout,Cin,2,2); docs/design.md section 4
-    return k.permute(2, 1, 0).reshape(k.shape[2], k.shape[1], 2, 2).transpose(3, 2)
-
-
 TRANSFORMS = {
     "same": (lambda t: t, lambda t: t),
     "grn4d": (lambda t: t.reshape(1, 1, 1, -1), lambda t: t.reshape(-1)),  # official GRN (1,1,1,C)
     "row": (lambda t: t.reshape(1, -1), lambda t: t.reshape(-1)),  # ME bias / sparse GRN (1,C)
     "conv1x1": (lambda t: t.reshape(*t.shape, 1, 1), lambda t: t.flatten(1)),  # timm conv MLP
-    "me_dw": (_me_dw_out, _me_dw_in),
-    "me_down": (_me_down_out, _me_down_in),
+    "me_dw": (depthwise_to_me, depthwise_from_me),  # MinkowskiEngine's kernels (the minkowski backend's)
+    "me_down": (strided_to_me, strided_from_me),
 }
 
 

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from sparse_mae.data.transforms import tensor_to_pil
+
 CLASSES = ("disc", "square", "stripes_h", "stripes_v", "checker", "ring", "gradient", "blobs")
 
 
@@ -61,16 +63,6 @@ def builtin_batch(n: int, size: int = 64, seed: int = 0, start: int = 0) -> tupl
     return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items])
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def normalize(imgs: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
-    return (imgs - mean) / std
-
-
 class BuiltinDataset(torch.utils.data.Dataset):
     """`num_images` procedural images (drawn at `draw_size`) as a Dataset, for `data=builtin`.
 
@@ -90,8 +82,6 @@ class BuiltinDataset(torch.utils.data.Dataset):
         return self.num_images
 
     def __getitem__(self, item):
-        from sparse_mae.data.transforms import tensor_to_pil  # transforms imports this module
-
         index, seed = item if isinstance(item, tuple) else (item, item)
         img, label = draw_image(index, self.draw_size, self.seed)
         return {"image": self.transform(tensor_to_pil(img), seed), "label": label, "seed": seed, "skipped": 0}

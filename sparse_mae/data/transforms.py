@@ -11,7 +11,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparse_mae.data.builtin import IMAGENET_MEAN, IMAGENET_STD
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(imgs: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs - mean) / std
+
+
+def unnormalize(imgs: torch.Tensor) -> torch.Tensor:
+    """The inverse of `normalize`."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
+    return imgs * std + mean
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],

@@ -18,12 +18,14 @@ atto..nano as 1x1 convs; the export app reshapes).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparse_mae.backends.base import PATCH  # noqa: F401 (re-exported; defined once there)
 from sparse_mae_kernels.constants import GRN_EPS, KERNEL_SIZE, LN_EPS  # noqa: F401 (re-exported; defined once there)
 
 
@@ -116,9 +118,15 @@ class Block(nn.Module):
         x = self.mlp(self.norm(x))
         return x.permute(0, 3, 1, 2)
 
+    def drop_path_scale(self, batch: int, device, dtype) -> torch.Tensor | None:
+        """This block's per-sample stochastic-depth multiplier (N,), or None (identity). Every
+        backend draws it through here, once per block and in the same order, so equal RNG
+        states give equal drops in every backend."""
+        return drop_path_scale(batch, self.drop_path, self.training, device, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.branch(x)
-        scale = drop_path_scale(x.shape[0], self.drop_path, self.training, x.device, x.dtype)
+        scale = self.drop_path_scale(x.shape[0], x.device, x.dtype)
         if scale is not None:
             y = y * scale.view(-1, 1, 1, 1)
         return x + y
@@ -213,9 +221,6 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-PATCH = 32  # total stride of the encoder; also the FCMAE mask patch size
-
-
 def check_images(x: torch.Tensor, in_chans: int) -> None:
     """Clear errors for input that the encoder cannot take."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -237,3 +242,27 @@ def check_images(x: torch.Tensor, in_chans: int) -> None:
 def build_convnextv2(variant: str, **kwargs) -> ConvNeXtV2:
     spec = VARIANTS[variant]
     return ConvNeXtV2(depths=spec.depths, dims=spec.dims, **kwargs)
+
+
+# -- layer-wise lr decay groups (fine-tuning) -------------------------------------------
+
+NUM_LAYER_IDS = 12  # ConvNeXt's layer-decay grouping: stem 0, stages 1..12, head 13
+
+
+def layer_id(name: str) -> int:
+    """Layer-decay group of a classifier parameter, as the ConvNeXt (V2) fine-tuning code groups
+    them: stem 0; stages 0-1 and downsamples 1-2 -> stage+1; stage 2 blocks in threes -> 3..11;
+    stage 3 and its downsample -> 12; head 13."""
+    if name.startswith("stem."):
+        return 0
+    if m := re.match(r"stages\.(\d+)\.downsample\.", name):
+        i = int(m[1])
+        return i + 1 if i < 3 else NUM_LAYER_IDS
+    if m := re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", name):
+        i, j = int(m[1]), int(m[2])
+        if i < 2:
+            return i + 1
+        if i == 2:
+            return min(3 + j // 3, NUM_LAYER_IDS - 1)
+        return NUM_LAYER_IDS
+    return NUM_LAYER_IDS + 1  # head

@@ -18,7 +18,6 @@ saved. Every rank sees the same all-reduced numbers, so all ranks decide alike.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import uuid
@@ -44,7 +43,6 @@ from sparse_mae.train.checkpoint import (
 )
 from sparse_mae.train.distributed import (
     DistInfo,
-    all_reduce_mean,
     all_reduce_sum,
     barrier,
     broadcast_from_main,

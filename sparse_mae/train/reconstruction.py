@@ -7,17 +7,10 @@ import io
 import torch
 from PIL import Image
 
-from sparse_mae.data.builtin import IMAGENET_MEAN, IMAGENET_STD
-from sparse_mae.data.transforms import tensor_to_pil
+from sparse_mae.data.transforms import tensor_to_pil, unnormalize
 from sparse_mae.train.checkpoint import atomic_write_bytes
 
 GAP = 2  # pixels between tiles
-
-
-def _unnormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return x * std + mean
 
 
 @torch.no_grad()
@@ -39,8 +32,8 @@ def reconstruction_panels(model, imgs: torch.Tensor, mask: torch.Tensor) -> torc
     p = model.patch_size
     pred_img = model.unpatchify(pred, (h // p, w // p))
     removed = mask.reshape(n, 1, h // p, w // p).repeat_interleave(p, 2).repeat_interleave(p, 3).to(imgs.dtype)
-    original = _unnormalize(imgs)
-    prediction = _unnormalize(pred_img)
+    original = unnormalize(imgs)
+    prediction = unnormalize(pred_img)
     masked_input = original * (1 - removed) + 0.5 * removed
     pasted = original * (1 - removed) + prediction * removed
     return torch.stack([original, masked_input, prediction, pasted], dim=1).clamp(0, 1).cpu()

@@ -18,15 +18,15 @@ Two paths, one result (equal to the dense_masked reference):
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sparse_mae_kernels
-from sparse_mae.backends.base import EncoderBackend
+from sparse_mae.backends.base import PATCH, STAGE_SITES_PER_PATCH, EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
-from sparse_mae.flops import STAGE_SITES_PER_PATCH
-from sparse_mae.models.convnextv2 import PATCH, Block, ConvNeXtV2, drop_path_scale
 from sparse_mae_kernels.constants import TAPS
 from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm
 from sparse_mae_kernels.ops.rows_grn import rows_grn
@@ -34,6 +34,9 @@ from sparse_mae_kernels.ops.rows_layernorm import rows_layernorm
 from sparse_mae_kernels.ops.rows_residual import rows_residual
 from sparse_mae_kernels.ops.tiles_dwconv import tiles_dwconv
 from sparse_mae_kernels.ops.tiles_grn import tiles_grn
+
+if TYPE_CHECKING:  # type hints only: the backends do not import the models
+    from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
 
 class NativeBackend(EncoderBackend):
@@ -122,7 +125,7 @@ class RowEncoder:
         u = rows_grn(h, st.row_offsets, mlp.grn.weight, mlp.grn.bias, mlp.fc1.bias, gelu=True, impl=self.impl,
                      check_values=False)
         y = F.linear(u, mlp.fc2.weight)
-        scale = drop_path_scale(self.layout.batch, block.drop_path, block.training, x.device, x.dtype)
+        scale = block.drop_path_scale(self.layout.batch, x.device, x.dtype)
         return rows_residual(x, y, mlp.fc2.bias, scale, st.row_offsets if scale is not None else None,
                              impl=self.impl, check_values=False)
 
@@ -170,7 +173,7 @@ class TileEncoder:
         y = mlp.act(mlp.fc1(block.norm(y)))
         y = tiles_grn(y.reshape(p, s * s, -1), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
         y = mlp.fc2(y).view(p, s, s, c)
-        scale = drop_path_scale(layout.batch, block.drop_path, block.training, x.device, x.dtype)
+        scale = block.drop_path_scale(layout.batch, x.device, x.dtype)
         if scale is not None:
             y = y * scale[layout.patch_sample].view(p, 1, 1, 1)
         return x + y

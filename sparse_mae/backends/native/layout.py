@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_mae.backends.base import STAGE_UPSAMPLE
-from sparse_mae.models.convnextv2 import PATCH
+from sparse_mae.backends.base import PATCH, STAGE_UPSAMPLE
 from sparse_mae_kernels.constants import HALO, KERNEL_SIZE, TAPS
 
 STEM_STRIDE = 4  # the stem's 4x4/4 conv: 8x8 windows per 32x32 patch
