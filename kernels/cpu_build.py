@@ -2,7 +2,8 @@
 thread pool) as one shared library, on first use.
 
 The sources are compiled with the system C compiler (`$CC`, else cc/gcc/clang),
-`-O3 -march=native`, into a cache folder keyed by the sources, compiler, flags and CPU
+`-O3 -march=native` (or the vector path `$SPARSE_MAE_KERNEL_ISA` asks for, see ISA_FLAGS),
+into a cache folder keyed by the sources, compiler, flags and CPU
 (`$SPARSE_MAE_CACHE/kernels`, default ~/.cache/sparse-mae/kernels), written atomically
 so concurrent processes can build at once. It takes about a second. When no compiler
 works, `available()` is False with the reason, and the native engine falls back to its
@@ -30,9 +31,29 @@ from sparse_mae_kernels.constants import TAPS
 
 CSRC = Path(__file__).with_name("csrc")
 CACHE_ENV = "SPARSE_MAE_CACHE"
+ISA_ENV = "SPARSE_MAE_KERNEL_ISA"
 # -march=native first (vector width of this CPU); plain -O3 where the compiler refuses it.
 # -ffp-contract=fast lets the compiler fuse a*b+c into FMAs (ISO C modes turn it off).
 FLAG_SETS = (["-O3", "-march=native", "-ffp-contract=fast"], ["-O3", "-ffp-contract=fast"], ["-O3"])
+# The vector paths a build can be asked for ($SPARSE_MAE_KERNEL_ISA), so that the paths
+# other CPUs take (ARM servers, older x86) are built and tested on any x86 machine:
+# native = this CPU's widest; no-avx512 = this CPU without AVX-512 (common.h's portable
+# vector C, still AVX2 where the CPU has it); portable = the compiler's baseline target
+# (x86-64: SSE2 only, no AVX, AVX2 or FMA).
+ISA_FLAGS = {
+    "native": FLAG_SETS,
+    "no-avx512": (["-O3", "-march=native", "-mno-avx512f", "-ffp-contract=fast"],),
+    "portable": (["-O3", "-ffp-contract=fast"],),
+}
+# bits of sm_compiled_isa() (csrc/isa.c)
+ISA_BITS = {"avx512": 1, "avx2": 2, "fma": 4}
+
+
+def requested_isa() -> str:
+    isa = os.environ.get(ISA_ENV, "native") or "native"
+    if isa not in ISA_FLAGS:
+        raise RuntimeError(f"{ISA_ENV}={isa!r} is not a vector path; use one of {', '.join(ISA_FLAGS)}")
+    return isa
 COMMON_FLAGS = ["-std=gnu11", "-shared", "-fPIC", "-pthread", f"-DTAPS={TAPS}"]  # constants defined once, in Python
 
 # ctypes argument kinds for the ops' declarations
@@ -87,7 +108,7 @@ def _build() -> Path:
     errors = []
     for compiler in compilers:
         version = _compiler_version(compiler)
-        for flags in FLAG_SETS:
+        for flags in ISA_FLAGS[requested_isa()]:
             key = hashlib.sha256(
                 b"\0".join([text, compiler.encode(), version.encode(), " ".join(flags + COMMON_FLAGS).encode(),
                             _cpu_signature().encode()])
@@ -139,6 +160,25 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     return None if available() else _error
+
+
+def compiled_isa() -> dict[str, bool]:
+    """What the loaded build targets: {"avx512": the AVX-512 path, "avx2", "fma"}."""
+    bits = function("sm_compiled_isa", [], ctypes.c_int)()
+    return {name: bool(bits & bit) for name, bit in ISA_BITS.items()}
+
+
+def cpu_isa() -> dict[str, bool] | None:
+    """What this CPU offers, from /proc/cpuinfo (None where it does not say: not Linux x86)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if line is None:
+        return None
+    flags = set(line.split(":", 1)[1].split())
+    return {"avx512": {"avx512f", "avx512bw", "avx512vl"} <= flags, "avx2": "avx2" in flags, "fma": "fma" in flags}
 
 
 def function(name: str, argtypes: list, restype=None):
