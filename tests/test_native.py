@@ -210,3 +210,44 @@ def test_uncounted_macs_are_the_depthwise_convs_run_in_c_or_triton(monkeypatch):
     assert backend.uncounted_macs(enc, imgs, grid) == 0  # torch ops only: the counter sees them all
     monkeypatch.setattr(sparse_mae_kernels, "use_triton", lambda device: True)
     assert backend.uncounted_macs(enc, imgs, grid) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("blocks, channels, grid", [(1, 48, (7, 7)), (2, 21, (3, 5))])  # odd sizes too
+def test_decoder_blocks_on_the_row_kernels_equal_the_dense_blocks(dtype, blocks, channels, grid):
+    """The decoder's blocks as rows with every site present (C kernels) give the dense
+    blocks' output and every gradient (input and all block parameters)."""
+    from sparse_mae.backends.base import EncoderBackend
+    from sparse_mae.models.convnextv2 import Block
+    from tests.kernel_helpers import assert_close
+
+    torch.manual_seed(3)
+    decoder = torch.nn.Sequential(*[Block(channels) for _ in range(blocks)])
+    for p in decoder.parameters():  # GRN's zero init would hide its path
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(3, channels, *grid)
+    outs = []
+    for backend in (EncoderBackend(), get_backend("native")):
+        xx = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y = backend.decode_blocks(decoder, xx)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+        grads = torch.autograd.grad(y, [xx, *decoder.parameters()], g)
+        outs.append((y, grads))
+    (ref, ref_grads), (out, out_grads) = outs
+    assert_close(out.detach(), ref.detach(), dtype, "decoder output")
+    names = ["input", *(n for n, _ in decoder.named_parameters())]
+    for name, a, b in zip(names, out_grads, ref_grads):
+        assert_close(a, b, dtype, f"grad {name}")  # fp32 tensors, computed at `dtype`
+
+
+def test_decoder_depthwise_macs_in_c_are_counted(monkeypatch):
+    model, imgs, mask = make_case("debug", (96, 64), 2, 0.5)
+    model.set_backend("native")
+    backend = model.backend
+    dim = model.mask_token.shape[1]
+    decoder_dw = len(model.decoder) * 2 * 3 * 2 * 49 * dim
+    encoder_dw = backend.uncounted_macs(model.encoder, imgs, mask.view(2, 3, 2))
+    assert model.uncounted_macs(imgs, mask) == encoder_dw + decoder_dw
+    monkeypatch.setenv("SPARSE_MAE_CPU_KERNELS", "0")
+    assert model.uncounted_macs(imgs, mask) == 0

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # the models import the backends, not the other way round (type hints only)
-    from sparse_mae.models.convnextv2 import ConvNeXtV2
+    from collections.abc import Sequence
+
+    from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
 # The geometry every backend and the FLOP count share, defined once here:
 PATCH = 32  # the encoder's total stride, so one cell of the mask grid: the FCMAE patch size
@@ -44,10 +46,22 @@ class EncoderBackend:
         """
         raise NotImplementedError
 
+    def decode_blocks(self, blocks: "Sequence[Block]", x: torch.Tensor) -> torch.Tensor:
+        """Run the FCMAE decoder's ConvNeXt blocks over every site: (N, C, h, w) -> same.
+        Dense work, the same numbers in every backend; by default the blocks' own forward,
+        and a backend with faster kernels for a block may run them there."""
+        for block in blocks:
+            x = block(x)
+        return x
+
     def uncounted_macs(self, encoder: "ConvNeXtV2", imgs: torch.Tensor, mask: torch.Tensor) -> int:
         """MACs of one forward that torch's FlopCounterMode cannot see (custom C++/Triton
         kernels). The benchmark adds them to what the counter measured; 0 when every op
         is a torch op."""
+        return 0
+
+    def uncounted_decode_macs(self, blocks: "Sequence[Block]", x: torch.Tensor) -> int:
+        """The same for `decode_blocks(blocks, x)`."""
         return 0
 
     def __repr__(self) -> str:

@@ -2,7 +2,7 @@
 
 `measure_configuration(spec)` builds the FCMAE model, then measures
 - executed forward MACs: torch's FlopCounterMode over one real forward plus the backend's
-  `uncounted_macs` hook for kernels the counter cannot see;
+  `uncounted_macs` hooks for kernels the counter cannot see (encoder and decoder);
 - forward time (the training loss's forward, autograd on) and step time: the engine's own
   step (train.step.train_step: FCMAE loss with per-sample masks from seeds, backward, the
   gradient norm, AdamW with the pretraining recipe's groups, betas and weight decay):
@@ -239,7 +239,7 @@ def measure_configuration(spec: dict) -> dict:
     result: dict = {}
     with FlopCounterMode(display=False) as counter:
         forward(0)
-    uncounted = model.backend.uncounted_macs(model.encoder, imgs, mask0.reshape(batch, grid, grid))
+    uncounted = model.uncounted_macs(imgs, mask0)
     result["executed_gmacs"] = (counter.get_total_flops() / 2 + uncounted) / batch / 1e9
     analytic = fcmae_gmacs(model, tuple(imgs.shape[-2:]), mask=mask0)
     result["dense_gmacs"] = analytic.total_dense

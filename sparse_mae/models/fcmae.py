@@ -91,8 +91,17 @@ class FCMAE(nn.Module):
         n, _, h, w = x.shape
         m = mask.reshape(n, 1, h, w).to(x.dtype)
         x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
-        x = self.pred(self.decoder(x))
+        x = self.pred(self.backend.decode_blocks(self.decoder, x))
         return x.flatten(2).transpose(1, 2)
+
+    def uncounted_macs(self, imgs: torch.Tensor, mask: torch.Tensor) -> int:
+        """MACs of one forward that torch's FlopCounterMode cannot see (the backend's own
+        kernels, in the encoder and the decoder); imgs (N, C, H, W), mask (N, L)."""
+        n, _, h, w = imgs.shape
+        grid = (h // self.patch_size, w // self.patch_size)
+        decoder_input = torch.empty(n, self.mask_token.shape[1], *grid, device=imgs.device)
+        return (self.backend.uncounted_macs(self.encoder, imgs, mask.reshape(n, *grid))
+                + self.backend.uncounted_decode_macs(self.decoder, decoder_input))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE on (per-patch normalised) pixels, averaged over removed patches only. -> scalar."""

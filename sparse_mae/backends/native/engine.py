@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparse_mae_kernels
-from sparse_mae.backends.base import PATCH, STAGE_SITES_PER_PATCH, EncoderBackend
+from sparse_mae.backends.base import PATCH, STAGE_SITES_PER_PATCH, STAGE_UPSAMPLE, EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
 from sparse_mae_kernels.constants import TAPS
 from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm
@@ -52,6 +52,28 @@ class NativeBackend(EncoderBackend):
         if impl is not None:
             return RowEncoder(encoder, layout, impl).run(imgs)
         return TileEncoder(encoder, layout).run(imgs)
+
+    def decode_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's blocks as packed rows with every site present, through the encoder's
+        fused row kernels (depthwise conv + LayerNorm, GRN with GELU and fc1's bias, residual
+        with fc2's bias): no NCHW <-> NHWC permutes and no separate elementwise passes."""
+        impl = row_impl(x.device)
+        if impl is None or len(blocks) == 0:
+            return super().decode_blocks(blocks, x)
+        n, c, h, w = x.shape
+        every_site = SparseLayout(torch.zeros(n, h, w, device=x.device))
+        rows_engine = RowEncoder(None, every_site, impl)
+        st = every_site.stage(len(STAGE_UPSAMPLE) - 1)  # one site per patch: the decoder's own grid
+        rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # packed row order = (sample, y, x)
+        for block in blocks:
+            rows = rows_engine.block(block, rows, st)
+        return rows.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    def uncounted_decode_macs(self, blocks, x: torch.Tensor) -> int:
+        if row_impl(x.device) is None:
+            return 0
+        n, c, h, w = x.shape
+        return len(blocks) * n * h * w * TAPS * c
 
     def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
         """The depthwise convs in C or Triton are invisible to FlopCounterMode; torch ops are not."""
