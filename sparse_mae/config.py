@@ -138,6 +138,26 @@ class LabelledImageFolderData(FinetuneCrop, FolderImages, DataConfig):
 
 
 @dataclass
+class ShardImages:
+    root: str = opt(MISSING, "a shard folder written by `sparse-mae prepare` (required)")
+    num_workers: int = opt(4, "DataLoader worker processes (decoding reduced JPEGs wants fewer than files)")
+
+
+@dataclass
+class ShardData(ShardImages, DataConfig):
+    """Indexed shards from `sparse-mae prepare` (random access; damaged samples skipped, counted)."""
+
+    name: str = "shards"
+
+
+@dataclass
+class LabelledShardData(FinetuneCrop, ShardImages, DataConfig):
+    """root/train and root/val: shard folders prepared from ImageNet-style class folders."""
+
+    name: str = "shards"
+
+
+@dataclass
 class LoggerConfig:
     name: LoggerName = opt(MISSING, "wandb, or none (metrics.jsonl and the progress bar only)")
     mode: WandbMode = opt("offline", "wandb: offline writes under the run directory; online syncs live")
@@ -300,6 +320,29 @@ class ImportConfig:
 
 
 @dataclass
+class PrepareConfig:
+    src: str = opt(MISSING, "the image folder (ImageNet layout src/<class>/*.jpg gives labels; any other: none)")
+    out: str = opt(MISSING, "the shard folder to write; run the same command again to continue an interrupted one")
+    short_side: Optional[int] = opt(256, "each image shrunk so its shorter side is at most this; null: kept")
+    quality: int = opt(90, "JPEG quality of the re-encoded images")
+    shard_size: int = opt(1000, "source images per shard (the unit that an interrupted run keeps)")
+    workers: Optional[int] = opt(None, "processes; null: every core")
+    progress: bool = opt(True, "tqdm progress bar on stderr")
+
+
+def check_prepare_config(cfg) -> None:
+    """Ranges of PrepareConfig (types: Hydra)."""
+    if cfg.short_side is not None and cfg.short_side <= 0:
+        raise ValueError(f"invalid config: short_side must be > 0 or null (keep sizes), got {cfg.short_side}")
+    if not 1 <= cfg.quality <= 100:
+        raise ValueError(f"invalid config: quality must be in [1, 100], got {cfg.quality}")
+    if cfg.shard_size <= 0:
+        raise ValueError(f"invalid config: shard_size must be > 0, got {cfg.shard_size}")
+    if cfg.workers is not None and cfg.workers <= 0:
+        raise ValueError(f"invalid config: workers must be > 0 or null (every core), got {cfg.workers}")
+
+
+@dataclass
 class BenchConfig:
     """Every backend x variant x mask ratio x batch size x dtype is one configuration (one row)."""
 
@@ -330,7 +373,7 @@ class BenchConfig:
 
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
-    "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig,
+    "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig, "prepare": PrepareConfig,
 }
 
 
@@ -349,6 +392,8 @@ def register() -> None:
     cs.store(group="data", name="imagefolder", node=ImageFolderData)
     cs.store(group="finetune/data", name="builtin", node=LabelledBuiltinData)
     cs.store(group="finetune/data", name="imagefolder", node=LabelledImageFolderData)
+    cs.store(group="data", name="shards", node=ShardData)
+    cs.store(group="finetune/data", name="shards", node=LabelledShardData)
 
 
 register()

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, tool_main
 from sparse_mae.data.imagefolder import LabelledImageFolderDataset
+from sparse_mae.data.transforms import model_input
 
 
 def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None):
@@ -38,7 +39,15 @@ def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = No
     if data_cfg.name == "imagefolder":
         ds = LabelledImageFolderDataset(Path(data_cfg.root) / split, transform, classes)
         return ds, ds.classes
-    raise ValueError(f"data.name must be builtin or imagefolder, got {data_cfg.name!r}")
+    if data_cfg.name == "shards":
+        from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform
+        from sparse_mae.data.shards import ShardDataset
+
+        fast = (FastTrainTransform(size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip) if split == "train"
+                else FastEvalTransform(size))
+        ds = ShardDataset(Path(data_cfg.root) / split, fast, labelled=True, classes=classes)
+        return ds, ds.classes
+    raise ValueError(f"data.name must be builtin, imagefolder or shards, got {data_cfg.name!r}")
 
 
 @torch.no_grad()
@@ -58,7 +67,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
         skipped += int(batch["skipped"].sum())
         if not keep.any():
             continue
-        imgs, labels = batch["image"][keep].to(device), batch["label"][keep].to(device)
+        imgs, labels = model_input(batch["image"][keep].to(device)), batch["label"][keep].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(imgs)
         logits = logits.float()

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.backends import backend_availability, list_backends
+from sparse_mae.data.transforms import model_input
 from sparse_mae.models import create_model
 from sparse_mae.models.fcmae import random_mask
 from sparse_mae.train.distributed import DistInfo
@@ -80,6 +81,12 @@ def build_dataset(data_cfg: DictConfig):
         from sparse_mae.data.builtin import BuiltinDataset
 
         return BuiltinDataset(data_cfg.num_images, data_cfg.draw_size, transform, seed=data_cfg.seed)
+    if data_cfg.name == "shards":
+        from sparse_mae.data.decode import FastTrainTransform
+        from sparse_mae.data.shards import ShardDataset
+
+        return ShardDataset(data_cfg.root, FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale),
+                                                              hflip=data_cfg.hflip))
     from sparse_mae.data.imagefolder import ImageFolderDataset
 
     return ImageFolderDataset(data_cfg.root, transform)
@@ -145,7 +152,7 @@ class PretrainTask(TrainTask):
             if n == 0:
                 return
             seeds = [cfg.seed * 7919 + i for i in range(n)]
-            imgs = torch.stack([self.dataset[(i, s)]["image"] for i, s in enumerate(seeds)]).to(self.device)
+            imgs = model_input(torch.stack([self.dataset[(i, s)]["image"] for i, s in enumerate(seeds)]).to(self.device))
             self._recon_batch = imgs, masks_from_seeds(torch.tensor(seeds), self.num_patches, cfg.mask_ratio).to(
                 self.device)
         imgs, mask = self._recon_batch

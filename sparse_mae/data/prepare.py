@@ -131,9 +131,9 @@ def _build(job):
 
 
 def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOptions = PrepareOptions(),
-            workers: int = 1, progress: Callable[[int], None] | None = None, log=print) -> dict:
+            workers: int = 1, progress: Callable[[int], Callable[[int], None]] | None = None, log=print) -> dict:
     """Build (or continue building) the shard folder `out` from the image folder `src`;
-    -> the manifest."""
+    -> the manifest. `progress(total images)` returns the function told of each shard's images."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
     if options.short_side is not None and options.short_side <= 0:
         raise ValueError(f"short_side must be > 0 or null (keep sizes), got {options.short_side}")
@@ -163,6 +163,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOpti
     atomic_write_bytes(out / PLAN, lambda f: f.write(json.dumps(plan, indent=1).encode()))
 
     chunks = [rel[i:i + options.shard_size] for i in range(0, len(rel), options.shard_size)]
+    progress = progress(len(rel)) if progress else None
     records: dict[int, dict] = {}
     for i in range(len(chunks)):
         record = committed_shard(out, i)

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from sparse_mae.data.transforms import model_input
 from sparse_mae.train.checkpoint import (
     atomic_write_bytes,
     explicit_resume_path,
@@ -417,6 +418,7 @@ class _Engine:
             self.skipped_here += batch["skipped"].sum()
             batch = {k: v.to(di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}
+            batch["image"] = model_input(batch["image"])  # uint8 batches are normalised here, on the device
             sync = micro == cfg.accum_iter - 1 or not di.enabled
             with self.train_model.no_sync() if not sync else contextlib.nullcontext():
                 with torch.autocast(di.device.type, dtype=torch.bfloat16, enabled=self.run.amp):
