@@ -146,6 +146,15 @@ class ShardReader:
             return "checksum mismatch (damaged bytes or index)"
         return label, data
 
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
     def __getstate__(self):  # open files stay behind when a DataLoader worker is spawned
         return {**self.__dict__, "_files": {}}
 
