@@ -342,9 +342,35 @@ def check_prepare_config(cfg) -> None:
         raise ValueError(f"invalid config: workers must be > 0 or null (every core), got {cfg.workers}")
 
 
+BenchSuite = Choice("BenchSuite", [(s, s) for s in ("step", "loader")])
+
+
+@dataclass
+class LoaderBenchConfig:
+    """bench=loader: folder vs shard decode per core, and pretrain from shards vs the bench step."""
+
+    images: int = opt(48, "generated JPEGs per size (decode rates are per image)")
+    jpeg_sizes: list[list[int]] = opt([[500, 375], [1600, 1200]], "width x height of the generated JPEGs")
+    end_to_end: bool = opt(True, "also time `pretrain data=shards` next to the bench step (first of each list)")
+    pretrain_steps: int = opt(12, "steps of that pretrain run (the first log window is left out)")
+    work_dir: Optional[str] = opt(None, "where the JPEGs and shards are kept (reused); null: under output_dir")
+
+
+def check_loader_bench_config(cfg) -> None:
+    """Ranges of LoaderBenchConfig (types: Hydra)."""
+    if cfg.images <= 0 or cfg.pretrain_steps <= 4:
+        raise ValueError(f"invalid config: loader.images must be > 0 and loader.pretrain_steps > 4, got "
+                         f"{cfg.images}, {cfg.pretrain_steps}")
+    if any(len(s) != 2 or min(s) <= 0 for s in cfg.jpeg_sizes):
+        raise ValueError(f"invalid config: loader.jpeg_sizes must be [width, height] pairs > 0, got {cfg.jpeg_sizes}")
+
+
 @dataclass
 class BenchConfig:
     """Every backend x variant x mask ratio x batch size x dtype is one configuration (one row)."""
+
+    suite: BenchSuite = opt("step", "step: the FCMAE step grid; loader: the data loader (bench=loader)")
+    loader: LoaderBenchConfig = opt(LoaderBenchConfig(), "")
 
     backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped")
     variants: list[Variant] = opt(["atto"], "encoder variants")

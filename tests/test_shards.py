@@ -322,3 +322,15 @@ def test_manifest_names_the_format(tmp_path, labelled_src):
     manifest = prepare(labelled_src, tmp_path / "o", PrepareOptions(shard_size=100))
     on_disk = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert on_disk == manifest and on_disk["format"] == "sparse-mae-shards" and on_disk["samples"] == 24
+
+
+def test_bench_loader_measures_folder_and_shard_paths(tmp_path):
+    from sparse_mae.apps.bench import compose_config, run
+
+    cfg = compose_config(["bench=loader", "loader.images=3", "loader.jpeg_sizes=[[120,90],[320,240]]",
+                          "image_size=64", "repeats=1", "loader.end_to_end=false", f"output_dir={tmp_path}"])
+    rows, paths = run(cfg, tmp_path, log=lambda *_: None)
+    assert [r["jpeg"] for r in rows] == ["120x90", "320x240"]
+    assert all(r["folder_img_s_core"] > 0 and r["shards_img_s_core"] > 0 for r in rows)
+    text = paths["md"].read_text()
+    assert "load average" in text and "| 320x240 | 64 |" in text
