@@ -25,10 +25,11 @@ from PIL import Image
 from sparse_mae.data.transforms import random_resized_crop_box
 
 
-def open_reduced(data: bytes, width_needed: float, height_needed: float) -> tuple[Image.Image, float]:
-    """Open JPEG bytes at the smallest DCT scale at which the full image is still at least
-    (width_needed, height_needed) -> (RGB image, factor from full-size to decoded coordinates)."""
-    img = Image.open(io.BytesIO(data))
+def open_reduced(data: bytes | Image.Image, width_needed: float, height_needed: float) -> tuple[Image.Image, float]:
+    """Decode JPEG bytes (or an image opened but not yet loaded) at the smallest DCT scale at
+    which the full image is still at least (width_needed, height_needed) -> (RGB image, factor
+    from full-size to decoded coordinates)."""
+    img = Image.open(io.BytesIO(data)) if isinstance(data, (bytes, bytearray, memoryview)) else data
     full_w, full_h = img.size
     if img.format == "JPEG":
         img.draft("RGB", (max(1, math.ceil(width_needed)), max(1, math.ceil(height_needed))))
@@ -48,11 +49,12 @@ class FastTrainTransform:
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
 
     def __call__(self, data: bytes, seed: int) -> torch.Tensor:
-        width, height = Image.open(io.BytesIO(data)).size  # reads the header only
+        img = Image.open(io.BytesIO(data))  # the header only: pixels are decoded below
+        width, height = img.size
         g = torch.Generator().manual_seed(seed)
         left, top, right, bottom = random_resized_crop_box(width, height, self.scale, self.ratio, g)
         # the box must keep >= size pixels per side after the reduction
-        img, f = open_reduced(data, width * self.size / (right - left), height * self.size / (bottom - top))
+        img, f = open_reduced(img, width * self.size / (right - left), height * self.size / (bottom - top))
         box = (left * f, top * f, min(right * f, img.width), min(bottom * f, img.height))
         out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
         if float(torch.rand(1, generator=g)) < self.hflip:
@@ -67,9 +69,10 @@ class FastEvalTransform:
         self.size = size
 
     def __call__(self, data: bytes, seed: int = 0) -> torch.Tensor:
-        width, height = Image.open(io.BytesIO(data)).size
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
         s = self.size / min(width, height)
-        img, f = open_reduced(data, width * s, height * s)
+        img, f = open_reduced(img, width * s, height * s)
         w, h = max(self.size, round(width * s)), max(self.size, round(height * s))
         left, top = (w - self.size) // 2, (h - self.size) // 2
         box = tuple(v / s * f for v in (left, top, left + self.size, top + self.size))
