@@ -71,8 +71,11 @@ def test_prepare_labels_bounded_size_exif_and_unreadable_files_listed(tmp_path, 
 
 
 def test_prepare_cli_bad_source_exits_2_with_message(tmp_path, capsys, monkeypatch):
+    import sys
+
     from sparse_mae.cli import main
 
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the dispatcher rewrites it for the app
     code = main(["prepare", f"src={tmp_path / 'nowhere'}", f"out={tmp_path / 'out'}", "progress=false"])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
@@ -184,6 +187,17 @@ def test_missing_index_loses_only_that_shard_and_not_a_shard_folder_is_a_clear_e
     assert sum(s > 0 for s in skipped) == 8 and skipped[:8] == [0] * 8 and skipped[16:] == [0] * 8
     with pytest.raises(FileNotFoundError, match="sparse-mae prepare src="):
         ShardReader(labelled_src)
+    (tmp_path / "layout" / "train").mkdir(parents=True)
+    (out / "manifest.json").rename(tmp_path / "layout" / "train" / "manifest.json")
+    with pytest.raises(FileNotFoundError, match="data.root=.*layout/train"):
+        ShardReader(tmp_path / "layout")
+
+
+def test_images_beside_class_folders_mean_no_labels(tmp_path):
+    write_jpegs(tmp_path / "src" / "a", 2, 40, 30)
+    write_jpegs(tmp_path / "src", 1, 40, 30)
+    manifest = prepare(tmp_path / "src", tmp_path / "out", PrepareOptions())
+    assert manifest["classes"] is None and manifest["samples"] == 3  # a/ and the top level, unlabelled
 
 
 # -- fast decode ------------------------------------------------------------------------------------
@@ -311,7 +325,8 @@ def test_two_process_gloo_run_from_shards_matches_one_process(tmp_path, pretrain
     proc = torchrun_standalone(shard_overrides(out, pretrain_shards, max_steps=steps, batch_size=4), tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "cpu x 2" in proc.stderr
-    two_state, one_state = load_checkpoint(out / "checkpoints" / f"step-{steps:08d}.pt"), load_checkpoint(one.checkpoint)
+    two_state = load_checkpoint(out / "checkpoints" / f"step-{steps:08d}.pt")
+    one_state = load_checkpoint(one.checkpoint)
     for key, value in one_state["model"].items():
         torch.testing.assert_close(two_state["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     torch.testing.assert_close(torch.tensor([r["loss"] for r in read_metrics(out / "metrics.jsonl")]),

@@ -152,7 +152,8 @@ class PretrainTask(TrainTask):
             if n == 0:
                 return
             seeds = [cfg.seed * 7919 + i for i in range(n)]
-            imgs = model_input(torch.stack([self.dataset[(i, s)]["image"] for i, s in enumerate(seeds)]).to(self.device))
+            imgs = torch.stack([self.dataset[(i, s)]["image"] for i, s in enumerate(seeds)])
+            imgs = model_input(imgs.to(self.device))
             self._recon_batch = imgs, masks_from_seeds(torch.tensor(seeds), self.num_patches, cfg.mask_ratio).to(
                 self.device)
         imgs, mask = self._recon_batch

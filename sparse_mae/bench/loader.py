@@ -83,7 +83,8 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
     variant, batch, size, dtype = settings["variant"], settings["batch_size"], settings["image_size"], settings["dtype"]
     spec = {"backend": settings["backend"], "variant": variant, "image_size": size, "mask_ratio": 0.6,
             "batch_size": batch, "dtype": dtype, "device": "cpu", "warmup": 2, "repeats": settings["repeats"],
-            "threads": None, "seed": 0, "memory_guard_gib": None, "fused_adamw": True, "fresh_process": True}
+            "threads": settings["threads"], "seed": 0, "memory_guard_gib": None, "fused_adamw": True,
+            "fresh_process": True}
     step = run_isolated(spec, timeout_s=1800, gomp_spincount=2000)
     step_rate = step.get("step_images_s") if step.get("status", "ok") == "ok" else None
     run_dir = root / f"pretrain_{time.strftime('%H%M%S')}"
@@ -94,6 +95,8 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
             "sched.warmup_steps=1", "logger=none", "logger.progress=false", "log_every_steps=2",
             f"checkpoint.every_steps={steps}", "recon.every_steps=0", "recon.num_images=1", f"output_dir={run_dir}"]
     env = {**os.environ, "GOMP_SPINCOUNT": "2000"}
+    if settings["threads"]:  # the pretrain's torch threads as the bench step's
+        env["OMP_NUM_THREADS"] = str(settings["threads"])
     proc = subprocess.run([sys.executable, "-m", "sparse_mae.cli", "pretrain", *args], capture_output=True,
                           text=True, env=env)
     rates = []
@@ -102,10 +105,12 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
         rates = [r["img_per_s"] for r in records[1:]]  # the first window holds start-up
     e2e = sum(rates) / len(rates) if rates else None
     row = {"variant": variant, "backend": settings["backend"], "dtype": dtype, "batch": batch, "size": size,
+           "threads": settings["threads"],
            "bench_step_img_s": step_rate, "pretrain_shards_img_s": e2e,
            "ratio": (e2e / step_rate) if e2e and step_rate else None,
            "error": None if proc.returncode == 0 else proc.stderr[-500:]}
-    log(f"end to end: pretrain from shards {e2e} img/s, bench step {step_rate} img/s")
+    log(f"end to end: pretrain from shards {e2e} img/s, bench step {step_rate} img/s "
+        f"({settings['threads'] or 'default'} torch threads)")
     return row
 
 
@@ -123,7 +128,7 @@ def run_loader_bench(cfg, out_dir: str | Path, log=print) -> tuple[list[dict], d
         e2e = measure_end_to_end(root, {"variant": str(cfg.variants[0]), "backend": str(backend),
                                         "batch_size": cfg.batch_sizes[0], "image_size": cfg.image_size,
                                         "dtype": str(cfg.dtypes[0]), "repeats": cfg.repeats,
-                                        "steps": loader.pretrain_steps,
+                                        "steps": loader.pretrain_steps, "threads": cfg.threads,
                                         "shards": "shards_{}x{}".format(*loader.jpeg_sizes[-1])}, log)
     load_after = os.getloadavg()
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before, "load_after": load_after}

@@ -44,10 +44,12 @@ def scan_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None, li
     """-> ([(file, label)], class names or None, zero-byte files). Labelled when src holds
     class folders and no image files of its own."""
     src = Path(src).expanduser()
-    files, empty = find_images(src)
+    if not src.is_dir():
+        find_images(src)  # its clear error for a missing path or a file
     top = sorted(p for p in src.iterdir() if p.is_dir())
-    own = [f for f in files if f.parent == src]
+    own = [p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)]
     if not top or own:
+        files, empty = find_images(src)
         return [(f, -1) for f in files], None, empty
     classes, samples, empty = [], [], []
     for folder in top:
@@ -58,6 +60,8 @@ def scan_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None, li
         classes.append(folder.name)
         samples += [(f, len(classes) - 1) for f in found]
         empty += zero
+    if not samples:
+        raise ValueError(f"src={src} holds no readable images in its class folders")
     return samples, classes, empty
 
 
@@ -198,5 +202,3 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOpti
     atomic_write_bytes(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
 
-
-__all__ = ["IMAGE_EXTENSIONS", "PrepareOptions", "prepare", "scan_source", "encode"]

@@ -56,6 +56,9 @@ def read_manifest(root: str | os.PathLike) -> dict:
     if not path.is_file() and (root / "prepare.json").is_file():
         raise ValueError(f"{root} is an unfinished `sparse-mae prepare` (interrupted?): continue it with the "
                          f"same command, then train")
+    if not path.is_file() and (root / "train" / MANIFEST).is_file():
+        raise FileNotFoundError(f"data.root={root} holds train/ and val/ shard folders (the fine-tuning layout); "
+                                f"pretraining reads one of them: data.root={root / 'train'}")
     if not path.is_file():
         hint = (f"; it is an image folder: use data=imagefolder, or turn it into shards with "
                 f"`sparse-mae prepare src={root} out=<shard folder>`" if root.is_dir() else "")
