@@ -349,3 +349,23 @@ def test_bench_loader_measures_folder_and_shard_paths(tmp_path):
     assert all(r["folder_img_s_core"] > 0 and r["shards_img_s_core"] > 0 for r in rows)
     text = paths["md"].read_text()
     assert "load average" in text and "| 320x240 | 64 |" in text
+
+
+def test_pretrain_counts_a_damaged_sample_in_skipped_files(tmp_path, pretrain_shards):
+    import shutil
+
+    from sparse_mae.apps.pretrain import compose_config, run_pretrain
+
+    root = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, root)
+    rows = np.load(root / "shard-00001.index.npy")
+    with open(root / "shard-00001.data", "r+b") as f:
+        f.seek(int(rows[4]["offset"]) + 50)
+        b = f.read(1)
+        f.seek(int(rows[4]["offset"]) + 50)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.warns(UserWarning, match="shard-00001 sample 4"):
+        result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", root, max_steps=4, epochs=1)))
+    assert result.steps == 4 and result.skipped_files == 1  # one epoch reads every sample once
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_files"] == 1
