@@ -369,3 +369,34 @@ def test_pretrain_counts_a_damaged_sample_in_skipped_files(tmp_path, pretrain_sh
     assert result.steps == 4 and result.skipped_files == 1  # one epoch reads every sample once
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_files"] == 1
+
+
+def test_prepare_killed_with_sigkill_continues_to_the_same_shards(tmp_path, labelled_src):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight = prepare(labelled_src, tmp_path / "straight", PrepareOptions(shard_size=2))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sparse_mae.cli", "prepare", f"src={labelled_src}", f"out={out}", "shard_size=2",
+           "workers=1", "progress=false"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while len(list(out.glob("*.done.json"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "prepare ended before it could be killed; make the source larger"
+    assert not (out / "manifest.json").exists()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import re
+
+    kept = re.search(r"continuing: (\d+) of 12 shards", done.stdout + done.stderr)
+    assert kept and 3 <= int(kept[1]) < 12, done.stdout + done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"] == straight["shards"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
