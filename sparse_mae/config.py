@@ -351,7 +351,8 @@ class LoaderBenchConfig:
 
     images: int = opt(48, "generated JPEGs per size (decode rates are per image)")
     jpeg_sizes: list[list[int]] = opt([[500, 375], [1600, 1200]], "width x height of the generated JPEGs")
-    end_to_end: bool = opt(True, "also time `pretrain data=shards` next to the bench step (first of each list)")
+    end_to_end: bool = opt(True, "also time `pretrain data=shards` next to the bench step, at the first backend, "
+                                  "variant, batch size and dtype of the lists")
     pretrain_steps: int = opt(12, "steps of that pretrain run (the first log window is left out)")
     work_dir: Optional[str] = opt(None, "where the JPEGs and shards are kept (reused); null: under output_dir")
 
