@@ -12,6 +12,7 @@ import sys
 # command -> ("module:function", one-line help). The function takes no arguments.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sparse_mae.apps.demo:main", "one FCMAE step per available backend on built-in images"),
+    "prepare": ("sparse_mae.apps.prepare:main", "image folder -> indexed shards for data=shards (conf/prepare.yaml)"),
     "pretrain": ("sparse_mae.apps.pretrain:main", "FCMAE pretraining (Hydra: conf/pretrain.yaml; --help lists groups)"),
     "export": ("sparse_mae.apps.export:main", "our checkpoint -> sparse_mae | timm | official_dense | official_fcmae | onnx"),
     "import": ("sparse_mae.apps.import_ckpt:main", "timm / official checkpoint -> our checkpoint format"),

@@ -103,6 +103,16 @@ class NonEmpty:
 
 
 @dataclass(frozen=True)
+class SizePairs:
+    """A non-empty list of [width, height] pairs of positive integers."""
+
+    def problem(self, value: Any) -> Optional[str]:
+        ok = value and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
+                           for p in value)
+        return None if ok else "a non-empty list of [width, height] pairs, each > 0"
+
+
+@dataclass(frozen=True)
 class Registered:
     """`all`, or a non-empty list naming at least one registered backend (the bench lists
     the others as skipped)."""
@@ -239,6 +249,27 @@ class LabelledImageFolderData(FinetuneCrop, FolderImages, DataConfig):
     """root/train/<class>/*.jpg and root/val/<class>/*.jpg (classes sorted by name)."""
 
     name: str = "imagefolder"
+
+
+@dataclass
+class ShardImages:
+    root: str = opt(MISSING, "a shard folder written by `sparse-mae prepare` (required)")
+    num_workers: int = opt(4, "DataLoader worker processes (decoding reduced JPEGs wants fewer than files)",
+                           NON_NEGATIVE)
+
+
+@dataclass
+class ShardData(ShardImages, DataConfig):
+    """Indexed shards from `sparse-mae prepare` (random access; damaged samples skipped, counted)."""
+
+    name: str = "shards"
+
+
+@dataclass
+class LabelledShardData(FinetuneCrop, ShardImages, DataConfig):
+    """root/train and root/val: shard folders prepared from ImageNet-style class folders."""
+
+    name: str = "shards"
 
 
 @dataclass
@@ -409,8 +440,39 @@ class ImportConfig:
 
 
 @dataclass
+class PrepareConfig:
+    src: str = opt(MISSING, "the image folder (ImageNet layout src/<class>/*.jpg gives labels; any other: none)")
+    out: str = opt(MISSING, "the shard folder to write; run the same command again to continue an interrupted one")
+    short_side: Optional[int] = opt(256, "each image shrunk so its shorter side is at most this; null: kept",
+                                    POSITIVE)
+    quality: int = opt(90, "JPEG quality of the re-encoded images", Range(1, 100))
+    shard_size: int = opt(1000, "source images per shard (the unit that an interrupted run keeps)", POSITIVE)
+    workers: Optional[int] = opt(None, "processes; null: every core", POSITIVE)
+    progress: bool = opt(True, "tqdm progress bar on stderr")
+
+
+BenchSuite = Choice("BenchSuite", [(s, s) for s in ("step", "loader")])
+
+
+@dataclass
+class LoaderBenchConfig:
+    """bench=loader: folder vs shard decode per core, and pretrain from shards vs the bench step."""
+
+    images: int = opt(48, "generated JPEGs per size (decode rates are per image)", POSITIVE)
+    jpeg_sizes: list[list[int]] = opt([[500, 375], [1600, 1200]], "width x height of the generated JPEGs",
+                                      SizePairs())
+    end_to_end: bool = opt(True, "also time `pretrain data=shards` next to the bench step, at the first backend, "
+                                  "variant, batch size and dtype of the lists")
+    pretrain_steps: int = opt(12, "steps of that pretrain run (the first log window is left out)", Range(5))
+    work_dir: Optional[str] = opt(None, "where the JPEGs and shards are kept (reused); null: under output_dir")
+
+
+@dataclass
 class BenchConfig:
     """Every backend x variant x mask ratio x batch size x dtype is one configuration (one row)."""
+
+    suite: BenchSuite = opt("step", "step: the FCMAE step grid; loader: the data loader (bench=loader)")
+    loader: LoaderBenchConfig = opt(LoaderBenchConfig(), "")
 
     backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped",
                         Registered())
@@ -443,7 +505,7 @@ class BenchConfig:
 
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
-    "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig,
+    "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig, "prepare": PrepareConfig,
 }
 
 
@@ -462,6 +524,8 @@ def register() -> None:
     cs.store(group="data", name="imagefolder", node=ImageFolderData)
     cs.store(group="finetune/data", name="builtin", node=LabelledBuiltinData)
     cs.store(group="finetune/data", name="imagefolder", node=LabelledImageFolderData)
+    cs.store(group="data", name="shards", node=ShardData)
+    cs.store(group="finetune/data", name="shards", node=LabelledShardData)
 
 
 register()

@@ -10,11 +10,12 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mae.apps.app import compose
-from sparse_mae.config import SCHEMAS, ConfigError, NonEmpty, OneOf, Range, Registered
+from sparse_mae.config import SCHEMAS, ConfigError, NonEmpty, OneOf, Range, Registered, SizePairs
 
 # each app with every option of its data group (the data options carry different fields)
-COMPOSITIONS = [("pretrain", []), ("pretrain", ["data=imagefolder"]), ("finetune", []),
-                ("finetune", ["finetune/data@data=imagefolder"]), ("eval", []), ("export", []), ("import", []), ("bench", [])]
+COMPOSITIONS = [("pretrain", []), ("pretrain", ["data=imagefolder"]), ("pretrain", ["data=shards"]), ("finetune", []),
+                ("finetune", ["finetune/data@data=imagefolder"]), ("finetune", ["finetune/data@data=shards"]),
+                ("eval", []), ("export", []), ("import", []), ("bench", []), ("prepare", [])]
 
 
 def checked_keys(cfg: DictConfig, prefix: str = ""):
@@ -37,6 +38,8 @@ def out_of_range(check, default) -> list[str]:
         return ["[]"]
     if isinstance(check, Registered):
         return ["[nosuch]"]
+    if isinstance(check, SizePairs):
+        return ["[[500,0]]", "[[500]]", "[]"]
     assert isinstance(check, Range)
     bad = []
     if check.low is not None:

@@ -1,6 +1,7 @@
 """`sparse-mae bench [hydra overrides]`: the benchmark grid (schema: config.BenchConfig).
 
     sparse-mae bench bench=quick                      # a couple of minutes on a laptop CPU
+    sparse-mae bench bench=loader                     # folder vs shard loading; pretrain from shards vs the step
     sparse-mae bench bench=full
     sparse-mae bench bench=quick backends=[native,dense_masked] variants=[atto,tiny] mask_ratios=[0.4,0.6]
 """
@@ -20,6 +21,12 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def run(cfg: DictConfig, out_dir: str | Path, log=print) -> tuple[list[dict], dict[str, Path]]:
+    if str(cfg.suite) == "loader":
+        from sparse_mae.bench.loader import run_loader_bench
+
+        rows, paths = run_loader_bench(cfg, out_dir, log)
+        log(Path(paths["md"]).read_text())
+        return rows, paths
     settings = settings_from(cfg)
     log(f"benchmark: {len(settings.backends)} backends x {len(settings.variants)} variants x "
         f"{len(settings.mask_ratios)} mask ratios x {len(settings.batch_sizes)} batch sizes x "

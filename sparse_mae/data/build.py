@@ -19,11 +19,17 @@ def pretrain_dataset(data_cfg: DictConfig):
         from sparse_mae.data.builtin import BuiltinDataset
 
         return BuiltinDataset(data_cfg.num_images, data_cfg.draw_size, transform, seed=data_cfg.seed)
+    if data_cfg.name == "shards":
+        from sparse_mae.data.decode import FastTrainTransform
+        from sparse_mae.data.shards import ShardDataset
+
+        return ShardDataset(data_cfg.root, FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale),
+                                                              hflip=data_cfg.hflip))
     if data_cfg.name == "imagefolder":
         from sparse_mae.data.imagefolder import ImageFolderDataset
 
         return ImageFolderDataset(data_cfg.root, transform)
-    raise ValueError(f"data.name must be builtin or imagefolder, got {data_cfg.name!r}")
+    raise ValueError(f"data.name must be builtin, imagefolder or shards, got {data_cfg.name!r}")
 
 
 def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None):
@@ -43,4 +49,12 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
 
         ds = LabelledImageFolderDataset(Path(data_cfg.root) / split, transform, classes)
         return ds, ds.classes
-    raise ValueError(f"data.name must be builtin or imagefolder, got {data_cfg.name!r}")
+    if data_cfg.name == "shards":
+        from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform
+        from sparse_mae.data.shards import ShardDataset
+
+        fast = (FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
+                if split == "train" else FastEvalTransform(data_cfg.size))
+        ds = ShardDataset(Path(data_cfg.root) / split, fast, labelled=True, classes=classes)
+        return ds, ds.classes
+    raise ValueError(f"data.name must be builtin, imagefolder or shards, got {data_cfg.name!r}")

@@ -78,12 +78,17 @@ def load_rgb(path: Path) -> Image.Image:
     """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB; raises on a bad file."""
     with Image.open(path) as img:
         img.load()
-        if img.mode == "RGB":
-            return img.copy()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # >8-bit grayscale: rescale first
-            img = img.point(lambda v: v / 256) if img.mode.startswith("I;16") else img
-            img = img.convert("L")
-        return img.convert("RGB")
+        return img.copy() if img.mode == "RGB" else as_rgb(img)
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """A loaded image of any mode as RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # >8-bit grayscale: rescale first
+        img = img.point(lambda v: v / 256) if img.mode.startswith("I;16") else img
+        img = img.convert("L")
+    return img.convert("RGB")
 
 
 class ImageFilesDataset(Dataset):

@@ -106,3 +106,14 @@ def tensor_to_pil(img: torch.Tensor) -> Image.Image:
     """(3, H, W) float in [0, 1] -> RGB PIL image."""
     arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(arr)  # uint8 (H, W, 3) is RGB
+
+
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """A batch as the models take it: uint8 (N, 3, H, W) (shards: decoded and augmented on the
+    loader's cores, normalised here on the training device) -> ImageNet-normalised float32, the
+    same arithmetic as to_normalized_tensor; a float batch is already normalised."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.to(torch.float32) / 255.0 - mean) / std

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from sparse_mae.config import validate
+from sparse_mae.data.transforms import model_input
 from sparse_mae.train.checkpoint import (
     atomic_write_bytes,
     explicit_resume_path,
@@ -410,8 +411,10 @@ class _Engine:
         while True:
             batch = next(batches)
             self.skipped_here += batch["skipped"].sum()
-            yield {k: v.to(self.di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                   for k, v in batch.items()}
+            batch = {k: v.to(self.di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items()}
+            batch["image"] = model_input(batch["image"])  # uint8 batches are normalised here, on the device
+            yield batch
 
     def _on_disk(self) -> Path | None:
         return find_latest(self.dir.checkpoints)

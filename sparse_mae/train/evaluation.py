@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from sparse_mae.data.transforms import model_input
+
 
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
@@ -26,7 +28,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
         skipped += int(batch["skipped"].sum())
         if not keep.any():
             continue
-        imgs, labels = batch["image"][keep].to(device), batch["label"][keep].to(device)
+        imgs, labels = model_input(batch["image"][keep].to(device)), batch["label"][keep].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(imgs)
         logits = logits.float()
