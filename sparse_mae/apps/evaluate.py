@@ -18,14 +18,15 @@ from sparse_mae.apps.app import compose, tool_main
 from sparse_mae.data.imagefolder import LabelledImageFolderDataset
 
 
-def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None):
-    """-> (dataset, class names) for split 'train' (random crops) or 'val' (centre crops)."""
+def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None, augment: bool | None = None):
+    """-> (dataset, class names) for split 'train' or 'val'; random crops (augment, default: for
+    'train') or centre crops."""
     from sparse_mae.data.transforms import EvalTransform, TrainTransform
 
     size = data_cfg.size
     if not (isinstance(size, int) and size > 0 and size % 32 == 0):
         raise ValueError(f"data.size must be a positive multiple of 32, got {size!r}")
-    if split == "train":
+    if (split == "train") if augment is None else augment:
         transform = TrainTransform(size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
     else:
         transform = EvalTransform(size)
@@ -38,7 +39,12 @@ def build_split(data_cfg: DictConfig, split: str, classes: list[str] | None = No
     if data_cfg.name == "imagefolder":
         ds = LabelledImageFolderDataset(Path(data_cfg.root) / split, transform, classes)
         return ds, ds.classes
-    raise ValueError(f"data.name must be builtin or imagefolder, got {data_cfg.name!r}")
+    if data_cfg.name == "fashion_mnist":
+        from sparse_mae.data.fashion_mnist import fashion_mnist_split
+
+        ds = fashion_mnist_split(data_cfg, split, transform)
+        return ds, ds.classes
+    raise ValueError(f"data.name must be builtin, imagefolder or fashion_mnist, got {data_cfg.name!r}")
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.backends import backend_availability, list_backends
+from sparse_mae.config import check_knn_monitor
 from sparse_mae.models import create_model
 from sparse_mae.models.fcmae import random_mask
 from sparse_mae.train.distributed import DistInfo
@@ -68,6 +69,7 @@ def validate_config(cfg: DictConfig) -> None:
     need(cfg.model.decoder_dim > 0 and cfg.model.decoder_depth > 0, "model.decoder_dim / decoder_depth must be > 0")
     need(cfg.recon.every_steps >= 0, f"recon.every_steps must be >= 0 (0: only at the end), got {cfg.recon.every_steps}")
     need(cfg.recon.num_images >= 0, f"recon.num_images must be >= 0, got {cfg.recon.num_images}")
+    check_knn_monitor(cfg.knn)
 
 
 # -- data --------------------------------------------------------------------------------
@@ -80,6 +82,10 @@ def build_dataset(data_cfg: DictConfig):
         from sparse_mae.data.builtin import BuiltinDataset
 
         return BuiltinDataset(data_cfg.num_images, data_cfg.draw_size, transform, seed=data_cfg.seed)
+    if data_cfg.name == "fashion_mnist":
+        from sparse_mae.data.fashion_mnist import fashion_mnist_split
+
+        return fashion_mnist_split(data_cfg, "pretrain", transform)
     from sparse_mae.data.imagefolder import ImageFolderDataset
 
     return ImageFolderDataset(data_cfg.root, transform)
@@ -110,11 +116,17 @@ class PretrainTask(TrainTask):
         self.num_patches = (cfg.data.size // 32) ** 2
         self.recon_path: Path | None = None
         self._recon_batch = None
+        self.knn = None
+        if cfg.knn.enabled and di.is_main:
+            from sparse_mae.probe.monitor import KnnMonitor
+
+            self.knn = KnnMonitor(cfg.data, cfg.knn, di.device, self.amp)
 
     def describe(self) -> str:
         empty = len(getattr(self.dataset, "empty_files", []))
         return (f"fcmae_convnextv2_{self.cfg.model.variant}, backend {self.backend}, {self.cfg.data.size}px"
-                + (f", {empty} zero-byte image file(s) set aside" if empty else ""))
+                + (f", {empty} zero-byte image file(s) set aside" if empty else "")
+                + (f", {self.knn.describe()}" if self.knn is not None else ""))
 
     def init_weights(self, log) -> None:
         if self.cfg.init:
@@ -136,6 +148,11 @@ class PretrainTask(TrainTask):
         every = self.cfg.recon.every_steps
         if run.dist.is_main and ((every and step % every == 0) or last):
             self.reconstruct(run, step)
+        if self.knn is not None and (step % self.cfg.knn.every_steps == 0 or last):
+            record = self.knn(self.model.encoder)
+            run.logger.log(record, step)
+            run.logger.write(f"step {step}: kNN top-1 {record['knn/top1']:.2f}%, top-5 {record['knn/top5']:.2f}% "
+                             f"({record['knn/seconds']:.1f} s)")
 
     def reconstruct(self, run: Run, step: int) -> None:
         """The same images and masks at every picture of a run (and across resumes)."""
