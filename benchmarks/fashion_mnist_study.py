@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/fashion_mnist_study.py                  # ~30 min on the busy 2-core CPU
     .venv/bin/python benchmarks/fashion_mnist_study.py --quick          # a minutes-long smoke run (not the study)
+    .venv/bin/python benchmarks/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
+        --finetune-steps 200 --fractions 0.01                              # longer fine-tuning from the same encoder
 
 1. Pretrain once (FCMAE, the debug variant at 128px, decoder width 128) on the 60,000
    training images with the kNN monitor on; kNN accuracy of the random init is step 0.
@@ -24,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -100,7 +103,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=None, help="default: docs/fashion-mnist (--quick: outputs/fashion-mnist-quick)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
+    ap.add_argument("--pretrained", default=None, help="fine-tune only, from this pretraining checkpoint (the "
+                    "study keeps its own as outputs/fashion-mnist-study/pretrained.pt)")
+    ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="with --pretrained")
     args = ap.parse_args()
+    if args.pretrained:
+        out = Path(args.out or REPO / "docs" / "fashion-mnist")
+        out.mkdir(parents=True, exist_ok=True)
+        return finetune_only(args, out)
     if args.quick:
         args.pretrain_steps, args.knn_every, args.finetune_steps, args.pool, args.num_val = 6, 3, 3, 300, 200
         args.seeds = args.seeds[:2]
@@ -170,25 +180,60 @@ def main() -> None:
 
         # -- 2b. fine-tuning, the same budget of steps at every fraction
         t = time.time()
-        for fraction in FRACTIONS:
-            labelled = round(FULL_TRAIN * fraction)
-            epochs = max(1, math.ceil(args.finetune_steps / max(1, labelled // FINETUNE["batch_size"])))
-            for seed in args.seeds:
-                for start, ckpt in (("pretrained", pre.checkpoint), ("random init", None)):
-                    run = run_finetune(finetune_config(overrides({
-                        **FINETUNE, **root, "data.label_fraction": fraction, "data.label_seed": seed,
-                        "data.num_val": num_val, "epochs": epochs,
-                        "sched.warmup_steps": min(FINETUNE["sched.warmup_steps"], args.finetune_steps), "max_steps": args.finetune_steps, "seed": seed,
-                        "checkpoint.every_steps": args.finetune_steps,
-                        "pretrained": ckpt if ckpt is not None else "null",
-                        "output_dir": tmp / f"ft-{fraction}-{seed}-{start.replace(' ', '-')}"})))
-                    final = [e for e in run.evals if e["step"] == run.steps and e["weights"] == "model"][-1]
-                    rows.append({"method": "fine-tune", "fraction": fraction, "labels": labelled, "seed": seed,
-                                 "start": start, "top1": final["top1"], "top5": final["top5"]})
-                    print(f"fine-tune {fraction:.0%} seed {seed} {start}: top-1 {final['top1']:.1f}", flush=True)
+        rows += finetune_rows(args, pre.checkpoint, FRACTIONS, num_val, root, tmp)
         timings["finetune_s"] = time.time() - t
+        # kept (outputs/ is not committed) for --pretrained: longer fine-tuning from the same encoder
+        kept = REPO / "outputs" / "fashion-mnist-study" / "pretrained.pt"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(pre.checkpoint, kept)
     timings["total_s"] = time.time() - began
     write_results(out, args, rows, curve, monitor, timings, pre)
+
+
+def finetune_rows(args, checkpoint, fractions, num_val: int, root: dict, tmp: Path) -> list[dict]:
+    """Fine-tune from `checkpoint` and from random init, --finetune-steps at every fraction and seed."""
+    rows = []
+    for fraction in fractions:
+        labelled = round(FULL_TRAIN * fraction)
+        # the lr schedule spans whole epochs: as close to the step budget as they allow
+        epochs = max(1, math.ceil(args.finetune_steps / max(1, labelled // FINETUNE["batch_size"])))
+        for seed in args.seeds:
+            for start, ckpt in (("pretrained", checkpoint), ("random init", None)):
+                run = run_finetune(finetune_config(overrides({
+                    **FINETUNE, **root, "data.label_fraction": fraction, "data.label_seed": seed,
+                    "data.num_val": num_val, "epochs": epochs, "max_steps": args.finetune_steps, "seed": seed,
+                    "sched.warmup_steps": min(FINETUNE["sched.warmup_steps"], args.finetune_steps),
+                    "checkpoint.every_steps": args.finetune_steps,
+                    "pretrained": ckpt if ckpt is not None else "null",
+                    "output_dir": tmp / f"ft-{fraction}-{seed}-{start.replace(' ', '-')}"})))
+                final = [e for e in run.evals if e["step"] == run.steps and e["weights"] == "model"][-1]
+                rows.append({"method": "fine-tune", "fraction": fraction, "labels": labelled, "seed": seed,
+                             "start": start, "top1": final["top1"], "top5": final["top5"],
+                             "steps": args.finetune_steps})
+                print(f"fine-tune {fraction:.0%} seed {seed} {start}: top-1 {final['top1']:.1f}", flush=True)
+    return rows
+
+
+def finetune_only(args, out: Path) -> None:
+    """--pretrained: fine-tuning alone, from a kept pretraining checkpoint, at --fractions."""
+    began = time.time()
+    root = {"data.root": args.root} if args.root else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = finetune_rows(args, Path(args.pretrained), args.fractions, args.num_val, root, Path(tmp))
+    minutes = (time.time() - began) / 60
+    name = f"finetune-{args.finetune_steps}-steps"
+    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "finetune": FINETUNE, "rows": rows,
+                                                  "minutes": minutes, "load_average_at_end": load_average()},
+                                                 indent=1))
+    lines = [f"Fine-tuning for {args.finetune_steps} steps (batch 32) from {Path(args.pretrained).name}, "
+             f"{minutes:.1f} min, load average at the end {load_average()}; top-1 on the first {args.num_val} "
+             f"test images:", "", "| labels | seed | pretrained | random init |", "|---|---|---|---|"]
+    for fraction in args.fractions:
+        for seed in args.seeds:
+            pair = {r["start"]: r["top1"] for r in rows if r["fraction"] == fraction and r["seed"] == seed}
+            lines.append(f"| {fraction:.0%} | {seed} | {pair['pretrained']:.1f} | {pair['random init']:.1f} |")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def load_average() -> str:
