@@ -94,6 +94,7 @@ def mean_sd(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default=VARIANT, help="encoder variant (debug: what a shared 2-core CPU affords)")
     ap.add_argument("--root", default=None, help="Fashion-MNIST idx folder (default: Debian's)")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--knn-every", type=int, default=50)
@@ -124,12 +125,13 @@ def main() -> None:
         tmp = Path(tmp)
         # -- 1. pretraining, with the kNN monitor; step 0 is the encoder the run starts from
         # one epoch over the first steps x 64 images: the lr schedule ends where the run does
-        cfg = pretrain_config(overrides({**PRETRAIN, **root, "data.num_images": args.pretrain_steps * 64,
+        cfg = pretrain_config(overrides({**PRETRAIN, **root, "model": args.variant,
+                                         "data.num_images": args.pretrain_steps * 64,
                                          "sched.warmup_steps": min(PRETRAIN["sched.warmup_steps"], args.pretrain_steps),
                                          "knn.every_steps": args.knn_every, "checkpoint.every_steps":
                                          args.pretrain_steps, "output_dir": tmp / "pretrain"}))
         torch.manual_seed(cfg.seed)  # as the engine seeds before it builds the model
-        start_model = create_model(f"fcmae_convnextv2_{VARIANT}", backend="dense_masked",
+        start_model = create_model(f"fcmae_convnextv2_{args.variant}", backend="dense_masked",
                                    decoder_dim=DECODER_DIM)
         step0 = KnnMonitor(cfg.data, cfg.knn, torch.device("cpu"))(start_model.encoder)
         t = time.time()
@@ -154,8 +156,8 @@ def main() -> None:
         data_root = args.root or cfg.data.root
         train_src, test_src = FashionMnist(data_root, "train"), FashionMnist(data_root, "test")
         pool, num_val = min(args.pool, len(train_src)), min(args.num_val, len(test_src))
-        encoders = {"pretrained": load_encoder(str(pre.checkpoint), VARIANT)}
-        encoders |= {f"random-{s}": load_encoder(None, VARIANT, seed=s) for s in args.seeds}
+        encoders = {"pretrained": load_encoder(str(pre.checkpoint), args.variant)}
+        encoders |= {f"random-{s}": load_encoder(None, args.variant, seed=s) for s in args.seeds}
         feats = {name: (embed_split(enc, head, train_src, pool), embed_split(enc, head, test_src, num_val))
                  for name, (enc, head, _) in encoders.items()}
         pool_labels = train_src.labels[:pool]
@@ -200,7 +202,8 @@ def finetune_rows(args, checkpoint, fractions, num_val: int, root: dict, tmp: Pa
         for seed in args.seeds:
             for start, ckpt in (("pretrained", checkpoint), ("random init", None)):
                 run = run_finetune(finetune_config(overrides({
-                    **FINETUNE, **root, "data.label_fraction": fraction, "data.label_seed": seed,
+                    **FINETUNE, **root, "model": args.variant, "data.label_fraction": fraction,
+                    "data.label_seed": seed,
                     "data.num_val": num_val, "epochs": epochs, "max_steps": args.finetune_steps, "seed": seed,
                     "sched.warmup_steps": min(FINETUNE["sched.warmup_steps"], args.finetune_steps),
                     "checkpoint.every_steps": args.finetune_steps,
@@ -221,7 +224,7 @@ def finetune_only(args, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = finetune_rows(args, Path(args.pretrained), args.fractions, args.num_val, root, Path(tmp))
     minutes = (time.time() - began) / 60
-    name = f"finetune-{args.finetune_steps}-steps"
+    name = f"finetune-{args.finetune_steps}-steps-" + "-".join(f"{f:.0%}" for f in args.fractions).replace("%", "pc")
     (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "finetune": FINETUNE, "rows": rows,
                                                   "minutes": minutes, "load_average_at_end": load_average()},
                                                  indent=1))
