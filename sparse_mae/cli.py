@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": ("sparse_mae.apps.import_ckpt:main", "timm / official checkpoint -> our checkpoint format"),
     "finetune": ("sparse_mae.apps.finetune:main", "fine-tune a dense classifier (Hydra: conf/finetune.yaml)"),
     "eval": ("sparse_mae.apps.evaluate:main", "top-1/top-5 and a confusion-matrix PNG for a classifier checkpoint"),
+    "probe": ("sparse_mae.apps.probe:main", "linear probe and kNN on frozen encoder features (Hydra: conf/probe.yaml)"),
     "bench": ("sparse_mae.apps.bench:main", "FCMAE time, memory and FLOPs across backends (Hydra: conf/bench.yaml)"),
     "flops": ("sparse_mae.apps.flops:main", "params and GFLOPs of the eight variants, dense and sparse (paper table)"),
 }

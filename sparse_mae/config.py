@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from sparse_mae.backends import list_backends
+from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
 
 
@@ -273,6 +274,36 @@ class LabelledShardData(FinetuneCrop, ShardImages, DataConfig):
 
 
 @dataclass
+class FashionMnistImages:
+    """Fashion-MNIST idx files (sparse_mae/data/fashion_mnist.py): 28px grey, 10 classes, 3 equal channels."""
+
+    root: str = opt(FASHION_MNIST_ROOT, "folder of the four idx files, .gz or not (Debian: apt-get install "
+                                        "dataset-fashion-mnist)")
+    size: int = opt(128, "28px padded to 32, then upsampled 4x: 4x4 patches (docs/fashion-mnist/README.md)")
+    num_workers: int = opt(1, "DataLoader worker processes (the images are in memory; the model needs the cores)",
+                           NON_NEGATIVE)
+
+
+@dataclass
+class FashionMnistData(FashionMnistImages, DataConfig):
+    """The 60,000 training images of Fashion-MNIST (labels unused)."""
+
+    name: str = "fashion_mnist"
+    num_images: Optional[int] = opt(None, "use the first N training images; null: all 60,000", POSITIVE)
+
+
+@dataclass
+class LabelledFashionMnistData(FinetuneCrop, FashionMnistImages, DataConfig):
+    """Fashion-MNIST: train = the training split (or a class-balanced fraction of it), val = the test split."""
+
+    name: str = "fashion_mnist"
+    label_fraction: float = opt(1.0, "class-balanced random fraction of the 60,000 training labels used",
+                                Range(0, 1, low_open=True))
+    label_seed: int = opt(0, "which images that fraction holds")
+    num_val: Optional[int] = opt(None, "the first N of the 10,000 test images; null: all", POSITIVE)
+
+
+@dataclass
 class LoggerConfig:
     name: LoggerName = opt(MISSING, "wandb, or none (metrics.jsonl and the progress bar only)")
     mode: WandbMode = opt("offline", "wandb: offline writes under the run directory; online syncs live")
@@ -348,6 +379,21 @@ class ReconConfig:
 
 
 @dataclass
+class KnnMonitorConfig:
+    """kNN accuracy on frozen encoder features during pretraining (sparse_mae/probe/monitor.py)."""
+
+    enabled: bool = opt(False, "embed a fixed labelled subset every `every_steps` and log kNN top-1/top-5")
+    every_steps: int = opt(1000, "cadence in optimizer steps; also at the end of the run", POSITIVE)
+    num_train: int = opt(1000, "memory bank: this many training images, evenly spaced over the split", POSITIVE)
+    num_val: int = opt(500, "queries: this many val images, evenly spaced over the split", POSITIVE)
+    k: int = opt(20, "neighbours voting (self-supervised literature: 20)", POSITIVE)
+    temperature: float = opt(0.07, "votes weighted exp(cosine / temperature)", POSITIVE)
+    batch_size: int = opt(64, "images per forward while embedding", POSITIVE)
+    root: Optional[str] = opt(None, "labelled images for the monitor (root/train/<class>/, root/val/<class>/); "
+                                    "null: the pretraining data's own labels (builtin, fashion_mnist)")
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     model: FcmaeModelConfig = opt(FcmaeModelConfig(), "")
     backend: BackendConfig = opt(BackendConfig(), "")
@@ -360,6 +406,7 @@ class PretrainConfig(RunConfig):
     batch_size: int = opt(64, "per process; effective batch = batch_size * processes * accum_iter", POSITIVE)
     output_dir: str = opt("outputs/pretrain/${now:%Y-%m-%d_%H-%M-%S}", "the run directory")
     recon: ReconConfig = opt(ReconConfig(), "")
+    knn: KnnMonitorConfig = opt(KnnMonitorConfig(), "")
 
 
 @dataclass
@@ -408,6 +455,45 @@ class EvalConfig:
     batch_size: int = opt(64, "images per forward", POSITIVE)
     device: Device = opt("auto", "auto: CUDA if visible, else CPU")
     out: Optional[str] = opt(None, "folder for confusion_matrix.png and eval.json; null: beside the checkpoint")
+
+
+@dataclass
+class ProbeModelConfig:
+    variant: Variant = opt(MISSING, "encoder variant; must match ckpt")
+
+
+@dataclass
+class KnnConfig:
+    k: int = opt(20, "neighbours voting (self-supervised literature: 20)", POSITIVE)
+    temperature: float = opt(0.07, "votes weighted exp(cosine / temperature)", POSITIVE)
+
+
+@dataclass
+class LinearProbeConfig:
+    epochs: int = opt(100, "passes over the frozen training features", POSITIVE)
+    batch_size: int = opt(256, "features per SGD step", POSITIVE)
+    lr: float = opt(0.1, "SGD lr (momentum 0.9, half-cosine to 0) at batch 256, scaled linearly with batch_size",
+                    POSITIVE)
+    weight_decay: float = opt(0.0, "MAE's linear probe uses none", NON_NEGATIVE)
+
+
+@dataclass
+class ProbeConfig:
+    """Linear probe and kNN on frozen encoder features (global average pool + the final LayerNorm)."""
+
+    model: ProbeModelConfig = opt(ProbeModelConfig(), "")
+    data: DataConfig = opt(MISSING, "")
+    ckpt: Optional[str] = opt(None, "encoder weights: any checkpoint `import` reads (pretrain, finetune, export, "
+                                    "timm, official); null: a random-init encoder of model=")
+    ckpt_format: InitFormat = opt("auto", "layout of ckpt: auto (from the key names) or a format name")
+    knn: KnnConfig = opt(KnnConfig(), "")
+    linear: LinearProbeConfig = opt(LinearProbeConfig(), "")
+    batch_size: int = opt(64, "images per forward while embedding", POSITIVE)
+    device: Device = opt("auto", "auto: CUDA if visible, else CPU")
+    amp: str = opt("auto", "bf16 autocast while embedding: auto (on for CUDA), true, false",
+                   OneOf(("auto", "true", "false")))
+    seed: int = opt(0, "random-init encoder, the linear probe's init and shuffling", NON_NEGATIVE)
+    out: Optional[str] = opt(None, "write probe.json here (a folder); null: print only")
 
 
 @dataclass
@@ -506,6 +592,7 @@ class BenchConfig:
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
     "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig, "prepare": PrepareConfig,
+    "probe": ProbeConfig,
 }
 
 
@@ -526,6 +613,8 @@ def register() -> None:
     cs.store(group="finetune/data", name="imagefolder", node=LabelledImageFolderData)
     cs.store(group="data", name="shards", node=ShardData)
     cs.store(group="finetune/data", name="shards", node=LabelledShardData)
+    cs.store(group="data", name="fashion_mnist", node=FashionMnistData)
+    cs.store(group="finetune/data", name="fashion_mnist", node=LabelledFashionMnistData)
 
 
 register()

@@ -14,8 +14,9 @@ from sparse_mae.config import SCHEMAS, ConfigError, NonEmpty, OneOf, Range, Regi
 
 # each app with every option of its data group (the data options carry different fields)
 COMPOSITIONS = [("pretrain", []), ("pretrain", ["data=imagefolder"]), ("pretrain", ["data=shards"]), ("finetune", []),
-                ("finetune", ["finetune/data@data=imagefolder"]), ("finetune", ["finetune/data@data=shards"]),
-                ("eval", []), ("export", []), ("import", []), ("bench", []), ("prepare", [])]
+                ("pretrain", ["data=fashion_mnist"]), ("finetune", ["finetune/data@data=imagefolder"]),
+                ("finetune", ["finetune/data@data=shards"]), ("finetune", ["finetune/data@data=fashion_mnist"]),
+                ("eval", []), ("export", []), ("import", []), ("bench", []), ("prepare", []), ("probe", [])]
 
 
 def checked_keys(cfg: DictConfig, prefix: str = ""):

@@ -46,7 +46,7 @@ def test_no_app_imports_another_app(path):
     assert not others, f"{path.name} imports {others}: move what they share into a library folder"
 
 
-@pytest.mark.parametrize("path", [*files("data"), *files("models"), *files("train"), *files("backends")],
+@pytest.mark.parametrize("path", [*files("data"), *files("models"), *files("train"), *files("backends"), *files("probe")],
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_library_code_does_not_import_the_apps(path):
     assert not {m for m in runtime_imports(path) if m.startswith("sparse_mae.apps")}

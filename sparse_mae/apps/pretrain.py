@@ -58,11 +58,17 @@ class PretrainTask(TrainTask):
         self.num_patches = (cfg.data.size // PATCH) ** 2
         self.recon_path: Path | None = None
         self._recon_batch = None
+        self.knn = None
+        if cfg.knn.enabled and di.is_main:
+            from sparse_mae.probe.monitor import KnnMonitor
+
+            self.knn = KnnMonitor(cfg.data, cfg.knn, di.device, self.amp)
 
     def describe(self) -> str:
         empty = len(getattr(self.dataset, "empty_files", []))
         return (f"fcmae_convnextv2_{self.cfg.model.variant}, backend {self.backend}, {self.cfg.data.size}px"
-                + (f", {empty} zero-byte image file(s) set aside" if empty else ""))
+                + (f", {empty} zero-byte image file(s) set aside" if empty else "")
+                + (f", {self.knn.describe()}" if self.knn is not None else ""))
 
     def init_weights(self, log) -> None:
         if self.cfg.init:
@@ -82,6 +88,11 @@ class PretrainTask(TrainTask):
         every = self.cfg.recon.every_steps
         if run.dist.is_main and ((every and step % every == 0) or last):
             self.reconstruct(run, step)
+        if self.knn is not None and (step % self.cfg.knn.every_steps == 0 or last):
+            record = self.knn(self.model.encoder)
+            run.logger.log(record, step)
+            run.logger.write(f"step {step}: kNN top-1 {record['knn/top1']:.2f}%, top-5 {record['knn/top5']:.2f}% "
+                             f"({record['knn/seconds']:.1f} s)")
 
     def reconstruct(self, run: Run, step: int) -> None:
         """The same images and masks at every picture of a run (and across resumes)."""

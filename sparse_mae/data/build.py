@@ -25,16 +25,22 @@ def pretrain_dataset(data_cfg: DictConfig):
 
         return ShardDataset(data_cfg.root, FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale),
                                                               hflip=data_cfg.hflip))
+    if data_cfg.name == "fashion_mnist":
+        from sparse_mae.data.fashion_mnist import fashion_mnist_split
+
+        return fashion_mnist_split(data_cfg, "pretrain", transform)
     if data_cfg.name == "imagefolder":
         from sparse_mae.data.imagefolder import ImageFolderDataset
 
         return ImageFolderDataset(data_cfg.root, transform)
-    raise ValueError(f"data.name must be builtin, imagefolder or shards, got {data_cfg.name!r}")
+    raise ValueError(f"data.name must be builtin, imagefolder, shards or fashion_mnist, got {data_cfg.name!r}")
 
 
-def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None):
-    """-> (dataset, class names) for split 'train' (random crops) or 'val' (centre crops)."""
-    if split == "train":
+def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None = None,
+                   augment: bool | None = None):
+    """-> (dataset, class names) for split 'train' or 'val', with random crops (`augment`;
+    default: for 'train') or centre crops."""
+    if (split == "train") if augment is None else augment:
         transform = TrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
     else:
         transform = EvalTransform(data_cfg.size)
@@ -57,4 +63,9 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
                 if split == "train" else FastEvalTransform(data_cfg.size))
         ds = ShardDataset(Path(data_cfg.root) / split, fast, labelled=True, classes=classes)
         return ds, ds.classes
-    raise ValueError(f"data.name must be builtin, imagefolder or shards, got {data_cfg.name!r}")
+    if data_cfg.name == "fashion_mnist":
+        from sparse_mae.data.fashion_mnist import fashion_mnist_split
+
+        ds = fashion_mnist_split(data_cfg, split, transform)
+        return ds, ds.classes
+    raise ValueError(f"data.name must be builtin, imagefolder, shards or fashion_mnist, got {data_cfg.name!r}")

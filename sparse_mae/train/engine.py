@@ -61,7 +61,7 @@ from sparse_mae.train import step as training_step
 
 # Metrics that measure the machine, not the training: they differ between runs of the
 # same training (and between an interrupted run and an uninterrupted one).
-TIMING_METRICS = ("time", "img_per_s")
+TIMING_METRICS = ("time", "img_per_s", "knn/seconds")
 
 
 class TrainTask:

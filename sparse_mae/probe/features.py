@@ -1,0 +1,94 @@
+"""Frozen encoder features as a classifier head sees them: the encoder's last map, global
+average pooled, then the final LayerNorm (the head's own for a classifier checkpoint; for
+an encoder-only one, a LayerNorm without affine, i.e. a fresh head's at init).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from sparse_mae.models.convnextv2 import LN_EPS, ConvNeXtV2, build_convnextv2
+
+
+class FeatureHead(torch.nn.Module):
+    """(N, C, h, w) map -> (N, C): mean over sites, then LayerNorm (affine only when given)."""
+
+    def __init__(self, dim: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("weight", None if weight is None else weight.detach().clone().float())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.float().mean(dim=(2, 3))
+        return F.layer_norm(pooled, (self.dim,), self.weight, self.bias, LN_EPS)
+
+
+def load_encoder(path: str | None, variant: str, fmt: str = "auto", seed: int = 0,
+                 option: str = "ckpt") -> tuple[ConvNeXtV2, FeatureHead, str]:
+    """-> (encoder without head, its feature head, what was loaded). From any checkpoint that
+    `sparse-mae import` reads (ours: pretrain, finetune, export; timm; official); without
+    `path`, a random-init encoder of `variant` drawn from `seed` (global RNG untouched)."""
+    from sparse_mae.convert import encoder_part, import_state_dict, read_state_dict
+    from sparse_mae.convert.layouts import guess_format
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_convnextv2(variant, num_classes=0)
+    dim = encoder.num_features
+    if path is None:
+        return encoder.eval(), FeatureHead(dim), f"a random-init convnextv2_{variant} encoder (seed {seed})"
+    foreign, _ = read_state_dict(path)
+    fmt = str(fmt)
+    if fmt == "auto":  # names that fit no layout are checked against ours, which lists what differs
+        fmt = guess_format(foreign) or "sparse_mae"
+    sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
+    if spec.variant != str(variant):
+        raise ValueError(f"{option}={path} is a convnextv2_{spec.variant} checkpoint but model={variant}; "
+                         f"pass model={spec.variant}")
+    weights, _ = encoder_part(sd, spec)
+    norm_weight, norm_bias = weights.get("head.norm.weight"), weights.get("head.norm.bias")
+    encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")}, strict=True)
+    head = FeatureHead(dim, norm_weight, norm_bias)
+    norm = "the classifier head's LayerNorm" if norm_weight is not None else "a LayerNorm without affine"
+    return encoder.eval(), head, f"the encoder of the {fmt} {spec.kind} checkpoint {path} ({norm})"
+
+
+@torch.no_grad()
+def embed(encoder: torch.nn.Module, head: FeatureHead, batches: Iterable[dict], device: torch.device,
+          amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (features (N, C) float32 on CPU, labels (N,) long). Items standing in for an
+    unreadable file ("skipped" > 0) are left out. The caller sets eval mode."""
+    feats, labels = [], []
+    for batch in batches:
+        keep = batch["skipped"] == 0
+        if not keep.any():
+            continue
+        imgs = batch["image"][keep].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            x = encoder.forward_features(imgs)
+        feats.append(head.to(device)(x).cpu())
+        labels.append(torch.as_tensor(batch["label"])[keep].long().cpu())
+    if not feats:
+        raise ValueError("no images to embed (the split is empty, or every file in it is unreadable)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def batches_of(dataset, indices: list[int], batch_size: int):
+    """The items `indices` of `dataset`, collated in batches, in this process (no DataLoader:
+    a DataLoader draws its base seed from the global RNG unless given a generator)."""
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[i] for i in indices[start:start + batch_size]]
+        yield {"image": torch.stack([it["image"] for it in items]),
+               "label": torch.tensor([int(it["label"]) for it in items]),
+               "skipped": torch.tensor([int(it["skipped"]) for it in items])}
+
+
+def evenly_spaced(length: int, count: int) -> list[int]:
+    """`count` indices spread evenly over range(length) (all of them if count >= length):
+    a fixed subset that covers class-sorted folders as well as shuffled files, with no RNG."""
+    if count >= length:
+        return list(range(length))
+    return [int(i * length // count) for i in range(count)]
