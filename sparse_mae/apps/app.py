@@ -8,7 +8,9 @@ Two kinds of apps:
   `tool_main(app, fn)`.
 
 Exit codes: 0 done; 1 an unexpected error (traceback); 2 bad input or config (the message
-names the fix); 3 the run stopped itself (non-finite training, a run directory in use).
+names the fix); 3 the run stopped itself (non-finite training, a run directory in use);
+75 stopped on a signal with a checkpoint written (run again with resume=auto;
+sparse_mae/train/signals.py); 128 + N killed by a second signal N.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import sparse_mae.config as schemas
 from sparse_mae.train.errors import RunStopped
+from sparse_mae.train.signals import EXIT_INTERRUPTED, RunInterrupted
 
 CONFIG_MODULE = "sparse_mae_conf"
 EXIT_BAD_INPUT = 2
@@ -102,6 +105,9 @@ def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
             fn(cfg, HydraConfig.get().runtime.output_dir)
         except EXPECTED_ERRORS as e:
             sys.exit(report(app, e))
+        except RunInterrupted as e:
+            print(f"sparse-mae {app}: {e}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     _job()
     return 0
