@@ -194,8 +194,9 @@ class RunConfig:
     output_dir: str = opt(MISSING, "the run directory: checkpoints, metrics, pictures")
     resume: Optional[str] = opt(None, "null: start fresh (refused where checkpoints exist); auto: the newest "
                                       "checkpoint of output_dir that verifies, or fresh; or a checkpoint path")
-    stop_signals: list[str] = opt(["TERM", "INT", "USR1"], "on one of these the run finishes its step, writes a "
-                                  "checkpoint and exits 75 (resume=auto continues); a second one exits at once")
+    stop_signals: list[str] = opt(["TERM", "INT", "USR1", "USR2"], "on one of these the run finishes its step, "
+                                  "writes a checkpoint and exits 75 (resume=auto continues); a second one exits at "
+                                  "once. USR2 is submitit's time-limit signal")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "")
     nonfinite: NonFiniteConfig = opt(NonFiniteConfig(), "")
     optim: OptimConfig = opt(OptimConfig(), "")

@@ -140,3 +140,38 @@ def test_sbatch_script_requeues_only_on_the_interrupted_exit_code():
     assert f"EXIT_INTERRUPTED={EXIT_INTERRUPTED}" in text and "resume=auto" in text
     assert os.access(SBATCH, os.X_OK)
     assert signal.SIGUSR1.name.removeprefix("SIG") in text  # the warning signal is one the run stops on
+
+
+@pytest.mark.slow
+def test_submitit_launcher_requeues_a_job_signalled_before_its_time_limit(slurm, tmp_path):
+    """`-m hydra/launcher=slurm`: submitit's time-limit signal (USR2) makes the run checkpoint,
+    then submitit's own handler requeues the job, which resumes and ends bit-exact."""
+    import subprocess
+
+    straight, sweep = tmp_path / "straight", tmp_path / "sweep"
+    args = {**PRETRAIN, "epochs": 6}
+    run_to_end("pretrain", debug_overrides(straight, **args), tmp_path)
+    env = {**slurm.env, "STEP_DELAY": "0.3", "PYTHONPATH": f"{REPO / 'tests' / 'slow_steps'}:{REPO}",
+           "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    submitter = subprocess.Popen(
+        [sys.executable, "-m", "sparse_mae.cli", "pretrain", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep}",
+         "hydra.launcher.timeout_min=30", *debug_overrides(sweep / "unused", **args), "resume=auto"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        run_dir = sweep / "0"  # the sweep's job 0
+        deadline = time.monotonic() + 240
+        while steps_logged(run_dir) < 3:
+            assert submitter.poll() is None and time.monotonic() < deadline, submitter.communicate()[0][-4000:]
+            time.sleep(0.2)
+        job = int(slurm.run("squeue", "-h", "-o", "%A").split()[0])
+        slurm.run("scancel", "--signal=USR2", str(job))
+        out, _ = submitter.communicate(timeout=300)
+    finally:
+        if submitter.poll() is None:
+            submitter.kill()
+    logs = "".join(p.read_text() for p in sweep.rglob("*_log.*"))
+    assert submitter.returncode == 0, out[-3000:] + logs[-3000:]
+    assert int(slurm.job(job)["Restarts"]) >= 1, logs[-3000:]
+    assert "stopped on SIGUSR2" in logs, logs[-3000:]
+    assert_same_final_state(straight, run_dir)
+    assert_no_leftovers(run_dir)

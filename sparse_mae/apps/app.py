@@ -105,8 +105,7 @@ def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
             fn(cfg, HydraConfig.get().runtime.output_dir)
         except EXPECTED_ERRORS as e:
             sys.exit(report(app, e))
-        except RunInterrupted as e:
-            print(f"sparse-mae {app}: {e}", file=sys.stderr, flush=True)
+        except RunInterrupted:  # the engine has said where it stopped
             sys.exit(EXIT_INTERRUPTED)
 
     _job()

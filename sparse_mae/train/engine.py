@@ -230,7 +230,8 @@ def train(cfg: DictConfig, make_task: Callable[[DictConfig, DistInfo], TrainTask
             return _Engine(cfg, make_task, run_dir, di, stop).run()
         finally:
             cleanup_distributed()
-    except RunInterrupted:
+    except RunInterrupted as e:
+        print(f"sparse-mae: {e}", file=sys.stderr, flush=True)  # here: the next line may exit
         stop.chain_previous()  # e.g. submitit's requeue handler, now that the checkpoint is safe
         raise
     finally:
@@ -429,7 +430,7 @@ class _Engine:
         got = self.stop.received
         after = f" {time.monotonic() - self.stop.received_at:.2f} s after the signal" if got else ""
         where = self.last_checkpoint or self._on_disk()
-        raise RunInterrupted(  # the app prints it, on every rank
+        raise RunInterrupted(  # train() prints it, on every rank
             f"stopped on {got.name if got else 'a signal to another rank'} at step {c.step} of {self.run_steps}"
             f"{after}; checkpoint {where or 'none (no step was taken)'}; continue with resume=auto", got, c.step)
 
