@@ -112,7 +112,9 @@ def load_classifier(path: str | os.PathLike, use_ema: bool = True):
     """Our classifier checkpoint (finetune step-*.pt with 'model'/'ema', an export or an import)
     -> (model, class names or None, which weights)."""
     from sparse_mae.convert import build_from_state_dict, inspect_state_dict, read_state_dict
+    from sparse_mae.train.checkpoint import guard_checkpoint_file
 
+    path = guard_checkpoint_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True) if Path(path).suffix != ".safetensors" else {}
     which = "model"
     if use_ema and isinstance(state.get("ema"), dict):
