@@ -37,6 +37,7 @@ from sparse_mae.train.checkpoint import (
     atomic_write_bytes,
     explicit_resume_path,
     find_latest,
+    list_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
     save_checkpoint,
@@ -273,6 +274,13 @@ class _Engine:
                 hint = "init=" if "init" in cfg else "pretrained="
                 raise ValueError(f"resume={explicit} holds weights only (no optimizer state or step): it cannot be "
                                  f"resumed. Start a new run from those weights with {hint}{explicit}")
+            later = [c for c in list_checkpoints(self.dir.checkpoints) if c.step > int(state["step"])]
+            if later:  # continuing here would overwrite them (same step names) or rotate them away
+                raise ValueError(
+                    f"resume={explicit} is step {int(state['step'])}, but output_dir {self.dir.path} already holds "
+                    f"later checkpoints ({', '.join(c.path.name for c in later[-3:])}) that continuing there would "
+                    f"overwrite; nothing was changed. To branch from step {int(state['step'])}, add a new "
+                    f"output_dir=...; to continue from the newest, pass resume=auto")
             return str(explicit.resolve()), state
         if wants_auto_resume(cfg.resume):
             path, state = newest_good_checkpoint(self.dir.checkpoints, warn=lambda m: print(m, flush=True))

@@ -1,0 +1,59 @@
+"""Faults found by using the engine as a user would (issue 18, item 4); each test failed
+before its fix."""
+from __future__ import annotations
+
+import errno
+import hashlib
+
+import pytest
+
+from sparse_mae.train import metrics
+from sparse_mae.train.checkpoint import list_checkpoints, load_checkpoint
+from tests.test_pretrain import run
+
+
+def snapshot(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_resume_from_an_older_checkpoint_is_refused_and_changes_nothing(tmp_path):
+    out = tmp_path / "run"
+    run(out, **{"checkpoint.keep_last": 0})  # 8 steps, checkpoints every 2
+    before = snapshot(out / "checkpoints")
+    older = out / "checkpoints" / "step-00000004.pt"
+    with pytest.raises(ValueError, match=r"is step 4, but output_dir .* later checkpoints .*step-00000008.pt"):
+        run(out, resume=str(older), **{"checkpoint.keep_last": 0})
+    assert snapshot(out / "checkpoints") == before
+    branch = tmp_path / "branch"  # the way the message names: a new output_dir
+    result = run(branch, resume=str(older), **{"checkpoint.keep_last": 0})
+    assert result.steps == 8 and snapshot(out / "checkpoints") == before
+
+
+class FailingFile:
+    """A metrics file on a disk that fails (EIO) from its second line on, close() included."""
+
+    def __init__(self):
+        self.lines = 0
+
+    def write(self, text):
+        self.lines += 1
+        if self.lines > 1:
+            raise OSError(errno.EIO, "Input/output error")
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_failing_metrics_file_costs_a_warning_not_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(metrics, "open", lambda *a, **k: FailingFile(), raising=False)
+    out = tmp_path / "run"
+    result = run(out)
+    assert result.steps == 8
+    assert [c.step for c in list_checkpoints(out / "checkpoints")][-1] == 8
+    load_checkpoint(out / "checkpoints" / "step-00000008.pt")
+    err = capsys.readouterr().err
+    assert err.count("cannot write") == 1 and "metrics.jsonl" in err and "Input/output error" in err, err
