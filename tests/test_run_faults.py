@@ -57,3 +57,32 @@ def test_a_failing_metrics_file_costs_a_warning_not_the_run(tmp_path, monkeypatc
     load_checkpoint(out / "checkpoints" / "step-00000008.pt")
     err = capsys.readouterr().err
     assert err.count("cannot write") == 1 and "metrics.jsonl" in err and "Input/output error" in err, err
+
+
+def cli(tmp_path, *args, timeout=300):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "sparse_mae.cli", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(repo),
+                                                           "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("override", ["bogus_key=1", "batch_size=abc", "model=no_such_variant"])
+def test_a_config_hydra_rejects_exits_2_not_1(tmp_path, override):
+    done = cli(tmp_path, "pretrain", override, f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "sparse-mae --help" not in done.stderr and "pretrain --help" in done.stderr
+
+
+def test_a_sweep_goes_on_past_a_failed_job_and_reports_it(tmp_path):
+    from tests.test_pretrain import debug_overrides
+
+    args = [a for a in debug_overrides(tmp_path / "unused", max_steps=2) if not a.startswith("output_dir=")]
+    done = cli(tmp_path, "pretrain", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", *args, "mask_ratio=1.5,0.5")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "1 of 2 sweep jobs failed" in done.stderr and "mask_ratio=1.5: exit 2" in done.stderr, done.stderr
+    assert [c.step for c in list_checkpoints(tmp_path / "sweep" / "1" / "checkpoints")] == [2]
