@@ -86,3 +86,22 @@ def test_a_sweep_goes_on_past_a_failed_job_and_reports_it(tmp_path):
     assert done.returncode == 2, done.stderr[-3000:]
     assert "1 of 2 sweep jobs failed" in done.stderr and "mask_ratio=1.5: exit 2" in done.stderr, done.stderr
     assert [c.step for c in list_checkpoints(tmp_path / "sweep" / "1" / "checkpoints")] == [2]
+
+
+@pytest.mark.parametrize("shape", [(1, 40000), (40000, 1), (3, 5000)])
+def test_transforms_never_make_an_image_larger_than_their_output(monkeypatch, shape):
+    from PIL import Image
+
+    from sparse_mae.data.transforms import EvalTransform, TrainTransform
+
+    size = 224
+    real_resize = Image.Image.resize
+
+    def resize(self, new_size, *args, **kwargs):  # refuse before Pillow allocates it
+        assert new_size[0] * new_size[1] <= size * size, f"an intermediate {new_size} image for a {size}px output"
+        return real_resize(self, new_size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    img = Image.new("RGB", shape, (200, 10, 10))
+    assert EvalTransform(size)(img).shape == (3, size, size)
+    assert TrainTransform(size)(img, seed=1).shape == (3, size, size)
