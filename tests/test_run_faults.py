@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
+import time
 
 import pytest
 
@@ -105,3 +107,49 @@ def test_transforms_never_make_an_image_larger_than_their_output(monkeypatch, sh
     img = Image.new("RGB", shape, (200, 10, 10))
     assert EvalTransform(size)(img).shape == (3, size, size)
     assert TrainTransform(size)(img, seed=1).shape == (3, size, size)
+
+
+def no_flock(monkeypatch, err: int):
+    import fcntl as fcntl_module
+
+    def flock(f, op):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(fcntl_module, "flock", flock)
+
+
+@pytest.mark.parametrize("err", [errno.ENOLCK, errno.ENOSYS])
+def test_a_filesystem_without_flock_is_not_a_held_lock(tmp_path, monkeypatch, err):
+    from sparse_mae.train.errors import RunDirectoryInUse
+    from sparse_mae.train.rundir import FALLBACK_LOCK_NAME, RunDirectory
+
+    no_flock(monkeypatch, err)
+    first = RunDirectory(tmp_path)
+    first.lock()  # was: "in use by another process", exit 3, for ever
+    held = tmp_path / FALLBACK_LOCK_NAME
+    assert f"pid {os.getpid()}" in held.read_text()
+    with pytest.raises(RunDirectoryInUse, match="its filesystem has no flock"):
+        RunDirectory(tmp_path).lock()  # a live holder is still refused
+    first.unlock()
+    assert not held.exists()
+
+
+def test_the_fallback_lock_of_a_dead_holder_is_taken_over(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    from sparse_mae.train.rundir import FALLBACK_LOCK_NAME, STALE_AFTER_S, RunDirectory
+
+    no_flock(monkeypatch, errno.ENOLCK)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    held = tmp_path / FALLBACK_LOCK_NAME
+    held.write_text(f"pid {dead.stdout.strip()} on host {socket.gethostname()} (since then)\n")
+    d = RunDirectory(tmp_path)
+    d.lock()  # a dead pid on this host
+    d.unlock()
+    held.write_text("pid 1 on host some-other-node (since then)\n")
+    os.utime(held, (0, time.time() - STALE_AFTER_S - 5))  # no heartbeat for longer than STALE_AFTER_S
+    d.lock()
+    assert socket.gethostname() in held.read_text()
+    d.unlock()
