@@ -325,10 +325,21 @@ class BenchConfig:
     gomp_spincount: Optional[int] = opt(2000, "isolated workers' GOMP_SPINCOUNT: spins of torch's OpenMP threads "
                                               "before they sleep (libgomp's 300000 fights other processes on a "
                                               "shared CPU; 0 = passive); null: inherit")
-    timeout_s: float = opt(1800.0, "per configuration (isolated runs)")
+    timeout_s: float = opt(1800.0, "per configuration (isolated runs), seconds > 0")
     plots: bool = opt(True, "PNG plots beside the tables")
     seed: int = opt(0, "weights, images and masks")
     output_dir: str = opt("outputs/bench/${now:%Y-%m-%d_%H-%M-%S}", "results.csv / .json / .md and plots")
+
+
+def check_timeout_s(value: float) -> str | None:
+    """BenchConfig.timeout_s's range (for the schema's per-field checks): -> the problem, or None.
+    A timeout <= 0 was accepted and then killed every isolated configuration at once."""
+    return None if value > 0 else f"timeout_s must be > 0 seconds, got {value!r} (default 1800)"
+
+
+def check_output_dir(value: str) -> str | None:
+    """RunConfig.output_dir: an empty one made the run write into the working directory."""
+    return None if str(value).strip() else "output_dir is empty; name the run directory, e.g. output_dir=runs/atto"
 
 
 SCHEMAS: dict[str, type] = {

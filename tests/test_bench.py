@@ -159,6 +159,8 @@ def test_wrong_types_and_choices_are_rejected_by_hydra_from_the_schema(override,
     ("mask_ratios=[1.0]", "mask ratios must be in"),
     ("image_size=100", "multiple of 32"),
     ("batch_sizes=[0]", "batch sizes must be >= 1"),
+    ("timeout_s=-1", "timeout_s must be > 0 seconds"),
+    ("timeout_s=0", "timeout_s must be > 0 seconds"),
 ])
 def test_bad_settings_are_clear_errors(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -153,3 +153,13 @@ def test_the_fallback_lock_of_a_dead_holder_is_taken_over(tmp_path, monkeypatch)
     d.lock()
     assert socket.gethostname() in held.read_text()
     d.unlock()
+
+
+def test_an_empty_output_dir_is_refused_and_writes_nothing(tmp_path):
+    from tests.test_pretrain import debug_overrides
+
+    args = [a for a in debug_overrides(tmp_path / "unused", max_steps=1) if not a.startswith("output_dir=")]
+    done = cli(tmp_path, "pretrain", *args, "output_dir=")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "output_dir is empty" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -107,6 +107,9 @@ def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(app, argv))
         return 0
+    for arg in argv:  # before Hydra: it would already log into the run directory (here: the cwd)
+        if arg.startswith("output_dir=") and schemas.check_output_dir(arg.split("=", 1)[1]):
+            return report(app, ValueError(schemas.check_output_dir("")))
     started: list[bool] = []
     failed: list[tuple[str, int]] = []
 

@@ -109,6 +109,10 @@ class BenchSettings:
              f"gomp_spincount must be an integer >= 0 or null (inherit), got {self.gomp_spincount!r}")
         need(self.peak_tflops is None or float(self.peak_tflops) > 0,
              f"peak_tflops must be > 0 or null, got {self.peak_tflops}")
+        from sparse_mae.config import check_timeout_s
+
+        problem = check_timeout_s(self.timeout_s)
+        need(problem is None, problem)
 
     @property
     def resolved_device(self) -> str:

@@ -166,6 +166,10 @@ def check_run_config(cfg: DictConfig) -> None:
                 "nonfinite.max_in_a_row"):
         value = OmegaConf.select(cfg, key)
         need(value > 0, f"{key} must be > 0, got {value!r}")
+    from sparse_mae.config import check_output_dir
+
+    problem = check_output_dir(cfg.output_dir)
+    need(problem is None, problem)
     need(cfg.max_steps is None or cfg.max_steps > 0, f"max_steps must be > 0 or null, got {cfg.max_steps!r}")
     need(cfg.checkpoint.keep_last >= 0, f"checkpoint.keep_last must be >= 0 (0 keeps all), got {cfg.checkpoint.keep_last}")
     need(str(cfg.amp).lower() in ("auto", "true", "false"), f"amp must be auto, true or false, got {cfg.amp!r}")
