@@ -163,3 +163,19 @@ def test_an_empty_output_dir_is_refused_and_writes_nothing(tmp_path):
     assert done.returncode == 2, done.stderr[-2000:]
     assert "output_dir is empty" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_resume_with_a_changed_run_defining_key_is_refused_and_others_warned(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(out, max_steps=4)
+    for key, value in [("batch_size", 16), ("accum_iter", 2), ("seed", 3), ("data.size", 96), ("epochs", 4),
+                       ("optim.lr", 1e-3), ("mask_ratio", 0.5), ("data.num_images", 64)]:
+        with pytest.raises(ValueError, match=rf"changed config: {key.replace('.', '[.]')}: \S+ -> \S+.*init="):
+            run(out, resume="auto", **{key: value})
+    assert [c.step for c in list_checkpoints(out / "checkpoints")] == [2, 4]
+    capsys.readouterr()
+    result = run(out, resume="auto", clip_grad=1.0, **{"logger.progress": "true", "checkpoint.keep_last": 5})
+    assert result.steps == 8
+    out_err = capsys.readouterr()
+    text = out_err.out + out_err.err
+    assert "changed settings" in text and "clip_grad: None -> 1.0" in text and "logger.progress" not in text

@@ -56,6 +56,7 @@ from sparse_mae.train.distributed import (
 from sparse_mae.train.errors import RunStopped, TrainingDiverged
 from sparse_mae.train.metrics import RunLogger
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from sparse_mae.train.resume_config import check_resume_config
 from sparse_mae.train.rundir import RunDirectory
 from sparse_mae.train.sampler import ResumableDistributedSampler
 from sparse_mae.train.schedule import set_lr, warmup_cosine_lr
@@ -285,10 +286,12 @@ class _Engine:
                     f"later checkpoints ({', '.join(c.path.name for c in later[-3:])}) that continuing there would "
                     f"overwrite; nothing was changed. To branch from step {int(state['step'])}, add a new "
                     f"output_dir=...; to continue from the newest, pass resume=auto")
+            check_resume_config(state.get("config"), cfg, explicit, warn=lambda m: print(m, flush=True))
             return str(explicit.resolve()), state
         if wants_auto_resume(cfg.resume):
             path, state = newest_good_checkpoint(self.dir.checkpoints, warn=lambda m: print(m, flush=True))
             if path is not None:  # by name: each node finds it in its own view of output_dir
+                check_resume_config(state.get("config"), cfg, path, warn=lambda m: print(m, flush=True))
                 return path.name, state
         else:
             self.dir.check_fresh_start()
