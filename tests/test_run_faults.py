@@ -179,3 +179,31 @@ def test_resume_with_a_changed_run_defining_key_is_refused_and_others_warned(tmp
     out_err = capsys.readouterr()
     text = out_err.out + out_err.err
     assert "changed settings" in text and "clip_grad: None -> 1.0" in text and "logger.progress" not in text
+
+
+def test_an_empty_class_folder_in_training_data_is_refused_not_a_class(tmp_path):
+    from PIL import Image
+
+    from sparse_mae.data.imagefolder import LabelledImageFolderDataset
+    from sparse_mae.data.transforms import EvalTransform
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 40)).save(tmp_path / name / "a.png")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(ValueError, match=r"class folder .*empty_class has no images: it would be class 2 of 3"):
+        LabelledImageFolderDataset(tmp_path, EvalTransform(32))
+    val = LabelledImageFolderDataset(tmp_path, EvalTransform(32), classes=["cat", "dog", "empty_class"])
+    assert len(val) == 2  # a validation split may lack a class
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    from PIL import Image
+
+    from sparse_mae.data.imagefolder import load_rgb
+
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
+    img.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_rgb(tmp_path / "phone.jpg").size == (20, 40)

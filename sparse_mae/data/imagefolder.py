@@ -75,9 +75,13 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB; raises on a bad file."""
+    """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB, upright as its EXIF orientation
+    says (a phone's portrait photo is stored sideways); raises on a bad file."""
+    from PIL import ImageOps
+
     with Image.open(path) as img:
         img.load()
+        img = ImageOps.exif_transpose(img)
         if img.mode == "RGB":
             return img.copy()
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # >8-bit grayscale: rescale first
@@ -151,8 +155,13 @@ class LabelledImageFolderDataset(ImageFilesDataset):
             if (root / name).is_dir():
                 try:
                     found_files, empty = find_images(root / name)
-                except ValueError:  # a class folder without readable images
-                    continue
+                except ValueError:  # a class folder without images
+                    if classes is None:  # the training split defines the classes: one that cannot be learnt
+                        raise ValueError(
+                            f"class folder {root / name} has no images: it would be class {label} of "
+                            f"{len(self.classes)}, one the model never sees. Add images or remove the folder"
+                        ) from None
+                    continue  # val may lack a class
                 files += found_files
                 self.labels += [label] * len(found_files)
                 self.empty_files += empty
