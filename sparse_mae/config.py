@@ -342,6 +342,17 @@ def check_output_dir(value: str) -> str | None:
     return None if str(value).strip() else "output_dir is empty; name the run directory, e.g. output_dir=runs/atto"
 
 
+def check_pretrain_size(size: int, mask_ratio: float) -> str | None:
+    """PretrainConfig: the image must have a patch to mask and one to keep (at data.size=32 the
+    one patch was kept, nothing was masked, and the loss over no patches was NaN)."""
+    patches = (size // 32) ** 2
+    kept = max(1, int(patches * (1 - mask_ratio)))
+    if kept < patches:
+        return None
+    return (f"data.size={size} gives {patches} patch(es) of 32x32 and mask_ratio={mask_ratio} keeps all of them, so "
+            f"there is nothing to reconstruct; use data.size >= 64 or a higher mask_ratio")
+
+
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
     "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig,

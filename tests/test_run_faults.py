@@ -207,3 +207,24 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
     img.save(tmp_path / "phone.jpg", exif=exif)
     assert load_rgb(tmp_path / "phone.jpg").size == (20, 40)
+
+
+@pytest.mark.parametrize("size, ratio", [(32, 0.6), (32, 0.9)])
+def test_an_image_with_nothing_to_mask_is_refused_before_a_nan_loss(tmp_path, size, ratio):
+    with pytest.raises(ValueError, match=rf"data.size={size} gives .* keeps all of them"):
+        run(tmp_path / "run", mask_ratio=ratio, **{"data.size": size, "data.draw_size": 64})
+
+
+def test_eval_of_a_checkpoint_on_data_with_other_classes_names_the_mismatch(tmp_path):
+    import torch
+
+    import sparse_mae
+    from sparse_mae.apps.evaluate import compose_eval_config, run_eval
+
+    model = sparse_mae.create_model("convnextv2_debug", num_classes=2)
+    ckpt = tmp_path / "two.pt"
+    torch.save({"model": model.state_dict(), "metadata": {"classes": ["ant", "bee"]}}, ckpt)
+    cfg = compose_eval_config([f"ckpt={ckpt}", "finetune/data@data=builtin", "data.size=64", "data.draw_size=64",
+                               "data.num_val=8", "data.num_workers=0", "device=cpu", f"out={tmp_path / 'e'}"])
+    with pytest.raises(ValueError, match=r"checkpoint's classes \['ant', 'bee'\] are not the val data's"):
+        run_eval(cfg)

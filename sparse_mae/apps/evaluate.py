@@ -139,6 +139,9 @@ def run_eval(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, classes, which = load_classifier(cfg.ckpt, cfg.use_ema)
     dataset, data_classes = build_split(cfg.data, "val", classes)
+    if classes and list(classes) != list(data_classes):  # labels beyond the head made an IndexError
+        raise ValueError(f"the checkpoint's classes {list(classes)[:10]} are not the val data's "
+                         f"{list(data_classes)[:10]}; evaluate on the data it was fine-tuned on")
     classes = classes or data_classes
     if len(classes) != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the val data {len(classes)}; "

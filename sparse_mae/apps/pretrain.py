@@ -64,6 +64,10 @@ def validate_config(cfg: DictConfig) -> None:
             raise ValueError(f"invalid config: {message}")
 
     need(0 < cfg.mask_ratio < 1, f"mask_ratio must be in (0, 1), got {cfg.mask_ratio!r} (the paper uses 0.6)")
+    from sparse_mae.config import check_pretrain_size
+
+    problem = check_pretrain_size(cfg.data.size, cfg.mask_ratio)
+    need(problem is None, problem)
     need(0 <= cfg.model.drop_path_rate < 1, f"model.drop_path_rate must be in [0, 1), got {cfg.model.drop_path_rate!r}")
     need(cfg.model.decoder_dim > 0 and cfg.model.decoder_depth > 0, "model.decoder_dim / decoder_depth must be > 0")
     need(cfg.recon.every_steps >= 0, f"recon.every_steps must be >= 0 (0: only at the end), got {cfg.recon.every_steps}")
