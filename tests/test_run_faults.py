@@ -228,3 +228,30 @@ def test_eval_of_a_checkpoint_on_data_with_other_classes_names_the_mismatch(tmp_
                                "data.num_val=8", "data.num_workers=0", "device=cpu", f"out={tmp_path / 'e'}"])
     with pytest.raises(ValueError, match=r"checkpoint's classes \['ant', 'bee'\] are not the val data's"):
         run_eval(cfg)
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG])
+def test_a_full_disk_during_a_checkpoint_stops_the_run_naming_it(tmp_path, monkeypatch, err):
+    from sparse_mae.train import checkpoint
+    from sparse_mae.train.errors import RunStopped
+
+    real_save, calls = checkpoint.torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # as torch reports a failed write: its own error, the OSError below
+        calls.append(1)
+        if len(calls) < 2:
+            return real_save(obj, f, *args, **kwargs)
+        try:
+            f.write(b"x")
+            raise OSError(err, os.strerror(err))
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0") from None
+
+    monkeypatch.setattr(checkpoint.torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(RunStopped, match=rf"cannot write checkpoint .*step-00000004.pt: {os.strerror(err)}"):
+        run(out)
+    assert [c.step for c in list_checkpoints(out / "checkpoints")] == [2]
+    load_checkpoint(out / "checkpoints" / "step-00000002.pt")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002.json", "step-00000002.pt",
+                                                                      "step-00000002.yaml"]

@@ -20,6 +20,7 @@ files, nor files written without a record (by older versions).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -32,9 +33,25 @@ from typing import Callable
 
 import torch
 
+from sparse_mae.train.errors import RunStopped
+
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 TEMP_PREFIX = ".tmp-"
 NO_RECORD = -1  # seq of a checkpoint written without a record: older than any recorded one
+
+
+class CheckpointWriteFailed(RunStopped):
+    """The disk refused a checkpoint (full, quota, file-size limit): the run stops (exit 3)."""
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class CorruptCheckpointError(ValueError):
@@ -161,11 +178,23 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict, config_ya
     remove_stale_files(folder)
     existing = list_checkpoints(folder)
     seq = max((c.seq for c in existing), default=NO_RECORD) + 1
-    if config_yaml is not None:
-        atomic_write_bytes(path.with_suffix(".yaml"), lambda f: f.write(config_yaml.encode()))
-    tmp = _write_temp(path, lambda f: torch.save(state, f))
-    record = {"step": step, "seq": seq, "run_id": run_id, "sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}
-    atomic_write_bytes(record_path(path), lambda f: f.write(json.dumps(record, indent=1).encode()))
+    try:
+        if config_yaml is not None:
+            atomic_write_bytes(path.with_suffix(".yaml"), lambda f: f.write(config_yaml.encode()))
+        tmp = _write_temp(path, lambda f: torch.save(state, f))
+        record = {"step": step, "seq": seq, "run_id": run_id, "sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}
+        atomic_write_bytes(record_path(path), lambda f: f.write(json.dumps(record, indent=1).encode()))
+    except (OSError, RuntimeError) as e:
+        os_error = _os_error_in(e)  # torch.save says "[enforce fail at inline_container.cc]", the cause below
+        if os_error is None:
+            raise
+        for sidecar in (path.with_suffix(".yaml"), record_path(path)):
+            sidecar.unlink(missing_ok=True)
+        reason = os.strerror(os_error.errno) if os_error.errno else str(os_error)
+        raise CheckpointWriteFailed(
+            f"cannot write checkpoint {path}: {reason} ({errno.errorcode.get(os_error.errno, 'error')}); the run "
+            f"stopped, and the checkpoints written before are intact. Free space (or raise the file-size limit), "
+            f"then continue with resume=auto") from e
     os.replace(tmp, path)
     _fsync_dir(folder)
     if keep_last > 0 and run_id is not None:
