@@ -338,8 +338,21 @@ def check_timeout_s(value: float) -> str | None:
 
 
 def check_output_dir(value: str) -> str | None:
-    """RunConfig.output_dir: an empty one made the run write into the working directory."""
-    return None if str(value).strip() else "output_dir is empty; name the run directory, e.g. output_dir=runs/atto"
+    """RunConfig.output_dir: an empty one made the run write into the working directory; a
+    file, or a folder that cannot be written, failed inside Hydra's log handler."""
+    import os
+    from pathlib import Path
+
+    if not str(value).strip():
+        return "output_dir is empty; name the run directory, e.g. output_dir=runs/atto"
+    path = Path(str(value)).absolute()
+    if path.exists() and not path.is_dir():
+        return f"output_dir={value} is a file, not a folder; pass a folder for the run (it is created if missing)"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"output_dir={value} cannot be written: {existing} is read-only for this user; pass an output_dir "
+                f"on a writable filesystem")
+    return None
 
 
 def check_pretrain_size(size: int, mask_ratio: float) -> str | None:

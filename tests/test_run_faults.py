@@ -255,3 +255,15 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_naming_it(tmp_path, monke
     load_checkpoint(out / "checkpoints" / "step-00000002.pt")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002.json", "step-00000002.pt",
                                                                       "step-00000002.yaml"]
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_named_before_hydra_logs(tmp_path, monkeypatch):
+    from sparse_mae.config import check_output_dir
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    done = cli(tmp_path, "pretrain", "model=debug", "logger=none", f"output_dir={a_file}")
+    assert done.returncode == 2 and "is a file, not a folder" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root ignores chmod)
+    assert "cannot be written" in check_output_dir(str(tmp_path / "new" / "run"))

@@ -108,8 +108,9 @@ def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
         print(help_text(app, argv))
         return 0
     for arg in argv:  # before Hydra: it would already log into the run directory (here: the cwd)
-        if arg.startswith("output_dir=") and schemas.check_output_dir(arg.split("=", 1)[1]):
-            return report(app, ValueError(schemas.check_output_dir("")))
+        problem = schemas.check_output_dir(arg.split("=", 1)[1]) if arg.startswith("output_dir=") else None
+        if problem and "," not in arg:  # (a sweep over output_dir: each job checks its own)
+            return report(app, ValueError(problem))
     started: list[bool] = []
     failed: list[tuple[str, int]] = []
 
