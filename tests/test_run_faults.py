@@ -267,3 +267,19 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_named_before_hydra_logs(tm
     assert "Traceback" not in done.stderr
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root ignores chmod)
     assert "cannot be written" in check_output_dir(str(tmp_path / "new" / "run"))
+
+
+def test_a_folder_of_only_bad_files_is_one_clear_error_and_few_warnings(tmp_path):
+    import warnings
+
+    from sparse_mae.data.imagefolder import MAX_NAMED_BAD_FILES, ImageFolderDataset
+    from sparse_mae.data.transforms import TrainTransform
+
+    for i in range(200):
+        (tmp_path / f"{i:03d}.jpg").write_bytes(b"not a jpeg")
+    ds = ImageFolderDataset(tmp_path, TrainTransform(32))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"none of the 200 image files .* can be decoded.*imagefolder"):
+            ds[(0, 0)]
+    assert len(seen) == MAX_NAMED_BAD_FILES + 1, [str(w.message) for w in seen][:8]

@@ -90,6 +90,9 @@ def load_rgb(path: Path) -> Image.Image:
         return img.convert("RGB")
 
 
+MAX_NAMED_BAD_FILES = 5  # per process: a folder of thousands of bad files printed thousands of warnings
+
+
 class ImageFilesDataset(Dataset):
     """A list of image files read under one bad-file policy, shared by every app's data: a
     file that fails to decode is replaced by the next readable file of the list
@@ -115,8 +118,14 @@ class ImageFilesDataset(Dataset):
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if path not in self._warned:
                     self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
-        raise RuntimeError(f"no image under {self.root} could be decoded ({len(self.files)} files tried)")
+                    if len(self._warned) <= MAX_NAMED_BAD_FILES:
+                        warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+                    if len(self._warned) == MAX_NAMED_BAD_FILES:
+                        warnings.warn(f"more unreadable images under {self.root} are skipped without a warning "
+                                      f"each (counted in skipped_files)", stacklevel=1)
+        raise ValueError(f"none of the {len(self.files)} image files under {self.root} can be decoded (the first: "
+                         f"{self.files[0]}); check the folder with `python -m sparse_mae.data.imagefolder "
+                         f"{self.root}` or point data.root at the images")
 
 
 class ImageFolderDataset(ImageFilesDataset):
