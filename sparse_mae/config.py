@@ -21,6 +21,7 @@ from omegaconf import MISSING
 
 from sparse_mae.backends import list_backends
 from sparse_mae.models.convnextv2 import VARIANTS
+from sparse_mae.train.signals import DEFAULT_STOP_SIGNALS
 
 
 def opt(default: Any, help: str) -> Any:  # noqa: A002 - `help` reads best at the call sites
@@ -194,7 +195,7 @@ class RunConfig:
     output_dir: str = opt(MISSING, "the run directory: checkpoints, metrics, pictures")
     resume: Optional[str] = opt(None, "null: start fresh (refused where checkpoints exist); auto: the newest "
                                       "checkpoint of output_dir that verifies, or fresh; or a checkpoint path")
-    stop_signals: list[str] = opt(["TERM", "INT", "USR1", "USR2"], "on one of these the run finishes its step, "
+    stop_signals: list[str] = opt(list(DEFAULT_STOP_SIGNALS), "on one of these the run finishes its step, "
                                   "writes a checkpoint and exits 75 (resume=auto continues); a second one exits at "
                                   "once. USR2 is submitit's time-limit signal")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "")

@@ -105,6 +105,15 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 # -- unit ------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def fresh_outside_state():
+    """The recorder's state is per process (the CLI's); these tests share one process."""
+    from sparse_mae.train import signals
+
+    yield
+    signals._outside.update(pending=None, stopping=False)
+
+
 def test_signal_names_parse_and_bad_ones_are_named():
     assert parse_signals(["TERM", "sigusr1", "2"]) == [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
     with pytest.raises(ValueError, match="unknown signal 'TERMINATE'"):
@@ -224,3 +233,18 @@ def test_two_process_gloo_run_stops_on_one_ranks_signal_at_the_same_step(tmp_pat
     assert_no_leftovers(stopped)
     run_to_end("pretrain", debug_overrides(stopped, **args), tmp_path, nproc=2)
     assert_same_final_state(straight, stopped)
+
+
+def test_a_signal_outside_the_run_is_recorded_then_stops_the_engine_before_its_first_step():
+    from sparse_mae.train import signals
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        signals.catch_outside_the_run([signal.SIGUSR2])
+        signal.raise_signal(signal.SIGUSR2)  # during set-up (or after a finished run): recorded, not fatal
+        assert signals._outside["pending"] == signal.SIGUSR2
+        stop = StopRequest([signal.SIGUSR2]).install()
+        assert stop.requested and signals._outside["pending"] is None  # the engine stops before step 1
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

@@ -17,6 +17,12 @@ The protocol (docs/design.md, "Signals and requeue"):
 
 A handler that was installed before ours (submitit's requeue handler for its timeout
 signal, say) is called after our checkpoint is written, so it can still requeue the job.
+
+Outside the loop, `sparse-mae pretrain|finetune` records stop signals from its first line on
+(`catch_outside_the_run`): one during set-up makes the engine stop before its first step
+(exit 75, requeued like any other), and one after the run has finished (a scheduler's
+warning that crossed the run's end) no longer kills a finished job as failed. A second one
+there, or one after a stop, still kills at once.
 """
 from __future__ import annotations
 
@@ -47,6 +53,23 @@ def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
     return out
 
 
+DEFAULT_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2")  # RunConfig.stop_signals' default, for the CLI's start
+_outside = {"pending": None, "stopping": False}  # the CLI's recorder and the engine share these
+
+
+def catch_outside_the_run(signals: Iterable[signal.Signals]) -> None:
+    """The training CLI's first act: record a stop signal instead of dying of it (see above)."""
+
+    def record(signum: int, frame) -> None:
+        if _outside["pending"] is not None or _outside["stopping"]:
+            signal.signal(signum, signal.SIG_DFL)  # a second one: at once
+            signal.raise_signal(signum)
+        _outside["pending"] = signal.Signals(signum)
+
+    for sig in signals:
+        signal.signal(sig, record)
+
+
 class StopRequest:
     """Installed for one run: `requested` turns true on the first stop signal; a second
     exits the process at once. `uninstall()` puts the previous handlers back."""
@@ -64,6 +87,9 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (a notebook's worker thread): no handling
                 break
+        pending, _outside["pending"] = _outside["pending"], None
+        if pending is not None and pending in self.signals:  # came during set-up: stop before the first step
+            self._handle(int(pending), None)
         return self
 
     def uninstall(self) -> None:
@@ -80,6 +106,7 @@ class StopRequest:
         if self.received is not None:  # only when a signal came between two of the loop below
             os._exit(128 + signum)
         self.received, self.received_at = sig, time.monotonic()
+        _outside["stopping"] = True
         for other in self._previous:  # the next one kills at once, whatever the process is doing
             signal.signal(other, signal.SIG_DFL)
         # only a flag: printing from a handler can interleave with the progress bar, that is all
