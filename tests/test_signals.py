@@ -111,7 +111,7 @@ def fresh_outside_state():
     from sparse_mae.train import signals
 
     yield
-    signals._outside.update(pending=None, stopping=False)
+    signals._outside.update(pending=None, ended=False)
 
 
 def test_signal_names_parse_and_bad_ones_are_named():
@@ -248,3 +248,14 @@ def test_a_signal_outside_the_run_is_recorded_then_stops_the_engine_before_its_f
         stop.uninstall()
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_once_the_work_is_safe_a_repeated_or_late_signal_changes_nothing():
+    stop = StopRequest([signal.SIGUSR2]).install()
+    try:
+        signal.raise_signal(signal.SIGUSR2)
+        stop.work_is_safe()  # the stop's checkpoint is written
+        signal.raise_signal(signal.SIGUSR2)  # a scheduler's duplicate: was a kill (exit 140, not 75)
+        assert stop.received == signal.SIGUSR2
+    finally:
+        stop.uninstall()

@@ -241,6 +241,7 @@ def train(cfg: DictConfig, make_task: Callable[[DictConfig, DistInfo], TrainTask
         stop.chain_previous()  # e.g. submitit's requeue handler, now that the checkpoint is safe
         raise
     finally:
+        stop.work_is_safe()  # a late signal must not turn a finished (or stopped) run into a killed one
         stop.uninstall()
 
 
@@ -442,6 +443,7 @@ class _Engine:
         c = self.counters
         if c.step > self.saved_step:  # the logging window goes into it unwritten, as at any save
             self._save()
+        self.stop.work_is_safe()
         got = self.stop.received
         after = f" {time.monotonic() - self.stop.received_at:.2f} s after the signal" if got else ""
         where = self.last_checkpoint or self._on_disk()

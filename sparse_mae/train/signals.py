@@ -18,11 +18,13 @@ The protocol (docs/design.md, "Signals and requeue"):
 A handler that was installed before ours (submitit's requeue handler for its timeout
 signal, say) is called after our checkpoint is written, so it can still requeue the job.
 
-Outside the loop, `sparse-mae pretrain|finetune` records stop signals from its first line on
-(`catch_outside_the_run`): one during set-up makes the engine stop before its first step
-(exit 75, requeued like any other), and one after the run has finished (a scheduler's
-warning that crossed the run's end) no longer kills a finished job as failed. A second one
-there, or one after a stop, still kills at once.
+Once the stop's checkpoint is written, and once a run has ended, stop signals are ignored:
+the work is safe and the exit code (75, or 0) decided, and a scheduler may deliver its
+signal twice or late (SLURM's time-limit warning crossed a run's end in the tests and killed
+the finished job as failed). Outside the loop, `sparse-mae pretrain|finetune` records stop
+signals from its first line on (`catch_outside_the_run`): one during set-up makes the
+engine stop before its first step (exit 75, requeued like any other); a second one there
+kills at once.
 """
 from __future__ import annotations
 
@@ -54,15 +56,17 @@ def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
 
 
 DEFAULT_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2")  # RunConfig.stop_signals' default, for the CLI's start
-_outside = {"pending": None, "stopping": False}  # the CLI's recorder and the engine share these
+_outside = {"pending": None, "ended": False}  # the CLI's recorder and the engine share these
 
 
 def catch_outside_the_run(signals: Iterable[signal.Signals]) -> None:
     """The training CLI's first act: record a stop signal instead of dying of it (see above)."""
 
     def record(signum: int, frame) -> None:
-        if _outside["pending"] is not None or _outside["stopping"]:
-            signal.signal(signum, signal.SIG_DFL)  # a second one: at once
+        if _outside["ended"]:  # the run's work is safe and its exit code decided
+            return
+        if _outside["pending"] is not None:
+            signal.signal(signum, signal.SIG_DFL)  # a second one during set-up: at once
             signal.raise_signal(signum)
         _outside["pending"] = signal.Signals(signum)
 
@@ -82,6 +86,7 @@ class StopRequest:
         self._previous: dict[signal.Signals, object] = {}
 
     def install(self) -> StopRequest:
+        _outside["ended"] = False  # (a sweep's next job, in the same process)
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -106,12 +111,18 @@ class StopRequest:
         if self.received is not None:  # only when a signal came between two of the loop below
             os._exit(128 + signum)
         self.received, self.received_at = sig, time.monotonic()
-        _outside["stopping"] = True
         for other in self._previous:  # the next one kills at once, whatever the process is doing
             signal.signal(other, signal.SIG_DFL)
         # only a flag: printing from a handler can interleave with the progress bar, that is all
         self.log(f"received {sig.name}: finishing the step in flight, then writing a checkpoint and stopping "
                  f"(a second signal exits at once)")
+
+    def work_is_safe(self) -> None:
+        """The stop's checkpoint is written (or the run ended): from here on a stop signal,
+        repeated or late, changes nothing, not even the exit code."""
+        _outside["ended"] = True
+        for sig in self._previous:
+            signal.signal(sig, signal.SIG_IGN)
 
     def agreed(self, distributed: bool, device: torch.device) -> bool:
         """Whether any rank has been signalled. Under DDP a collective: every rank calls it
