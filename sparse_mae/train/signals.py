@@ -70,6 +70,7 @@ def catch_outside_the_run(signals: Iterable[signal.Signals]) -> None:
             signal.raise_signal(signum)
         _outside["pending"] = signal.Signals(signum)
 
+    _outside["recorder"] = record
     for sig in signals:
         signal.signal(sig, record)
 
@@ -92,6 +93,10 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (a notebook's worker thread): no handling
                 break
+        # a signal the CLI records but this run does not stop on: its default action again
+        for sig in parse_signals(DEFAULT_STOP_SIGNALS):
+            if sig not in self.signals and signal.getsignal(sig) is _outside.get("recorder", False):
+                self._previous[sig] = signal.signal(sig, signal.SIG_DFL)
         pending, _outside["pending"] = _outside["pending"], None
         if pending is not None and pending in self.signals:  # came during set-up: stop before the first step
             self._handle(int(pending), None)
