@@ -157,6 +157,15 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         return "\n".join(out)
 
     def stop(self) -> None:
+        if self.procs and all(p.poll() is None for p in self.procs):
+            # end every job while the daemons still run: a step daemon left without its
+            # controller waits for it for ever
+            for job in self.run("squeue", "-h", "-o", "%A", check=False).split():
+                self.run("scancel", job, check=False)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.run("squeue", "-h", "-o", "%A", check=False).strip():
+                time.sleep(0.5)
+            time.sleep(2)  # the step daemons report their end to the controller
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()

@@ -169,6 +169,7 @@ def test_submitit_launcher_requeues_a_job_signalled_before_its_time_limit(slurm,
     finally:
         if submitter.poll() is None:
             submitter.kill()
+    slurm.wait_state(job, ("COMPLETED", "FAILED"), timeout=120)  # submitit returns before the job has ended
     logs = "".join(p.read_text() for p in sweep.rglob("*_log.*"))
     assert submitter.returncode == 0, out[-3000:] + logs[-3000:]
     assert int(slurm.job(job)["Restarts"]) >= 1, logs[-3000:]
