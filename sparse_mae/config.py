@@ -20,11 +20,12 @@ from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from sparse_mae.backends import list_backends
 from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
+from sparse_mae.train.signals import DEFAULT_STOP_SIGNALS
 
 
 class ConfigError(ValueError):
@@ -362,6 +363,9 @@ class RunConfig:
     output_dir: str = opt(MISSING, "the run directory: checkpoints, metrics, pictures")
     resume: Optional[str] = opt(None, "null: start fresh (refused where checkpoints exist); auto: the newest "
                                       "checkpoint of output_dir that verifies, or fresh; or a checkpoint path")
+    stop_signals: list[str] = opt(list(DEFAULT_STOP_SIGNALS), "on one of these the run finishes its step, "
+                                  "writes a checkpoint and exits 75 (resume=auto continues); a second one exits at "
+                                  "once. USR2 is submitit's time-limit signal")
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "")
     nonfinite: NonFiniteConfig = opt(NonFiniteConfig(), "")
     optim: OptimConfig = opt(OptimConfig(), "")
@@ -406,6 +410,19 @@ class PretrainConfig(RunConfig):
     batch_size: int = opt(64, "per process; effective batch = batch_size * processes * accum_iter", POSITIVE)
     output_dir: str = opt("outputs/pretrain/${now:%Y-%m-%d_%H-%M-%S}", "the run directory")
     recon: ReconConfig = opt(ReconConfig(), "")
+
+    @staticmethod
+    def relations(node) -> Optional[str]:
+        """The image must have a patch to mask and one to keep: at data.size=32 the one patch
+        was kept, nothing was masked, and the loss over no patches was NaN."""
+        if OmegaConf.is_missing(node, "data") or OmegaConf.is_missing(node, "mask_ratio"):
+            return None
+        size, ratio = node.data.size, node.mask_ratio
+        patches = (size // PATCH) ** 2
+        if max(1, int(patches * (1 - ratio))) < patches:
+            return None
+        return (f"data.size={size} gives {patches} patch(es) of {PATCH}x{PATCH} and mask_ratio={ratio} keeps all "
+                f"of them, so there is nothing to reconstruct; use data.size >= {2 * PATCH} or a higher mask_ratio")
     knn: KnnMonitorConfig = opt(KnnMonitorConfig(), "")
 
 
@@ -589,6 +606,24 @@ class BenchConfig:
     output_dir: str = opt("outputs/bench/${now:%Y-%m-%d_%H-%M-%S}", "results.csv / .json / .md and plots")
 
 
+def check_output_dir(value: str) -> str | None:
+    """RunConfig.output_dir: an empty one made the run write into the working directory; a
+    file, or a folder that cannot be written, failed inside Hydra's log handler."""
+    import os
+    from pathlib import Path
+
+    if not str(value).strip():
+        return "output_dir is empty; name the run directory, e.g. output_dir=runs/atto"
+    path = Path(str(value)).absolute()
+    if path.exists() and not path.is_dir():
+        return f"output_dir={value} is a file, not a folder; pass a folder for the run (it is created if missing)"
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"output_dir={value} cannot be written: {existing} is read-only for this user; pass an output_dir "
+                f"on a writable filesystem")
+    return None
+
+
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
     "export": ExportConfig, "import": ImportConfig, "bench": BenchConfig, "prepare": PrepareConfig,
@@ -649,6 +684,11 @@ def validate(cfg) -> None:
             if problem is not None:
                 hint = f" ({check.hint})" if getattr(check, "hint", "") else ""
                 raise ConfigError(f"invalid config: {prefix}{key} must be {problem}{hint}, got {_shown(value)}")
+        relation = getattr(schema, "relations", None)  # a schema's checks across its fields
+        if relation is not None:
+            problem = relation(node)
+            if problem is not None:
+                raise ConfigError(f"invalid config: {problem}")
 
     walk(cfg, "")
 

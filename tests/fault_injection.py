@@ -10,6 +10,9 @@ run reaches <moment>:
   metrics_line   half of a metrics.jsonl line is written
 No FAULT: the run goes on undisturbed (the test may still kill it from outside).
 
+STEP_DELAY=<seconds> makes every optimizer step that much longer (a sleep before it), so a
+test's signal lands mid-run on a model that is otherwise too quick.
+
 VIEW=<rank>:<view> gives one rank another view of the run directory's checkpoints/, as a
 node of a multi-node job may have:
   stale   listings lack the newest step-*.pt (a network filesystem client that has not
@@ -122,7 +125,23 @@ def install_view(view: str) -> None:
     os.stat = stat
 
 
+def slow_down_steps(seconds: float) -> None:
+    import time
+
+    import torch
+
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        time.sleep(seconds)
+        return real_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = step
+
+
 def main() -> int:
+    if os.environ.get("STEP_DELAY"):
+        slow_down_steps(float(os.environ["STEP_DELAY"]))
     view = os.environ.get("VIEW")
     if view:
         rank, kind = view.split(":")

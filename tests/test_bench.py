@@ -173,6 +173,7 @@ def test_wrong_types_and_choices_are_rejected_by_hydra_from_the_schema(override,
     ("peak_size=8", "peak_size must be >= 64"),
     ("peak_tflops=-1", "peak_tflops must be > 0"),
     ("gomp_spincount=-1", "gomp_spincount must be >= 0"),
+    ("timeout_s=0", "timeout_s must be > 0, got 0.0"),
 ])
 def test_bad_settings_fail_when_the_config_is_composed(override, message):
     from sparse_mae.config import ConfigError

@@ -30,8 +30,9 @@ FAULTS = ["save_half:2", "before_record:1", "before_rename:2", "after_rename:1",
 RANDOM_KILLS = 3
 
 
-def launch(app: str, args: list[str], fault: str | None, nproc: int, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def launch(app: str, args: list[str], fault: str | None, nproc: int, cwd: Path,
+           extra_env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(extra_env or {})}
     env.pop("FAULT", None)
     if fault:
         env["FAULT"] = fault

@@ -314,9 +314,10 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     text = (REPO / "README.md").read_text()
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines are one command
             line = line.split("  #")[0].strip()
-            m = re.search(r"(?:\$S|sparse-mae|sparse_mae\.cli) (pretrain|finetune|eval|export|import|bench)\b(.*)", line)
+            m = re.search(r"(?:\$S|sparse-mae|sparse_mae\.cli|train\.sbatch) (pretrain|finetune|eval|export|import|bench)"
+                          r"\b(.*)", line)
             if m:
                 commands.append((m[1], m[2].split()))
     return commands

@@ -8,7 +8,9 @@ Two kinds of apps:
   `tool_main(app, fn)`.
 
 Exit codes: 0 done; 1 an unexpected error (traceback); 2 bad input or config (the message
-names the fix); 3 the run stopped itself (non-finite training, a run directory in use).
+names the fix); 3 the run stopped itself (non-finite training, a run directory in use);
+75 stopped on a signal with a checkpoint written (run again with resume=auto;
+sparse_mae/train/signals.py); 128 + N killed by a second signal N.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import sparse_mae.config as schemas
 from sparse_mae.train.errors import RunStopped
+from sparse_mae.train.signals import EXIT_INTERRUPTED, RunInterrupted
 
 CONFIG_MODULE = "sparse_mae_conf"
 EXIT_BAD_INPUT = 2
@@ -91,22 +94,62 @@ def tool_main(app: str, fn: Callable[[DictConfig], int | None]) -> int:
 def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:
     """Entry point of a run app: `--help` is ours (every key with its help); everything else
     is Hydra's (`-m` sweeps, `hydra.*` overrides, its run directory), which calls
-    `fn(cfg, run_dir)` once per job. Expected errors end the job with a message and code."""
+    `fn(cfg, run_dir)` once per job. Expected errors end the job with a message and code.
+
+    A config Hydra rejects (unknown key, wrong type, bad choice) exits 2 like any bad input
+    (Hydra itself exits 1, which a requeue script would read as a crash). In a `-m` sweep run
+    in this process, a failed job does not stop the others: the failures are listed at the
+    end and the exit code is the highest of theirs (under a cluster launcher every job is
+    its own process and ends with its own code)."""
+    import traceback
+
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     argv = sys.argv[1:]
     if any(a in ("-h", "--help") for a in argv):
         print(help_text(app, argv))
         return 0
+    for arg in argv:  # before Hydra: it would already log into the run directory (here: the cwd)
+        problem = schemas.check_output_dir(arg.split("=", 1)[1]) if arg.startswith("output_dir=") else None
+        if problem and "," not in arg:  # (a sweep over output_dir: each job checks its own)
+            return report(app, ValueError(problem))
+    started: list[bool] = []
+    failed: list[tuple[str, int]] = []
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_MODULE}", config_name=app)
     def _job(cfg: DictConfig) -> None:
+        started.append(True)
+        hc = HydraConfig.get()
+        in_process_sweep = hc.mode == RunMode.MULTIRUN and "BasicLauncher" in str(hc.launcher.get("_target_", ""))
         try:
             schemas.validate(cfg)
-            fn(cfg, HydraConfig.get().runtime.output_dir)
+            fn(cfg, hc.runtime.output_dir)
+            return
         except EXPECTED_ERRORS as e:
-            sys.exit(report(app, e))
+            code = report(app, e)
+        except RunInterrupted:  # the engine has said where it stopped
+            code = EXIT_INTERRUPTED
+        except Exception:  # noqa: BLE001 - in a sweep: the others still run
+            if not in_process_sweep:
+                raise
+            traceback.print_exc()
+            code = 1
+        if not in_process_sweep or code == EXIT_INTERRUPTED:  # a signal stops the whole sweep
+            sys.exit(code)
+        failed.append((f"#{hc.job.num} {' '.join(hc.overrides.task)}", code))
 
-    _job()
+    try:
+        _job()
+    except SystemExit as e:
+        if e.code == 1 and not started:  # Hydra rejected the config before any job ran
+            print(f"sparse-mae {app}: error: the config above is not valid (see `sparse-mae {app} --help` for the "
+                  f"keys, types and choices)", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        raise
+    if failed:
+        print(f"sparse-mae {app}: {len(failed)} of {len(started)} sweep jobs failed:\n"
+              + "\n".join(f"  {job}: exit {code}" for job, code in failed), file=sys.stderr, flush=True)
+        return max(code for _, code in failed)
     return 0

@@ -19,7 +19,9 @@ def load_classifier(path: str | os.PathLike, use_ema: bool = True):
     """Our classifier checkpoint (finetune step-*.pt with 'model'/'ema', an export or an import)
     -> (model, class names or None, which weights)."""
     from sparse_mae.convert import build_from_state_dict, inspect_state_dict, read_state_dict
+    from sparse_mae.train.checkpoint import guard_checkpoint_file
 
+    path = guard_checkpoint_file(path)
     state = torch.load(path, map_location="cpu", weights_only=True) if Path(path).suffix != ".safetensors" else {}
     which = "model"
     if use_ema and isinstance(state.get("ema"), dict):
@@ -44,6 +46,9 @@ def run_eval(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     model, classes, which = load_classifier(cfg.ckpt, cfg.use_ema)
     dataset, data_classes = labelled_split(cfg.data, "val", classes)
+    if classes and list(classes) != list(data_classes):  # labels beyond the head made an IndexError
+        raise ValueError(f"the checkpoint's classes {list(classes)[:10]} are not the val data's "
+                         f"{list(data_classes)[:10]}; evaluate on the data it was fine-tuned on")
     classes = classes or data_classes
     if len(classes) != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the val data {len(classes)}; "

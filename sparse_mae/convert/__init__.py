@@ -38,9 +38,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     Torch files may be plain state dicts or wrapped under 'model' / 'state_dict' (ours,
     the official code's and timm's trainers all wrap). Returns (state dict, metadata).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from sparse_mae.train.checkpoint import guard_checkpoint_file
+
+    path = guard_checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open

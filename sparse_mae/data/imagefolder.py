@@ -75,10 +75,14 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB; raises on a bad file."""
+    """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB, upright as its EXIF orientation
+    says (a phone's portrait photo is stored sideways); raises on a bad file."""
+    from PIL import ImageOps
+
     with Image.open(path) as img:
         img.load()
-        return img.copy() if img.mode == "RGB" else as_rgb(img)
+        upright = ImageOps.exif_transpose(img)  # a new image when rotated, else img itself
+        return upright.copy() if upright.mode == "RGB" and upright is img else as_rgb(upright)
 
 
 def as_rgb(img: Image.Image) -> Image.Image:
@@ -89,6 +93,9 @@ def as_rgb(img: Image.Image) -> Image.Image:
         img = img.point(lambda v: v / 256) if img.mode.startswith("I;16") else img
         img = img.convert("L")
     return img.convert("RGB")
+
+
+MAX_NAMED_BAD_FILES = 5  # per process: a folder of thousands of bad files printed thousands of warnings
 
 
 class ImageFilesDataset(Dataset):
@@ -116,8 +123,14 @@ class ImageFilesDataset(Dataset):
             except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                 if path not in self._warned:
                     self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
-        raise RuntimeError(f"no image under {self.root} could be decoded ({len(self.files)} files tried)")
+                    if len(self._warned) <= MAX_NAMED_BAD_FILES:
+                        warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
+                    if len(self._warned) == MAX_NAMED_BAD_FILES:
+                        warnings.warn(f"more unreadable images under {self.root} are skipped without a warning "
+                                      f"each (counted in skipped_files)", stacklevel=1)
+        raise ValueError(f"none of the {len(self.files)} image files under {self.root} can be decoded (the first: "
+                         f"{self.files[0]}); check the folder with `python -m sparse_mae.data.imagefolder "
+                         f"{self.root}` or point data.root at the images")
 
 
 class ImageFolderDataset(ImageFilesDataset):
@@ -156,8 +169,13 @@ class LabelledImageFolderDataset(ImageFilesDataset):
             if (root / name).is_dir():
                 try:
                     found_files, empty = find_images(root / name)
-                except ValueError:  # a class folder without readable images
-                    continue
+                except ValueError:  # a class folder without images
+                    if classes is None:  # the training split defines the classes: one that cannot be learnt
+                        raise ValueError(
+                            f"class folder {root / name} has no images: it would be class {label} of "
+                            f"{len(self.classes)}, one the model never sees. Add images or remove the folder"
+                        ) from None
+                    continue  # val may lack a class
                 files += found_files
                 self.labels += [label] * len(found_files)
                 self.empty_files += empty

@@ -20,19 +20,38 @@ files, nor files written without a record (by older versions).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from sparse_mae.train.errors import RunStopped
+
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 TEMP_PREFIX = ".tmp-"
 NO_RECORD = -1  # seq of a checkpoint written without a record: older than any recorded one
+
+
+class CheckpointWriteFailed(RunStopped):
+    """The disk refused a checkpoint (full, quota, file-size limit): the run stops (exit 3)."""
+
+
+def _os_error_in(error: BaseException) -> OSError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class CorruptCheckpointError(ValueError):
@@ -159,11 +178,23 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict, config_ya
     remove_stale_files(folder)
     existing = list_checkpoints(folder)
     seq = max((c.seq for c in existing), default=NO_RECORD) + 1
-    if config_yaml is not None:
-        atomic_write_bytes(path.with_suffix(".yaml"), lambda f: f.write(config_yaml.encode()))
-    tmp = _write_temp(path, lambda f: torch.save(state, f))
-    record = {"step": step, "seq": seq, "run_id": run_id, "sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}
-    atomic_write_bytes(record_path(path), lambda f: f.write(json.dumps(record, indent=1).encode()))
+    try:
+        if config_yaml is not None:
+            atomic_write_bytes(path.with_suffix(".yaml"), lambda f: f.write(config_yaml.encode()))
+        tmp = _write_temp(path, lambda f: torch.save(state, f))
+        record = {"step": step, "seq": seq, "run_id": run_id, "sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}
+        atomic_write_bytes(record_path(path), lambda f: f.write(json.dumps(record, indent=1).encode()))
+    except (OSError, RuntimeError) as e:
+        os_error = _os_error_in(e)  # torch.save says "[enforce fail at inline_container.cc]", the cause below
+        if os_error is None:
+            raise
+        for sidecar in (path.with_suffix(".yaml"), record_path(path)):
+            sidecar.unlink(missing_ok=True)
+        reason = os.strerror(os_error.errno) if os_error.errno else str(os_error)
+        raise CheckpointWriteFailed(
+            f"cannot write checkpoint {path}: {reason} ({errno.errorcode.get(os_error.errno, 'error')}); the run "
+            f"stopped, and the checkpoints written before are intact. Free space (or raise the file-size limit), "
+            f"then continue with resume=auto") from e
     os.replace(tmp, path)
     _fsync_dir(folder)
     if keep_last > 0 and run_id is not None:
@@ -191,12 +222,57 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
         raise CorruptCheckpointError(f"{path} does not match the sha256 in {record_path(path).name}")
 
 
+# torch.save stores its records uncompressed, so their declared sizes add up to about the
+# file's; a zip whose records inflate far beyond it is refused before anything is inflated.
+MAX_DECLARED_PER_FILE_BYTE = 2
+DECLARED_SLACK_BYTES = 1 << 20
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def guard_checkpoint_file(path: str | os.PathLike, what: str = "checkpoint") -> Path:
+    """The one check before any checkpoint file is read (resume, init=, pretrained=, eval,
+    import, export): a regular, non-empty file whose zip records (torch's format) do not
+    declare more bytes than the file could hold uncompressed. Names what the path is instead
+    (a directory, a FIFO, a device...), so nothing hangs reading a pipe or fills memory."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as e:
+        raise CorruptCheckpointError(f"{what} {path} cannot be examined: {e.strerror or e}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CorruptCheckpointError(f"{what} {path} is a directory, not a checkpoint file; name a file in it "
+                                     f"(e.g. {path}/checkpoints/step-*.pt)")
+    for is_kind, kind in _KINDS:
+        if is_kind(st.st_mode):
+            raise CorruptCheckpointError(f"{what} {path} is {kind}, not a regular file; pass a checkpoint file")
+    if st.st_size == 0:
+        raise CorruptCheckpointError(f"{what} {path} is an empty file (0 bytes): a copy that did not finish? "
+                                     f"Pass a complete checkpoint")
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except OSError:
+        is_zip = False
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                declared = sum(info.file_size for info in archive.infolist())
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{what} {path} is a damaged zip archive: {e}") from None
+        if declared > MAX_DECLARED_PER_FILE_BYTE * st.st_size + DECLARED_SLACK_BYTES:
+            raise CorruptCheckpointError(
+                f"{what} {path} declares {declared} bytes of records in a {st.st_size}-byte file (compressed "
+                f"records; torch.save writes them uncompressed): refused before inflating it. Not a checkpoint "
+                f"this program wrote; re-save it with torch.save")
+    return path
+
+
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", verify: bool = True) -> dict:
     """Load a checkpoint written by `save_checkpoint` (weights_only: no code is unpickled),
     after checking it against its record. Damage raises CorruptCheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = guard_checkpoint_file(path)
     if verify:
         verify_checkpoint(path)
     try:
@@ -249,10 +325,10 @@ def explicit_resume_path(resume: str | None) -> Path | None:
         if latest is None:
             raise FileNotFoundError(f"resume={resume}: no step-*.pt checkpoint in that folder")
         return latest
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"resume={resume}: no such checkpoint file; use resume=auto to continue "
                                 f"from the newest checkpoint of this run's output_dir")
-    return path
+    return guard_checkpoint_file(path, "resume=")
 
 
 def wants_auto_resume(resume: str | None) -> bool:

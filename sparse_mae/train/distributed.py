@@ -1,11 +1,20 @@
-"""torchrun / DDP set-up. One code path: a plain `python` run is world size 1.
+"""DDP set-up from torchrun's or SLURM's environment. One code path: a plain `python` run
+is world size 1.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; we then join the process group (nccl on
-CUDA, gloo on CPU), pin each rank to its local GPU and let only rank 0 log and write.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK (and the rendezvous address). Without them,
+a task started by `srun` (directly, from an sbatch script or from submitit) reads SLURM's:
+SLURM_PROCID -> rank, SLURM_STEP_NUM_TASKS -> world size, SLURM_LOCALID -> local rank, and
+the master address is the first host of the step's node list (`scontrol show hostnames`),
+the port derived from the job id (MASTER_ADDR / MASTER_PORT in the environment win). Only
+a step started by srun counts: an sbatch script's own shell also sees SLURM_NTASKS, but
+it is one process, and treating it as rank 0 of several would wait forever for the rest.
+We then join the process group (nccl on CUDA, gloo on CPU), pin each rank to its local
+GPU and let only rank 0 log and write.
 """
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +50,40 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
 
 
+SLURM_PORT_BASE = 20000  # MASTER_PORT = this + job id % SLURM_PORT_SPAN (two jobs on a node rarely share it)
+SLURM_PORT_SPAN = 20000
+
+
+def slurm_master_address(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[01-04],cpu7" -> "gpu01"), as scontrol expands it."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"cannot expand the SLURM node list {nodelist!r} with `scontrol show hostnames` ({e}); "
+                           f"set MASTER_ADDR to the first node's host name") from e
+    if not out:
+        raise RuntimeError(f"`scontrol show hostnames {nodelist}` printed no host; set MASTER_ADDR")
+    return out[0]
+
+
+def adopt_slurm_environment(env: dict | None = None) -> bool:
+    """Inside an srun step of several tasks and outside torchrun: set RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR and MASTER_PORT from SLURM's variables. -> whether it did."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "WORLD_SIZE" in env or int(env.get("SLURM_STEP_NUM_TASKS", "1")) <= 1:
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = slurm_master_address(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+    env.setdefault("MASTER_PORT", str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % SLURM_PORT_SPAN))
+    return True
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
+    adopt_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

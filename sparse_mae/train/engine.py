@@ -19,6 +19,7 @@ saved. Every rank sees the same all-reduced numbers, so all ranks decide alike.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,12 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from sparse_mae.config import validate
+from sparse_mae.config import ConfigError, check_output_dir, validate
 from sparse_mae.data.transforms import model_input
 from sparse_mae.train.checkpoint import (
     atomic_write_bytes,
     explicit_resume_path,
     find_latest,
+    list_checkpoints,
     load_checkpoint,
     newest_good_checkpoint,
     save_checkpoint,
@@ -54,10 +56,12 @@ from sparse_mae.train.distributed import (
 from sparse_mae.train.errors import RunStopped, TrainingDiverged
 from sparse_mae.train.metrics import RunLogger
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
+from sparse_mae.train.resume_config import check_resume_config
 from sparse_mae.train.rundir import RunDirectory
 from sparse_mae.train.sampler import ResumableDistributedSampler
 from sparse_mae.train.schedule import set_lr, warmup_cosine_lr
 from sparse_mae.train import step as training_step
+from sparse_mae.train.signals import RunInterrupted, StopRequest, ignore_in_worker, parse_signals
 
 # Metrics that measure the machine, not the training: they differ between runs of the
 # same training (and between an interrupted run and an uninterrupted one).
@@ -184,17 +188,31 @@ def train(cfg: DictConfig, make_task: Callable[[DictConfig, DistInfo], TrainTask
           run_dir: str | Path | None = None) -> tuple[RunResult, TrainTask]:
     """Run (or continue) one training job in `run_dir` (default cfg.output_dir)."""
     validate(cfg)  # composed configs were checked already; this catches values set by hand since
-    di = init_distributed(cfg.device)
+    problem = check_output_dir(cfg.output_dir)
+    if problem is not None:
+        raise ConfigError(f"invalid config: {problem}")
+    # from the start, so a signal during set-up is not lost: the loop stops before its first step
+    stop = StopRequest(parse_signals(cfg.stop_signals), log=lambda m: print(m, file=sys.stderr, flush=True)).install()
     try:
-        # ranks may resolve ${now:...} in different seconds: rank 0's folder wins
-        run_dir = Path(broadcast_from_main(str(run_dir if run_dir is not None else cfg.output_dir)))
-        return _Engine(cfg, make_task, run_dir, di).run()
+        di = init_distributed(cfg.device)
+        try:
+            # ranks may resolve ${now:...} in different seconds: rank 0's folder wins
+            run_dir = Path(broadcast_from_main(str(run_dir if run_dir is not None else cfg.output_dir)))
+            return _Engine(cfg, make_task, run_dir, di, stop).run()
+        finally:
+            cleanup_distributed()
+    except RunInterrupted as e:
+        print(f"sparse-mae: {e}", file=sys.stderr, flush=True)  # here: the next line may exit
+        stop.chain_previous()  # e.g. submitit's requeue handler, now that the checkpoint is safe
+        raise
     finally:
-        cleanup_distributed()
+        stop.work_is_safe()  # a late signal must not turn a finished (or stopped) run into a killed one
+        stop.uninstall()
 
 
 class _Engine:
-    def __init__(self, cfg: DictConfig, make_task, run_dir: Path, di: DistInfo):
+    def __init__(self, cfg: DictConfig, make_task, run_dir: Path, di: DistInfo, stop: StopRequest | None = None):
+        self.stop = stop or StopRequest([])
         self.cfg = OmegaConf.merge(cfg, {"output_dir": str(run_dir)})  # resolved values go beside checkpoints
         self.config_yaml = OmegaConf.to_yaml(self.cfg, resolve=True)
         self.di = di
@@ -227,10 +245,19 @@ class _Engine:
                 hint = "init=" if "init" in cfg else "pretrained="
                 raise ValueError(f"resume={explicit} holds weights only (no optimizer state or step): it cannot be "
                                  f"resumed. Start a new run from those weights with {hint}{explicit}")
+            later = [c for c in list_checkpoints(self.dir.checkpoints) if c.step > int(state["step"])]
+            if later:  # continuing here would overwrite them (same step names) or rotate them away
+                raise ValueError(
+                    f"resume={explicit} is step {int(state['step'])}, but output_dir {self.dir.path} already holds "
+                    f"later checkpoints ({', '.join(c.path.name for c in later[-3:])}) that continuing there would "
+                    f"overwrite; nothing was changed. To branch from step {int(state['step'])}, add a new "
+                    f"output_dir=...; to continue from the newest, pass resume=auto")
+            check_resume_config(state.get("config"), cfg, explicit, warn=lambda m: print(m, flush=True))
             return str(explicit.resolve()), state
         if wants_auto_resume(cfg.resume):
             path, state = newest_good_checkpoint(self.dir.checkpoints, warn=lambda m: print(m, flush=True))
             if path is not None:  # by name: each node finds it in its own view of output_dir
+                check_resume_config(state.get("config"), cfg, path, warn=lambda m: print(m, flush=True))
                 return path.name, state
         else:
             self.dir.check_fresh_start()
@@ -346,6 +373,7 @@ class _Engine:
         cfg, di, c = self.cfg, self.di, self.counters
         self.losses: list[float] = []
         self.last_checkpoint = None
+        self.saved_step = c.step  # a resumed run's checkpoint, or nothing to save at step 0
         self.skipped_here = torch.zeros((), dtype=torch.long)  # this rank, since the last save
         self.window_start = time.perf_counter()
         self.window_start_step = c.step
@@ -354,12 +382,15 @@ class _Engine:
                             pin_memory=di.device.type == "cuda",
                             # its own generator: starting an epoch must not draw from the global RNG
                             # (that would make the global stream depend on where a run was resumed)
-                            generator=torch.Generator().manual_seed(cfg.seed))
+                            generator=torch.Generator().manual_seed(cfg.seed),
+                            worker_init_fn=ignore_in_worker(self.stop.signals))
         while c.step < self.run_steps:
             epoch = c.step // self.steps_per_epoch
             self.sampler.set_epoch(epoch, start=(c.step % self.steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
             batches = iter(loader)  # the sampler runs in this process: a new epoch reaches persistent workers
             while c.step < min((epoch + 1) * self.steps_per_epoch, self.run_steps):
+                if self.stop.agreed(di.enabled, di.device):  # before the step: every rank, same step
+                    self._stop_on_signal()
                 self._step(batches)
                 last = c.step == self.run_steps
                 if c.step % cfg.log_every_steps == 0 or last:
@@ -369,6 +400,19 @@ class _Engine:
                 if c.step % cfg.checkpoint.every_steps == 0 or last:
                     self._save()
             del batches
+
+    def _stop_on_signal(self) -> None:
+        """Every rank: checkpoint the last finished step (unless it is saved), then stop."""
+        c = self.counters
+        if c.step > self.saved_step:  # the logging window goes into it unwritten, as at any save
+            self._save()
+        self.stop.work_is_safe()
+        got = self.stop.received
+        after = f" {time.monotonic() - self.stop.received_at:.2f} s after the signal" if got else ""
+        where = self.last_checkpoint or self._on_disk()
+        raise RunInterrupted(  # train() prints it, on every rank
+            f"stopped on {got.name if got else 'a signal to another rank'} at step {c.step} of {self.run_steps}"
+            f"{after}; checkpoint {where or 'none (no step was taken)'}; continue with resume=auto", got, c.step)
 
     def _step(self, batches) -> None:
         cfg, di, c = self.cfg, self.di, self.counters
@@ -455,6 +499,7 @@ class _Engine:
                      "engine": engine, **self.task.state_dict()}
             self.last_checkpoint = save_checkpoint(self.dir.checkpoints, c.step, state, self.config_yaml,
                                                    keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
+        self.saved_step = c.step
         c.skipped_files = total_skipped
         self.skipped_here.zero_()
         barrier()

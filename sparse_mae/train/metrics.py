@@ -39,9 +39,28 @@ class RunLogger:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **record}
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._write_line(json.dumps(_jsonable(record)) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k not in ("step", "time")}, step=step)
+
+    def _write_line(self, line: str) -> None:
+        """A metrics line. A logger must never cost the run: a write error (EIO, a full disk)
+        is reported once, the file is given up and training (and its checkpoints) go on."""
+        if self._file is None:
+            return
+        try:
+            self._file.write(line)
+        except OSError as e:
+            self._give_up_file(e)
+
+    def _give_up_file(self, error: OSError) -> None:
+        self.write(f"warning: cannot write {self.metrics_path} ({error.strerror or error}); training goes on "
+                   f"without it (checkpoints are still written)")
+        file, self._file = self._file, None
+        try:
+            file.close()
+        except OSError:
+            pass
 
     def progress(self, steps: int = 1, **postfix) -> None:
         if self._bar is not None:
@@ -74,7 +93,13 @@ class RunLogger:
             return
         if self._bar is not None:
             self._bar.close()
-        self._file.close()
+        if self._file is not None:
+            try:
+                self._file.close()  # flushes: may fail the same way
+            except OSError as e:
+                self._file = None
+                self.write(f"warning: cannot write {self.metrics_path} ({e.strerror or e}) at the end of the run")
+            self._file = None
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None

@@ -3,6 +3,12 @@
 - `lock()`: an advisory lock (flock on `run.lock`) held for the whole run, so a second live
   writer is refused with the holder's pid and host. The kernel drops it when the holder
   dies, even by SIGKILL, so a killed run never blocks its own resume.
+  Filesystems without flock (NFS without lockd, Lustre mounted `noflock`: ENOLCK, ENOSYS,
+  EOPNOTSUPP) are not a held lock: there the run falls back to a lock file, `run.lock.held`,
+  created exclusively and holding the holder's host and pid, its mtime refreshed every
+  HEARTBEAT_S by a thread. A later run takes it over when its holder is gone: a dead pid on
+  this host, or no heartbeat for STALE_AFTER_S (a killed holder on another node). One
+  cost: after a SIGKILL on another node, resuming waits out STALE_AFTER_S.
 - `check_fresh_start()`: starting fresh where checkpoints exist is refused (naming
   resume=auto or a new output_dir), so a reused output_dir never mixes two runs.
 - `clean_up()`: temp files of a killed writer are removed (safe: the lock is held).
@@ -11,10 +17,12 @@
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +30,10 @@ from sparse_mae.train.checkpoint import TEMP_PREFIX, atomic_write_bytes, list_ch
 from sparse_mae.train.errors import RunDirectoryInUse
 
 LOCK_NAME = "run.lock"
+FALLBACK_LOCK_NAME = "run.lock.held"
+NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+HEARTBEAT_S = 10.0
+STALE_AFTER_S = 60.0
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -43,7 +55,11 @@ class RunDirectory:
         f = open(self.path / LOCK_NAME, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno in NO_FLOCK_ERRNOS:  # the filesystem cannot lock: not someone else's lock
+                f.close()
+                self._lock_with_heartbeat(e)
+                return
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
@@ -56,7 +72,67 @@ class RunDirectory:
         f.flush()
         self._lock_file = f
 
+    def _lock_with_heartbeat(self, flock_error: OSError) -> None:
+        held = self.path / FALLBACK_LOCK_NAME
+        me = f"pid {os.getpid()} on host {socket.gethostname()}"
+        for _ in range(2):  # a second try after removing a stale one
+            try:
+                fd = os.open(held, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder, stale = self._fallback_holder(held)
+                if not stale:
+                    raise RunDirectoryInUse(
+                        f"output_dir {self.path} is in use by {holder} (lock file {held}, its filesystem has no "
+                        f"flock); a run directory has one writer at a time. Wait for that run to end, or pass "
+                        f"another output_dir. If that run is surely gone, delete {held}") from None
+                print(f"warning: taking over the lock of {self.path} from {holder} ({stale})", flush=True)
+                held.unlink(missing_ok=True)
+                continue
+            os.write(fd, f"{me} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
+            os.close(fd)
+            break
+        else:
+            raise RunDirectoryInUse(f"output_dir {self.path}: another process took {held} at the same moment")
+        print(f"note: {self.path} has no flock ({os.strerror(flock_error.errno)}): locked with {held} and a "
+              f"heartbeat instead", flush=True)
+        self._heartbeat_stop = threading.Event()
+
+        def beat() -> None:
+            while not self._heartbeat_stop.wait(HEARTBEAT_S):
+                try:
+                    os.utime(held)
+                except OSError:
+                    pass
+
+        self._heartbeat = threading.Thread(target=beat, name="run-lock-heartbeat", daemon=True)
+        self._heartbeat.start()
+        self._held_file = held
+
+    @staticmethod
+    def _fallback_holder(held: Path) -> tuple[str, str | None]:
+        """(who holds it, why it is stale or None)."""
+        try:
+            text, age = held.read_text().strip(), time.time() - held.stat().st_mtime
+        except OSError:
+            return "another process", "its lock file vanished"
+        parts = text.split()
+        if len(parts) >= 5 and parts[0] == "pid" and parts[4] == socket.gethostname() and parts[1].isdigit():
+            try:
+                os.kill(int(parts[1]), 0)
+            except ProcessLookupError:
+                return text, "that process is dead"
+            except PermissionError:
+                pass
+        if age > STALE_AFTER_S:
+            return text, f"no heartbeat for {age:.0f} s"
+        return text, None
+
     def unlock(self) -> None:
+        if getattr(self, "_held_file", None) is not None:
+            self._heartbeat_stop.set()
+            self._heartbeat.join()
+            self._held_file.unlink(missing_ok=True)
+            self._held_file = None
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
             self._lock_file.close()
