@@ -15,16 +15,10 @@ from sparse_mae.models import create_model
 from sparse_mae.probe.monitor import KnnMonitor
 from sparse_mae.train.checkpoint import load_checkpoint
 
+from tests.test_pretrain import one_thread  # noqa: F401 (autouse fixture: one torch thread)
+
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "tests" / "data" / "fashion_mnist"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def overrides(out: Path, **extra) -> list[str]:

@@ -17,16 +17,10 @@ from sparse_mae.models import create_model
 from sparse_mae.probe.classify import LinearProbe, knn_classify, linear_probe
 from sparse_mae.probe.features import FeatureHead, evenly_spaced, load_encoder
 
+from tests.test_pretrain import one_thread  # noqa: F401 (autouse fixture: one torch thread)
+
 REPO = Path(__file__).resolve().parents[1]
 SUBSET = REPO / "tests" / "data" / "fashion_mnist"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def clusters(per_class: int, num_classes: int, dim: int = 16, spread: float = 0.1, seed: int = 0):

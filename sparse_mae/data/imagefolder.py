@@ -14,7 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -77,12 +77,16 @@ def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
 def load_rgb(path: Path) -> Image.Image:
     """Decode any mode (L, P, RGBA, CMYK, I;16, ...) to RGB, upright as its EXIF orientation
     says (a phone's portrait photo is stored sideways); raises on a bad file."""
-    from PIL import ImageOps
-
     with Image.open(path) as img:
         img.load()
-        upright = ImageOps.exif_transpose(img)  # a new image when rotated, else img itself
-        return upright.copy() if upright.mode == "RGB" and upright is img else as_rgb(upright)
+        rgb = upright_rgb(img)
+        return rgb.copy() if rgb is img else rgb  # detached from the file being closed
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """A loaded image as RGB, turned upright as its EXIF orientation says (img itself where
+    neither changes anything)."""
+    return as_rgb(ImageOps.exif_transpose(img))
 
 
 def as_rgb(img: Image.Image) -> Image.Image:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, as_rgb, find_images
+from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, find_images, upright_rgb
 from sparse_mae.data.shards import FORMAT, INDEX_DTYPE, MANIFEST, VERSION, sample_checksum, shard_name
 from sparse_mae.train.checkpoint import TEMP_PREFIX, atomic_write_bytes, sha256_of
 
@@ -72,7 +72,7 @@ def encode(path: Path, options: PrepareOptions) -> bytes:
             k = options.short_side / min(img.size)
             img.draft("RGB", (math.ceil(img.width * k), math.ceil(img.height * k)))
         img.load()
-        img = as_rgb(ImageOps.exif_transpose(img))
+        img = upright_rgb(img)
     if options.short_side and min(img.size) > options.short_side:
         k = options.short_side / min(img.size)
         img = img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))), Image.BICUBIC,

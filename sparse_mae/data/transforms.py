@@ -15,17 +15,21 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def mean_std(dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (3, 1, 1): they broadcast over (3, H, W) and (N, 3, H, W)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(3, 1, 1)
+    return mean, torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(3, 1, 1)
+
+
 def normalize(imgs: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> ImageNet-normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
+    mean, std = mean_std(imgs.dtype, imgs.device)
     return (imgs - mean) / std
 
 
 def unnormalize(imgs: torch.Tensor) -> torch.Tensor:
     """The inverse of `normalize`."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=imgs.dtype, device=imgs.device).view(1, 3, 1, 1)
+    mean, std = mean_std(imgs.dtype, imgs.device)
     return imgs * std + mean
 
 
@@ -64,8 +68,7 @@ def to_normalized_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) float32, ImageNet-normalised."""
     arr = np.asarray(img, dtype=np.float32) / 255.0
     x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean, std = mean_std()
     return (x - mean) / std
 
 
@@ -118,6 +121,5 @@ def model_input(images: torch.Tensor) -> torch.Tensor:
     same arithmetic as to_normalized_tensor; a float batch is already normalised."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    mean, std = mean_std(device=images.device)
     return (images.to(torch.float32) / 255.0 - mean) / std
