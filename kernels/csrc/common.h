@@ -4,10 +4,12 @@
  * kernel reads and writes bf16 directly, with no cast before or after it. Arithmetic is
  * float32 throughout; bf16 stores round to nearest even (as torch does).
  *
- * Vectors: GCC/Clang vector extensions of 16 floats (one AVX-512 register; narrower
- * targets split them), so the kernels are portable C that vectorise on every compiler we
- * build with. Loops run over channels in steps of 16; the last step of an odd channel
- * count loads and stores a partial vector (zero-filled).
+ * Vectors: GCC/Clang vector extensions of VL floats, VL the width of one register of the
+ * target: 16 with AVX-512, else 8 (one AVX2 register; two on SSE2 or NEON). A vector wider
+ * than the registers would be split by the compiler through the stack, costing more than
+ * the arithmetic. So the kernels are portable C that vectorise on every compiler we build
+ * with. Loops run over channels in steps of VL; the last step of a channel count that is
+ * not a multiple of VL loads and stores a partial vector (zero-filled).
  */
 #ifndef SPARSE_MAE_COMMON_H
 #define SPARSE_MAE_COMMON_H
@@ -16,26 +18,36 @@
 #include <string.h>
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-#define VL 16
 /* 7x7 depthwise taps, k = (dy + 3) * 7 + (dx + 3): passed as -DTAPS by cpu_build.py from
  * sparse_mae_kernels.constants, where it is defined once */
 #ifndef TAPS
 #error "compile with -DTAPS=<taps of the depthwise kernel> (cpu_build.py does)"
 #endif
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-
 /* AVX-512 where the compiler targets it (masked partial loads and stores, the bf16
- * conversion instruction, a reciprocal estimate); portable vector C otherwise. */
+ * conversion instruction, a reciprocal estimate); AVX2's masked loads and stores for
+ * partial float vectors; portable vector C otherwise. */
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 #define HAVE_AVX512 1
 #endif
+#if defined(HAVE_AVX512) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
-static inline vf vsplat(float a) { return (vf){a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a}; }
+#ifdef HAVE_AVX512
+#define VL 16
+#define LANE_INDEX {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+#else
+#define VL 8
+#define LANE_INDEX {0, 1, 2, 3, 4, 5, 6, 7}
+#endif
+
+typedef float vf __attribute__((vector_size(4 * VL)));
+typedef uint32_t vu __attribute__((vector_size(4 * VL)));
+typedef int32_t vi __attribute__((vector_size(4 * VL)));
+typedef uint16_t vh __attribute__((vector_size(2 * VL)));
+
+static inline vf vsplat(float a) { return (vf){0} + a; }
 
 /* C has no vector ?: (GCC offers it in C++ only): select bitwise. mask lanes are 0 or -1. */
 static inline vf vselect(vi mask, vf if_true, vf if_false) {
@@ -88,13 +100,31 @@ static inline vh f32_to_bf16(vf f) {
 #endif
 }
 
-/* n (1..16) elements of a (dtype dt) starting at element i; the rest zero */
+/* n (1..VL) elements of a (dtype dt) starting at element i; the rest zero */
 static inline vf vload(const void *a, int dt, long i, int n) {
 #ifdef HAVE_AVX512
   const __mmask16 k = n >= VL ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
   if (dt == DT_F32) return (vf)_mm512_maskz_loadu_ps(k, (const float *)a + i);
   return bf16_to_f32((vh)_mm256_maskz_loadu_epi16(k, (const uint16_t *)a + i));
 #else
+  /* a whole vector: copies of a constant size compile to plain vector loads (a copy of n
+   * elements would be a call to memcpy per vector) */
+  if (n >= VL) {
+    if (dt == DT_F32) {
+      vf v;
+      memcpy(&v, (const float *)a + i, sizeof v);
+      return v;
+    }
+    vh h;
+    memcpy(&h, (const uint16_t *)a + i, sizeof h);
+    return bf16_to_f32(h);
+  }
+#ifdef __AVX2__
+  if (dt == DT_F32) { /* AVX's masked load: lanes masked off are not read */
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return (vf)_mm256_maskload_ps((const float *)a + i, k);
+  }
+#endif
   if (dt == DT_F32) {
     vf v = vsplat(0.0f);
     memcpy(&v, (const float *)a + i, sizeof(float) * n);
@@ -112,6 +142,22 @@ static inline void vstore(void *a, int dt, long i, int n, vf v) {
   if (dt == DT_F32) _mm512_mask_storeu_ps((float *)a + i, k, (__m512)v);
   else _mm256_mask_storeu_epi16((uint16_t *)a + i, k, (__m256i)f32_to_bf16(v));
 #else
+  if (n >= VL) { /* as vload: a constant size is a plain vector store */
+    if (dt == DT_F32) {
+      memcpy((float *)a + i, &v, sizeof v);
+    } else {
+      vh h = f32_to_bf16(v);
+      memcpy((uint16_t *)a + i, &h, sizeof h);
+    }
+    return;
+  }
+#ifdef __AVX2__
+  if (dt == DT_F32) {
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    _mm256_maskstore_ps((float *)a + i, k, (__m256)v);
+    return;
+  }
+#endif
   if (dt == DT_F32) {
     memcpy((float *)a + i, &v, sizeof(float) * n);
   } else {
@@ -136,7 +182,7 @@ static inline float load1(const void *a, int dt, long i) {
 static inline int chunk(long C, long c0) { return C - c0 >= VL ? VL : (int)(C - c0); }
 
 /* lanes [0, n) set: keeps a partial vector's padding out of sums that do not vanish at 0 */
-static inline vi lanes_below(int n) { return (vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15} < n; }
+static inline vi lanes_below(int n) { return (vi)LANE_INDEX < n; }
 
 /* first row of the segment holding row m: offsets (N + 1) rising from 0 to M */
 static inline long segment_of(const int64_t *offsets, long N, long m) {

@@ -81,7 +81,7 @@ static inline void row_taps(const int32_t *nb, taps_t *p) {
   p->count = present;
 }
 
-/* y[c0 .. c0 + NV*16) of row m = bias + sum over the present taps of w[k] * x[nbr[k]] */
+/* y[c0 .. c0 + NV*VL) of row m = bias + sum over the present taps of w[k] * x[nbr[k]] */
 #define CONV_BLOCK(NV)                                                                        \
   static void conv_block_##NV(const dwconv_args *a, const taps_t *p, long m, long c0, int last, \
                               float *buf) {                                                   \
@@ -102,7 +102,7 @@ static inline void row_taps(const int32_t *nb, taps_t *p) {
     }                                                                                         \
   }
 
-/* gw[k, c0 .. c0 + NV*16) += sum over rows [b0, b1) of x[nbr[m, k]] * g[m] (g in gbuf, fp32,
+/* gw[k, c0 .. c0 + NV*VL) += sum over rows [b0, b1) of x[nbr[m, k]] * g[m] (g in gbuf, fp32,
  * row r of the block at gbuf + r * C) */
 #define WGRAD_BLOCK(NV)                                                                       \
   static void wgrad_block_##NV(const dwconv_args *a, long b0, long b1, long c0, int last,      \
