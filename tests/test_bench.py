@@ -296,3 +296,33 @@ def test_the_bench_times_the_engines_own_step(tmp_path, monkeypatch):
     engine, bench = calls
     assert engine == bench
     assert engine["same_loss"] and engine["defaults"]["betas"] == (0.9, 0.95) and engine["defaults"]["fused"]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_on_a_cpu_without_fast_bf16_is_skipped_naming_float32(tmp_path, monkeypatch, fast):
+    """On x86 without AVX-512 torch's bf16 matmul is a slow fallback (25x below float32 on
+    a Zen 3): timing it would time the fallback, and its matmul peak takes minutes."""
+    monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: fast)
+    logged = []
+    if fast:
+        assert runner.skip_reason("native", "bfloat16", "cpu") is None
+        return
+    assert "dtypes=[float32]" in runner.skip_reason("native", "bfloat16", "cpu")
+    assert runner.skip_reason("native", "float32", "cpu") is None
+    assert runner.slow_dtype_reason("bfloat16", "cuda") is None
+    settings = settings_from(compose_config(["bench=micro", "dtypes=[float32,bfloat16]", "peak_size=64"]))
+    peaks = runner.measure_peaks(settings, log=logged.append)
+    assert set(peaks) == {"float32"} and any("bfloat16: not measured" in line for line in logged)
+    rows, _ = bench(tmp_path, "backends=[native]", "mask_ratios=[0.5]", "dtypes=[bfloat16]", "device=cpu",
+                    "measure_peak=false")
+    assert rows[("native", 0.5)]["status"] == "skipped"
+
+
+def test_fast_bf16_is_what_the_cpu_flags_say():
+    from sparse_mae.train.engine import cpu_has_fast_bf16
+    from sparse_mae_kernels.cpu_build import cpu_isa
+
+    isa = cpu_isa()
+    if isa is None or not (isa["avx2"] or isa["avx512"]):
+        pytest.skip("not an x86 CPU with flags in /proc/cpuinfo")
+    assert cpu_has_fast_bf16() == isa["avx512"]

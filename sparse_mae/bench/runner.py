@@ -19,6 +19,7 @@ import torch
 from sparse_mae.backends import backend_availability, get_backend, list_backends
 from sparse_mae.bench.measure import is_out_of_memory, measure_configuration
 from sparse_mae.config import BenchConfig, validate
+from sparse_mae.train.engine import SLOW_BF16_CPU, cpu_has_fast_bf16
 
 GRID_KEYS = ("backend", "variant", "mask_ratio", "batch_size", "dtype")
 
@@ -64,6 +65,13 @@ def skip_reason(backend: str, dtype: str, device: str) -> str | None:
         allowed = get_backend(backend).autocast_devices
         if device not in allowed:
             return f"backend {backend!r} has no {dtype} autocast on {device} (autocast_devices={list(allowed)})"
+    return slow_dtype_reason(dtype, device)
+
+
+def slow_dtype_reason(dtype: str, device: str) -> str | None:
+    """Why timing `dtype` here would only time a slow fallback (bf16 on a CPU without it), or None."""
+    if dtype == "bfloat16" and device == "cpu" and not cpu_has_fast_bf16():
+        return f"{SLOW_BF16_CPU}; time dtypes=[float32] here, bf16 on a CPU with AVX-512 or a GPU"
     return None
 
 
@@ -160,6 +168,9 @@ def measure_peaks(settings: BenchConfig, log=print) -> dict[str, dict]:
     device = settings.device
     peaks = {}
     for dtype in settings.dtypes:
+        if slow_dtype_reason(dtype, device):
+            log(f"matmul peak {dtype}: not measured, {slow_dtype_reason(dtype, device)}")
+            continue
         spec = {"dtype": dtype, "device": device, "size": settings.peak_size, "threads": settings.threads}
         if settings.isolate:
             result = run_isolated(spec, settings.timeout_s, module="sparse_mae.bench.peak",

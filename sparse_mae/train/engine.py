@@ -22,6 +22,7 @@ import math
 import sys
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -154,7 +155,20 @@ def resolve_amp(amp: str, device: torch.device, autocast_devices: tuple[str, ...
         return device.type == "cuda" and "cuda" in autocast_devices
     if amp == "true" and device.type not in autocast_devices:
         raise ValueError(f"amp=true but {what} has no autocast on {device.type}; use amp=false")
+    if amp == "true" and device.type == "cpu" and not cpu_has_fast_bf16():
+        warnings.warn(SLOW_BF16_CPU + "; amp=false trains in float32, faster here", stacklevel=2)
     return amp == "true"
+
+
+# Without bf16 support in oneDNN (x86 CPUs before AVX-512, e.g. AMD Zen 3) torch multiplies
+# bf16 matrices in a fallback that runs at a few percent of its float32 speed (measured on
+# a Zen 3: 0.85 against 22 GFLOP/s), so bf16 autocast there makes training slower, not faster.
+SLOW_BF16_CPU = ("this CPU has no fast bf16 matrix multiply (oneDNN reports no bf16 support: x86 without "
+                 "AVX-512), so bf16 autocast runs its matmuls many times slower than float32")
+
+
+def cpu_has_fast_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def align_grad_strides(model: torch.nn.Module) -> None:
