@@ -25,12 +25,13 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def measured_gmacs(model: torch.nn.Module, input_size=(224, 224), batch: int = 1, in_chans: int = 3) -> float:
+def measured_gmacs(model: torch.nn.Module, input_size=(224, 224), batch: int = 1, in_chans: int = 3,
+                   **forward_kwargs) -> float:
     """GMACs of one forward at `input_size`, per image, counted by FlopCounterMode."""
     device = next(model.parameters()).device
     x = torch.zeros(batch, in_chans, *input_size, device=device)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
+        model(x, **forward_kwargs)
     return counter.get_total_flops() / 2 / batch / 1e9
 
 
@@ -50,9 +51,12 @@ def encoder_macs_per_patch(depths, dims, in_chans: int = 3) -> int:
     return macs
 
 
-def decoder_macs_per_patch(encoder_dim: int, decoder_dim: int = 512, decoder_depth: int = 1, in_chans: int = 3) -> int:
-    """proj 1x1 + decoder blocks + pred 1x1, per patch (the decoder is dense over all patches)."""
-    return encoder_dim * decoder_dim + decoder_depth * block_macs_per_site(decoder_dim) + decoder_dim * PATCH * PATCH * in_chans
+def decoder_macs(patches: float, removed: float, encoder_dim: int, decoder_dim: int = 512, decoder_depth: int = 1,
+                 in_chans: int = 3) -> float:
+    """proj 1x1 + decoder blocks over every patch (the decoder is dense), pred 1x1 over the
+    removed patches only (all the loss reads: FCMAE.forward(loss_only=True), as training runs)."""
+    per_patch = encoder_dim * decoder_dim + decoder_depth * block_macs_per_site(decoder_dim)
+    return patches * per_patch + removed * decoder_dim * PATCH * PATCH * in_chans
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class FcmaeGmacs:
 
     encoder_dense: float  # the encoder on every patch
     encoder_useful: float  # the encoder on the visible patches only
-    decoder: float  # dense over all patches
+    decoder: float  # proj and blocks over all patches, pred over the removed ones (as training runs)
 
     @property
     def total_dense(self) -> float:
@@ -114,5 +118,5 @@ def fcmae_gmacs(
     return FcmaeGmacs(
         encoder_dense=patches * per_patch / 1e9,
         encoder_useful=visible * per_patch / 1e9,
-        decoder=patches * decoder_macs_per_patch(dims[-1], decoder_dim, decoder_depth, in_chans) / 1e9,
+        decoder=decoder_macs(patches, patches - visible, dims[-1], decoder_dim, decoder_depth, in_chans) / 1e9,
     )

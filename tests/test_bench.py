@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from sparse_mae.apps.bench import compose_config, run
+from sparse_mae import create_model
 from sparse_mae.backends import list_backends
 from sparse_mae.bench import runner, settings_from
-from sparse_mae.flops import STAGE_SITES_PER_PATCH
+from sparse_mae.flops import STAGE_SITES_PER_PATCH, fcmae_gmacs
 from sparse_mae.models.convnextv2 import VARIANTS
 
 # in-process, one timed call: the numbers' consistency, not their speed, is under test
@@ -42,8 +43,11 @@ def test_micro_preset_writes_everything_with_consistent_numbers(tmp_path):
             continue
         assert r["status"] == "ok", r
         for key in ("fwd_ms", "step_ms", "fwd_images_s", "step_images_s", "dense_gmacs", "useful_gmacs",
-                    "executed_gmacs", "step_gflop_s", "step_peak_mib"):
+                    "executed_gmacs", "step_gflop_s"):
             assert r[key] > 0, (backend, ratio, key, r[key])
+        # in-process at 64px the step may fit in memory the allocator kept from the forward;
+        # a fresh process measures it exactly (test_isolated_run_measures_memory_in_a_fresh_process)
+        assert r["step_peak_mib"] >= 0, (backend, ratio, r["step_peak_mib"])
         assert r["fwd_ms_iqr"] >= 0 and r["step_ms_iqr"] >= 0
         assert r["step_images_s"] == pytest.approx(2 / (r["step_ms"] / 1e3))
         assert r["useful_gmacs"] < r["dense_gmacs"]
@@ -57,8 +61,16 @@ def test_micro_preset_writes_everything_with_consistent_numbers(tmp_path):
             assert r["executed_gmacs"] <= r["dense_gmacs"]
         else:
             assert r["useful_gmacs"] - 1e-12 <= r["executed_gmacs"] <= r["dense_gmacs"] + 1e-12
-    assert rows[("dense_masked", 0.5)]["dense_gmacs"] == rows[("dense_masked", 0.75)]["dense_gmacs"]
-    assert rows[("dense_masked", 0.75)]["useful_gmacs"] < rows[("dense_masked", 0.5)]["useful_gmacs"]
+    # the dense work differs only by the pred layer on the one more removed patch at 0.75
+    decoder_dim = create_model("fcmae_convnextv2_debug").proj.out_channels
+    assert (rows[("dense_masked", 0.75)]["dense_gmacs"] - rows[("dense_masked", 0.5)]["dense_gmacs"]
+            == pytest.approx(decoder_dim * 32 * 32 * 3 / 1e9))
+    for ratio in (0.5, 0.75):  # the rows carry the analytic model's numbers for their mask
+        g = fcmae_gmacs("debug", (64, 64), mask_ratio=ratio)
+        assert rows[("dense_masked", ratio)]["useful_gmacs"] == pytest.approx(g.total_useful)
+        assert rows[("dense_masked", ratio)]["dense_gmacs"] == pytest.approx(g.total_dense)
+    assert (fcmae_gmacs("debug", (64, 64), mask_ratio=0.75).encoder_useful
+            < fcmae_gmacs("debug", (64, 64), mask_ratio=0.5).encoder_useful)
 
     with open(paths["csv"]) as f:
         csv_rows = list(csv.DictReader(f))

@@ -88,6 +88,31 @@ def test_loss_only_on_removed_patches():
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("backend", ["dense_masked", "native"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_only_predicts_the_removed_patches_with_the_same_loss_and_gradients(backend, dtype):
+    """Training's forward (loss_only) runs the pred layer on the removed patches only: the
+    loss and every gradient equal the full forward's (to the dtype's rounding)."""
+    model, imgs, mask = make_case("debug", (96, 64), 3, 0.6)
+    model.set_backend(backend)
+    results = []
+    for loss_only in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, pred, _ = model(imgs, mask=mask, loss_only=loss_only)
+        loss.backward()
+        results.append((loss.detach(), pred.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full_loss, full_pred, full_grads), (loss, pred, grads) = results
+    removed = int(mask.sum())
+    assert full_pred.shape == (3, 6, 32 * 32 * 3) and pred.shape == (removed, 32 * 32 * 3)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(pred.float(), full_pred[mask.bool()].float(), **tol)
+    torch.testing.assert_close(loss, full_loss, **tol)
+    assert grads.keys() == full_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], full_grads[name], **tol, msg=name)
+
+
 @pytest.mark.parametrize("kwargs, imgs, mask, match", [
     ({}, torch.randn(2, 3, 64, 80), None, "multiple of 32"),
     ({}, torch.randn(2, 1, 64, 64), None, "3 input channels"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sparse_mae.backends import get_backend
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS, Block, ConvNeXtV2, check_images, init_weights
@@ -85,14 +86,19 @@ class FCMAE(nn.Module):
         grid_mask = mask.reshape(n, h // self.patch_size, w // self.patch_size)
         return self.backend.encode(self.encoder, imgs, grid_mask)
 
-    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """latent (N, C3, h, w), mask (N, L) -> pred (N, L, p*p*C)."""
+    def forward_decoder(self, latent: torch.Tensor, mask: torch.Tensor, removed_only: bool = False) -> torch.Tensor:
+        """latent (N, C3, h, w), mask (N, L) -> pred (N, L, p*p*C); with `removed_only`, pred
+        (K, p*p*C) of the K removed patches in (n, l) order: all the loss reads, and the pred
+        layer (a 512 x 3072 matmul per patch) then skips the visible patches."""
         x = self.proj(latent)
         n, _, h, w = x.shape
         m = mask.reshape(n, 1, h, w).to(x.dtype)
         x = x * (1.0 - m) + self.mask_token.to(x.dtype) * m
-        x = self.pred(self.backend.decode_blocks(self.decoder, x))
-        return x.flatten(2).transpose(1, 2)
+        x = self.backend.decode_blocks(self.decoder, x)
+        if removed_only:
+            rows = x.flatten(2).transpose(1, 2)[mask.bool()]  # (K, decoder_dim)
+            return F.linear(rows, self.pred.weight.flatten(1), self.pred.bias)
+        return self.pred(x).flatten(2).transpose(1, 2)
 
     def uncounted_macs(self, imgs: torch.Tensor, mask: torch.Tensor) -> int:
         """MACs of one forward that torch's FlopCounterMode cannot see (the backend's own
@@ -104,20 +110,28 @@ class FCMAE(nn.Module):
                 + self.backend.uncounted_decode_macs(self.decoder, decoder_input))
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE on (per-patch normalised) pixels, averaged over removed patches only. -> scalar."""
+        """MSE on (per-patch normalised) pixels, averaged over removed patches only; pred
+        (N, L, p*p*C) of every patch or (K, p*p*C) of the removed ones. -> scalar."""
         target = self.patchify(imgs)
+        removed_only = pred.dim() == 2
+        if removed_only:
+            target = target[mask.bool()]
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+        if removed_only:
+            return per_patch.sum() / per_patch.shape[0]
         mask = mask.to(per_patch.dtype)
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self, imgs: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        loss_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L))."""
+        """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L)). With
+        `loss_only` (training) pred is (K, p*p*C), the K removed patches only: the same loss."""
         check_images(imgs, self.in_chans)
         n, _, h, w = imgs.shape
         num_patches = (h // self.patch_size) * (w // self.patch_size)
@@ -126,7 +140,7 @@ class FCMAE(nn.Module):
         else:
             mask = check_mask(mask, n, num_patches).to(imgs.device)
         latent = self.forward_encoder(imgs, mask)
-        pred = self.forward_decoder(latent, mask)
+        pred = self.forward_decoder(latent, mask, removed_only=loss_only)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
 

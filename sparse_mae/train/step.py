@@ -89,7 +89,7 @@ def fcmae_loss(model: torch.nn.Module, batch: dict, mask_ratio: float) -> torch.
     imgs = batch["image"]
     num_patches = (imgs.shape[-2] // PATCH) * (imgs.shape[-1] // PATCH)
     mask = masks_from_seeds(batch["seed"], num_patches, mask_ratio).to(imgs.device)
-    loss, _, _ = model(imgs, mask=mask)
+    loss, _, _ = model(imgs, mask=mask, loss_only=True)
     return loss
 
 
