@@ -168,6 +168,11 @@ def compiled_isa() -> dict[str, bool]:
     return {name: bool(bits & bit) for name, bit in ISA_BITS.items()}
 
 
+def vector_lanes() -> int:
+    """Floats per vector in the loaded build: 16 on the AVX-512 path, else 8."""
+    return function("sm_vector_lanes", [], ctypes.c_int)()
+
+
 def cpu_isa() -> dict[str, bool] | None:
     """What this CPU offers, from /proc/cpuinfo (None where it does not say: not Linux x86)."""
     try:

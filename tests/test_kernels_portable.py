@@ -44,6 +44,17 @@ def test_a_requested_path_is_what_gets_built(isa, expected):
     assert {k: built[k] for k in expected} == expected
 
 
+@pytest.mark.parametrize("isa", ["native", "no-avx512", "portable"])
+def test_vectors_are_one_avx512_register_on_that_path_and_8_floats_elsewhere(isa):
+    """Wider vectors than the target's registers are split by the compiler through the stack
+    (an AVX2 build with 16-float vectors ran the kernels at 0.4-0.8x of torch's ops)."""
+    out = subprocess.run([sys.executable, "-c", "import json; from sparse_mae_kernels import cpu_build; "
+                          "print(json.dumps([cpu_build.compiled_isa(), cpu_build.vector_lanes()]))"],
+                         env=child_env(isa), capture_output=True, text=True, check=True, cwd=ROOT)
+    built, lanes = json.loads(out.stdout.strip().splitlines()[-1])
+    assert lanes == (16 if built["avx512"] else 8), (built, lanes)
+
+
 def test_an_unknown_path_is_a_clear_reason():
     out = subprocess.run([sys.executable, "-c", "from sparse_mae_kernels import cpu_build; "
                           "print(cpu_build.unavailable_reason())"],
