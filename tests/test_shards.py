@@ -349,6 +349,24 @@ def test_bench_loader_measures_folder_and_shard_paths(tmp_path):
     assert all(r["folder_img_s_core"] > 0 and r["shards_img_s_core"] > 0 for r in rows)
     text = paths["md"].read_text()
     assert "load average" in text and "| 320x240 | 64 |" in text
+    assert paths["png"] == tmp_path / "loader.png"
+    with Image.open(paths["png"]) as plot:
+        assert plot.format == "PNG" and plot.width > 300 and plot.height > 200
+
+
+def test_loader_plot_is_drawn_again_from_recorded_numbers(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    recorded = tmp_path / "loader.json"
+    shutil.copy(REPO / "docs" / "bench-loader" / "loader.json", recorded)
+    proc = subprocess.run([sys.executable, "-m", "sparse_mae.bench.loader", str(recorded)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "loader.png") as plot:
+        assert plot.format == "PNG" and plot.width > 300
+    assert (REPO / "docs" / "bench-loader" / "loader.png").is_file()  # the README shows it
 
 
 def test_pretrain_counts_a_damaged_sample_in_skipped_files(tmp_path, pretrain_shards):
