@@ -258,6 +258,10 @@ class ShardImages:
     root: str = opt(MISSING, "a shard folder written by `sparse-mae prepare` (required)")
     num_workers: int = opt(4, "DataLoader worker processes (decoding reduced JPEGs wants fewer than files)",
                            NON_NEGATIVE)
+    decode: str = opt("cpu", "cpu: the loader's workers decode and augment (libjpeg at reduced size); gpu: the "
+                             "workers only read the JPEG bytes and draw the crops, the training GPU decodes (nvjpeg "
+                             "through torchvision) and augments; needs CUDA and torchvision (docs/data.md)",
+                      OneOf(("cpu", "gpu")))
 
 
 @dataclass

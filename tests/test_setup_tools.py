@@ -108,6 +108,8 @@ def test_torch_cpu_build_without_nvidia_driver(tmp_path):
     assert plan["torch_build"] == "cpu" and "no NVIDIA driver" in plan["torch_build_why"]
     assert plan["torch_action"] == "install" and plan["minkowski_build"] == "cpu"
     assert plan["torch_pip"] == "pip install torch==2.13.0"  # unchanged: pip's config may hold the CPU wheel
+    # the registry's torchvision is a CUDA build that does not import with the CPU torch
+    assert plan["torchvision"].startswith("none") and "data.decode=gpu" in plan["torchvision"]
 
 
 def test_torch_cuda_build_with_nvidia_driver(tmp_path):
@@ -115,6 +117,7 @@ def test_torch_cuda_build_with_nvidia_driver(tmp_path):
     assert plan["torch_build"] == "cuda" and "1 GPU(s)" in plan["torch_build_why"]
     assert "config files and find-links off" in plan["torch_pip"]
     assert plan["minkowski_build"] == "cuda"
+    assert plan["torchvision"].startswith("pip install torchvision==0.28.0")
 
 
 @pytest.mark.parametrize("override, gpus, expected", [("cpu", ["9.0"], "cpu"), ("cuda", None, "cuda")])
@@ -139,6 +142,7 @@ def test_torch_action_follows_the_installed_build(tmp_path, installed_cuda, gpus
     # ME follows the torch .venv ends up with.
     kept_build = "cpu" if installed_cuda is None else "cuda"
     assert plan["minkowski_build"] == (kept_build if action == "keep" else plan["torch_build"])
+    assert plan["torchvision"].startswith("pip install" if plan["minkowski_build"] == "cuda" else "none")
 
 
 def test_torch_of_another_version_is_installed(tmp_path):

@@ -349,6 +349,24 @@ def test_bench_loader_measures_folder_and_shard_paths(tmp_path):
     assert all(r["folder_img_s_core"] > 0 and r["shards_img_s_core"] > 0 for r in rows)
     text = paths["md"].read_text()
     assert "load average" in text and "| 320x240 | 64 |" in text
+    assert paths["png"] == tmp_path / "loader.png"
+    with Image.open(paths["png"]) as plot:
+        assert plot.format == "PNG" and plot.width > 300 and plot.height > 200
+
+
+def test_loader_plot_is_drawn_again_from_recorded_numbers(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    recorded = tmp_path / "loader.json"
+    shutil.copy(REPO / "docs" / "bench-loader" / "loader.json", recorded)
+    proc = subprocess.run([sys.executable, "-m", "sparse_mae.bench.loader", str(recorded)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(tmp_path / "loader.png") as plot:
+        assert plot.format == "PNG" and plot.width > 300
+    assert (REPO / "docs" / "bench-loader" / "loader.png").is_file()  # the README shows it
 
 
 def test_pretrain_counts_a_damaged_sample_in_skipped_files(tmp_path, pretrain_shards):
@@ -400,3 +418,19 @@ def test_prepare_killed_with_sigkill_continues_to_the_same_shards(tmp_path, labe
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["shards"] == straight["shards"]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_shards_train_split_without_augmentation_is_centre_cropped(tmp_path, labelled_src):
+    """The probe embeds the train split with augment=False: centre crops, the same for every
+    seed (shards used to give random crops there)."""
+    from sparse_mae.apps.finetune import compose_config as ft_config
+    from sparse_mae.data.build import labelled_split as build_split
+
+    root = tmp_path / "labelled"
+    prepare(labelled_src, root / "train", PrepareOptions(shard_size=8))
+    cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=64", "model=debug"])
+    plain, _ = build_split(cfg.data, "train", augment=False)
+    assert torch.equal(plain[(0, 1)]["image"], plain[(0, 2)]["image"])
+    assert torch.equal(plain[(0, 1)]["image"], FastEvalTransform(64)(plain.reader.read(0)[1]))
+    augmented, _ = build_split(cfg.data, "train")
+    assert not torch.equal(augmented[(0, 1)]["image"], augmented[(0, 2)]["image"])

@@ -8,10 +8,13 @@
 # (nvidia-smi missing or listing no GPU), the CUDA build of the same version where there
 # is one. SPARSE_MAE_TORCH=cpu|cuda picks one explicitly (default: auto).
 # torch is pinned first so pip takes the local CPU wheel instead of the CUDA build.
+# torchvision (nvjpeg decode for data.decode=gpu) is installed only with a CUDA torch: the
+# registry's torchvision 0.28.0 is the CUDA build for torch 2.13.0 and does not import with the CPU torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+TORCHVISION_VERSION=${TORCHVISION_VERSION:-0.28.0}  # the release made for torch $TORCH_VERSION
 PYTHON=${PYTHON:-python3}
 
 PRINT_PLAN=0
@@ -62,6 +65,17 @@ torch_action() {
   fi
 }
 
+# The build (cpu or cuda) of the torch .venv ends up with: a kept torch keeps its own build.
+final_torch_build() {
+  if [ "$(torch_action)" = keep ] && [ "$(installed_torch | cut -d' ' -f2)" != none ]; then
+    echo cuda
+  elif [ "$(torch_action)" = keep ]; then
+    echo cpu
+  else
+    echo "$TORCH_BUILD"
+  fi
+}
+
 if [ "$PRINT_PLAN" = 1 ]; then
   echo "torch_build=$TORCH_BUILD"
   echo "torch_build_why=$TORCH_WHY"
@@ -72,13 +86,12 @@ if [ "$PRINT_PLAN" = 1 ]; then
   else
     echo "torch_pip=pip install torch==$TORCH_VERSION"
   fi
-  # ME follows the torch that .venv will have: a kept torch keeps its own build.
-  if [ "$(torch_action)" = keep ] && [ "$(installed_torch | cut -d' ' -f2)" != none ]; then
-    echo "minkowski_build=cuda"
-  elif [ "$(torch_action)" = keep ]; then
-    echo "minkowski_build=cpu"
+  # ME and torchvision follow the torch that .venv will have.
+  echo "minkowski_build=$(final_torch_build)"
+  if [ "$(final_torch_build)" = cuda ]; then
+    echo "torchvision=pip install torchvision==$TORCHVISION_VERSION (nvjpeg for data.decode=gpu)"
   else
-    echo "minkowski_build=$TORCH_BUILD"
+    echo "torchvision=none (the registry's torchvision is a CUDA build; data.decode=gpu needs a CUDA machine)"
   fi
   exit 0
 fi
@@ -118,6 +131,12 @@ if [ "$TORCH_BUILD" = cuda ] && [ "$(installed_torch | cut -d' ' -f2)" = none ];
 fi
 if [ "$TORCH_BUILD" = cpu ] && [ "$(installed_torch | cut -d' ' -f2)" != none ]; then
   echo "[setup] note: pip gave torch $(installed_torch | cut -d' ' -f1), a CUDA build (the registry has no CPU build of it); it runs on the CPU as well."
+fi
+if [ "$(installed_torch | cut -d' ' -f2)" != none ]; then
+  echo "[setup] installing torchvision==$TORCHVISION_VERSION (nvjpeg decode for data.decode=gpu)"
+  TV_PINS=("torchvision==$TORCHVISION_VERSION" "torch==$(installed_torch | cut -d' ' -f1)")
+  $PIP install --quiet "${TV_PINS[@]}" || pip_without_config $PIP install --quiet "${TV_PINS[@]}" \
+    || die "could not install torchvision==$TORCHVISION_VERSION for the CUDA torch; data.decode=gpu needs it (data.decode=cpu does not)."
 fi
 echo "[setup] installing sparse-mae (editable) with test extras"
 $PIP install --quiet -e ".[test]"

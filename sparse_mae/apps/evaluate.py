@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, tool_main
 from sparse_mae.data.build import labelled_split
+from sparse_mae.data.gpu_decode import collate
 from sparse_mae.train.evaluation import confusion_png, evaluate_classifier
 
 
@@ -53,7 +54,7 @@ def run_eval(cfg: DictConfig) -> dict:
     if len(classes) != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the val data {len(classes)}; "
                          f"evaluate on the data it was fine-tuned on")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
     result = evaluate_classifier(model.to(device), loader, len(classes), device)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     png = confusion_png(result["confusion"], classes, out / "confusion_matrix.png",

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.data.build import labelled_split
+from sparse_mae.data.gpu_decode import collate
 from sparse_mae.models import create_model
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.ema import ModelEma
@@ -73,6 +74,7 @@ class FinetuneTask(TrainTask):
         # its own generator: iterating must not draw from the global RNG (drop path), or
         # evaluating would change the training stream and a resumed run would diverge
         self.val_loader = DataLoader(self.val_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+                                     collate_fn=collate,
                                      generator=torch.Generator().manual_seed(cfg.seed))
         self.metadata = {"variant": str(cfg.model.variant), "num_classes": self.num_classes, "classes": self.classes,
                          "pretrained": str(cfg.pretrained) if cfg.pretrained else None, "kind": "classifier"}

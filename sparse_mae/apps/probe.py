@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, tool_main
 from sparse_mae.data.build import labelled_split
+from sparse_mae.data.gpu_decode import collate
 from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import embed, load_encoder
 
@@ -41,7 +42,7 @@ def run_probe(cfg: DictConfig) -> dict:
     val_set, _ = labelled_split(cfg.data, "val", classes)
 
     def features(dataset):
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
                             generator=torch.Generator().manual_seed(cfg.seed))
         return embed(encoder, head, loader, device, amp)
 

@@ -9,6 +9,8 @@
    bench step's images/s at the same model, batch, size and dtype, in the same run.
 
 The machine's load average is recorded with the numbers (a shared machine's numbers are rough).
+Written: loader.json, loader.md and loader.png (images/s/core, folder vs shards, per JPEG size);
+`python -m sparse_mae.bench.loader <loader.json>` draws the plot again from recorded numbers.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from sparse_mae.bench.report import pyplot
 
 
 def cpu_name() -> str:
@@ -150,4 +154,47 @@ def run_loader_bench(cfg, out_dir: str | Path, log=print) -> tuple[list[dict], d
     paths = {"json": out / "loader.json", "md": out / "loader.md"}
     paths["json"].write_text(json.dumps({"machine": machine, "decode": decode, "end_to_end": e2e}, indent=1))
     paths["md"].write_text("\n".join(md) + "\n")
+    paths["png"] = write_loader_plot(decode, machine, out / "loader.png")
     return decode, paths
+
+
+def write_loader_plot(decode: list[dict], machine: dict, path: Path) -> Path:
+    """Bars of images/s/core, folder path beside shard path, one group per JPEG size, each
+    group labelled with the speed-up; the CPU and load average in the title."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(2.4 + 2.2 * len(decode), 4.4))
+    x = list(range(len(decode)))
+    width = 0.38
+    for offset, key, label, color in ((-width / 2, "folder_img_s_core", "image folder (PIL, TrainTransform)", "C0"),
+                                      (width / 2, "shards_img_s_core", "shards (reduced decode, uint8)", "C1")):
+        values = [r[key] for r in decode]
+        bars = ax.bar([i + offset for i in x], values, width, label=label, color=color)
+        ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
+    top = max([r["shards_img_s_core"] for r in decode] + [r["folder_img_s_core"] for r in decode] + [1.0])
+    for i, r in enumerate(decode):
+        ax.annotate(f"shards {r['speedup']:.1f}x", (i, top * 1.12), ha="center", fontweight="bold")
+    ax.set_ylim(0, top * 1.25)
+    ax.set_xticks(x, [f"{r['jpeg']} JPEG\n-> {r['crop']}px crop" for r in decode])
+    load = machine.get("load_before")
+    ax.set(ylabel="images / s / core (decode + augment)",
+           title=f"loader per core: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores)"
+                 + (f", load average {load[0]:.1f}" if load else ""))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_recorded(results: str | Path) -> Path:
+    """loader.png beside a recorded loader.json, from its numbers (nothing is measured)."""
+    results = Path(results)
+    recorded = json.loads(results.read_text())
+    return write_loader_plot(recorded["decode"], recorded["machine"], results.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m sparse_mae.bench.loader <loader.json written by `sparse-mae bench bench=loader`>")
+    print(plot_recorded(sys.argv[1]))

@@ -178,13 +178,19 @@ def _series_label(row: dict, multi_batch: bool, multi_dtype: bool) -> str:
     return label
 
 
-def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
-    """throughput_vs_mask_ratio.png and speedup_over_dense_masked.png (when dense_masked ran)."""
+def pyplot():
+    """matplotlib.pyplot drawing into files only (no display): the bench's plots."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_plots(rows: list[dict], out_dir: Path) -> list[Path]:
+    """throughput_vs_mask_ratio.png and speedup_over_dense_masked.png (when dense_masked ran)."""
+    plt = pyplot()
     ok = [r for r in rows if r["status"] == "ok"]
     if not ok:
         return []

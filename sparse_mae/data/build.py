@@ -21,10 +21,9 @@ def pretrain_dataset(data_cfg: DictConfig):
         return BuiltinDataset(data_cfg.num_images, data_cfg.draw_size, transform, seed=data_cfg.seed)
     if data_cfg.name == "shards":
         from sparse_mae.data.decode import FastTrainTransform
-        from sparse_mae.data.shards import ShardDataset
 
-        return ShardDataset(data_cfg.root, FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale),
-                                                              hflip=data_cfg.hflip))
+        return shard_dataset(data_cfg, data_cfg.root, FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale),
+                                                                          hflip=data_cfg.hflip))
     if data_cfg.name == "fashion_mnist":
         from sparse_mae.data.fashion_mnist import fashion_mnist_split
 
@@ -40,7 +39,8 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
                    augment: bool | None = None):
     """-> (dataset, class names) for split 'train' or 'val', with random crops (`augment`;
     default: for 'train') or centre crops."""
-    if (split == "train") if augment is None else augment:
+    augmenting = (split == "train") if augment is None else augment
+    if augmenting:
         transform = TrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
     else:
         transform = EvalTransform(data_cfg.size)
@@ -57,11 +57,10 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
         return ds, ds.classes
     if data_cfg.name == "shards":
         from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform
-        from sparse_mae.data.shards import ShardDataset
 
         fast = (FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
-                if split == "train" else FastEvalTransform(data_cfg.size))
-        ds = ShardDataset(Path(data_cfg.root) / split, fast, labelled=True, classes=classes)
+                if augmenting else FastEvalTransform(data_cfg.size))
+        ds = shard_dataset(data_cfg, Path(data_cfg.root) / split, fast, labelled=True, classes=classes)
         return ds, ds.classes
     if data_cfg.name == "fashion_mnist":
         from sparse_mae.data.fashion_mnist import fashion_mnist_split
@@ -69,3 +68,16 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
         ds = fashion_mnist_split(data_cfg, split, transform)
         return ds, ds.classes
     raise ValueError(f"data.name must be builtin, imagefolder, shards or fashion_mnist, got {data_cfg.name!r}")
+
+
+def shard_dataset(data_cfg: DictConfig, root, cpu_transform, **kwargs):
+    """A ShardDataset decoding on the loader's cores (data.decode=cpu) or handing the JPEG bytes
+    and crops to the training GPU (data.decode=gpu; sparse_mae/data/gpu_decode.py)."""
+    from sparse_mae.data.shards import ShardDataset
+
+    if str(data_cfg.get("decode", "cpu")).lower() != "gpu":
+        return ShardDataset(root, cpu_transform, **kwargs)
+    from sparse_mae.data.gpu_decode import JpegCrop, require_gpu_decode
+
+    require_gpu_decode()
+    return ShardDataset(root, JpegCrop(cpu_transform), cpu_transform=cpu_transform, **kwargs)

@@ -38,6 +38,25 @@ def open_reduced(data: bytes | Image.Image, width_needed: float, height_needed: 
     return img, img.size[0] / full_w
 
 
+def train_crop(width: int, height: int, seed: int, scale: tuple[float, float], ratio: tuple[float, float],
+               hflip: float) -> tuple[tuple[int, int, int, int], bool]:
+    """The random crop box (on the full-size image) and flip of one sample, from its seed:
+    what FastTrainTransform crops on the loader's cores and data.decode=gpu crops on the GPU
+    (sparse_mae/data/gpu_decode.py), so both paths cut the same regions from the same seeds."""
+    g = torch.Generator().manual_seed(seed)
+    box = random_resized_crop_box(width, height, scale, ratio, g)
+    return box, float(torch.rand(1, generator=g)) < hflip
+
+
+def centre_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region of the full-size image that becomes the eval crop: the shorter side resized
+    to `size`, then the centred size x size square, in full-size pixels (fractional)."""
+    s = size / min(width, height)
+    w, h = max(size, round(width * s)), max(size, round(height * s))
+    left, top = (w - size) // 2, (h - size) // 2
+    return tuple(v / s for v in (left, top, left + size, top + size))
+
+
 def to_uint8_chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
@@ -48,16 +67,18 @@ class FastTrainTransform:
     def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5):
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
 
+    def crop(self, width: int, height: int, seed: int) -> tuple[tuple[int, int, int, int], bool]:
+        return train_crop(width, height, seed, self.scale, self.ratio, self.hflip)
+
     def __call__(self, data: bytes, seed: int) -> torch.Tensor:
         img = Image.open(io.BytesIO(data))  # the header only: pixels are decoded below
         width, height = img.size
-        g = torch.Generator().manual_seed(seed)
-        left, top, right, bottom = random_resized_crop_box(width, height, self.scale, self.ratio, g)
+        (left, top, right, bottom), flip = self.crop(width, height, seed)
         # the box must keep >= size pixels per side after the reduction
         img, f = open_reduced(img, width * self.size / (right - left), height * self.size / (bottom - top))
         box = (left * f, top * f, min(right * f, img.width), min(bottom * f, img.height))
         out = img.resize((self.size, self.size), Image.BICUBIC, box=box)
-        if float(torch.rand(1, generator=g)) < self.hflip:
+        if flip:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
         return to_uint8_chw(out)
 
@@ -68,13 +89,14 @@ class FastEvalTransform:
     def __init__(self, size: int):
         self.size = size
 
+    def crop(self, width: int, height: int, seed: int = 0) -> tuple[tuple[float, float, float, float], bool]:
+        return centre_crop_box(width, height, self.size), False
+
     def __call__(self, data: bytes, seed: int = 0) -> torch.Tensor:
         img = Image.open(io.BytesIO(data))
         width, height = img.size
         s = self.size / min(width, height)
         img, f = open_reduced(img, width * s, height * s)
-        w, h = max(self.size, round(width * s)), max(self.size, round(height * s))
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        box = tuple(v / s * f for v in (left, top, left + self.size, top + self.size))
+        box = tuple(v * f for v in self.crop(width, height)[0])
         box = (box[0], box[1], min(box[2], img.width), min(box[3], img.height))
         return to_uint8_chw(img.resize((self.size, self.size), Image.BICUBIC, box=box))

@@ -166,11 +166,17 @@ class ShardDataset(Dataset):
     """The samples of a shard folder under one bad-sample policy (as ImageFilesDataset): items
     are requested as (index, seed) and returned as {"image": uint8 (3, size, size), "seed",
     "skipped"} (+ "label" when `labelled`); `transform(jpeg bytes, seed)` makes the image
-    (sparse_mae.data.decode)."""
+    (sparse_mae.data.decode).
 
-    def __init__(self, root: str | os.PathLike, transform, labelled: bool = False, classes: list[str] | None = None):
+    With data.decode=gpu the transform returns a dict instead (sparse_mae.data.gpu_decode:
+    the bytes, crop box and flip), which goes into the item with the sample's "index"; then
+    `cpu_transform` is the CPU path, used for a sample the GPU cannot decode."""
+
+    def __init__(self, root: str | os.PathLike, transform, labelled: bool = False, classes: list[str] | None = None,
+                 cpu_transform=None):
         self.reader = ShardReader(root)
         self.transform = transform
+        self.cpu_transform = cpu_transform
         self.labelled = labelled
         self.empty_files: list = []
         self._warned: set[int] = set()
@@ -189,10 +195,11 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def read(self, index: int, seed: int):
+    def read(self, index: int, seed: int, transform=None):
         """-> (transformed image, label, samples skipped to reach it)."""
         from PIL import Image, UnidentifiedImageError
 
+        transform = transform or self.transform
         n = len(self.reader)
         for skipped in range(n):
             at = (index + skipped) % n
@@ -200,7 +207,7 @@ class ShardDataset(Dataset):
             if not isinstance(got, str):
                 label, data = got
                 try:
-                    return self.transform(data, seed), label, skipped
+                    return transform(data, seed), label, skipped
                 except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
                     got = f"undecodable: {type(e).__name__}: {e}"
             if at not in self._warned:
@@ -212,7 +219,16 @@ class ShardDataset(Dataset):
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, item)
         image, label, skipped = self.read(index, seed)
-        out = {"image": image, "seed": seed, "skipped": skipped}
+        if isinstance(image, dict):  # data.decode=gpu: decoded later, on the device
+            out = {**image, "index": (index + skipped) % len(self.reader), "seed": seed, "skipped": skipped}
+        else:
+            out = {"image": image, "seed": seed, "skipped": skipped}
         if self.labelled:
             out["label"] = int(self.label_map[label])
         return out
+
+    def decode_on_cpu(self, index: int, seed: int) -> tuple[object, int | None, int]:
+        """The CPU path for sample `index` (data.decode=gpu's fallback): (uint8 image, label or
+        None, samples skipped to reach one that decodes), with the same seed-drawn crop."""
+        image, label, skipped = self.read(index, seed, self.cpu_transform)
+        return image, (int(self.label_map[label]) if self.labelled else None), skipped

@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from sparse_mae.data.gpu_decode import decode_batch
 from sparse_mae.models.convnextv2 import LN_EPS, ConvNeXtV2, build_convnextv2
 
 
@@ -62,11 +63,13 @@ def embed(encoder: torch.nn.Module, head: FeatureHead, batches: Iterable[dict], 
     """-> (features (N, C) float32 on CPU, labels (N,) long). Items standing in for an
     unreadable file ("skipped" > 0) are left out. The caller sets eval mode."""
     feats, labels = [], []
+    dataset = getattr(batches, "dataset", None)  # a DataLoader's: data.decode=gpu falls back through it
     for batch in batches:
+        batch = decode_batch(batch, device, dataset)  # data.decode=gpu: decoded here, on the device
         keep = batch["skipped"] == 0
         if not keep.any():
             continue
-        imgs = batch["image"][keep].to(device)
+        imgs = batch["image"][keep.to(batch["image"].device)].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             x = encoder.forward_features(imgs)
         feats.append(head.to(device)(x).cpu())

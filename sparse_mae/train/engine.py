@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from sparse_mae.config import ConfigError, check_output_dir, validate
+from sparse_mae.data.gpu_decode import collate, decode_batch
 from sparse_mae.data.transforms import model_input
 from sparse_mae.train.checkpoint import (
     atomic_write_bytes,
@@ -393,7 +394,7 @@ class _Engine:
         self.window_start_step = c.step
         loader = DataLoader(self.task.dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
                             num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                            pin_memory=di.device.type == "cuda",
+                            pin_memory=di.device.type == "cuda", collate_fn=collate,
                             # its own generator: starting an epoch must not draw from the global RNG
                             # (that would make the global stream depend on where a run was resumed)
                             generator=torch.Generator().manual_seed(cfg.seed),
@@ -467,7 +468,9 @@ class _Engine:
     def _micro_batches(self, batches):
         """The loader's next batches on the device, counting the unreadable files they stand for."""
         while True:
-            batch = next(batches)
+            # data.decode=gpu: the JPEGs are decoded here, on the device (a sample the GPU refuses
+            # goes through the CPU path and may add to "skipped"); other batches pass unchanged
+            batch = decode_batch(next(batches), self.di.device, self.task.dataset)
             self.skipped_here += batch["skipped"].sum()
             batch = {k: v.to(self.di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                      for k, v in batch.items()}

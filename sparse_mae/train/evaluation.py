@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from sparse_mae.data.gpu_decode import decode_batch
 from sparse_mae.data.transforms import model_input
 
 
@@ -24,11 +25,13 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
     loss_sum, count = 0.0, 0
     k = min(5, num_classes)
     for batch in loader:
+        batch = decode_batch(batch, device, getattr(loader, "dataset", None))  # data.decode=gpu: decoded here, on the device
         keep = batch["skipped"] == 0
         skipped += int(batch["skipped"].sum())
         if not keep.any():
             continue
-        imgs, labels = model_input(batch["image"][keep].to(device)), batch["label"][keep].to(device)
+        keep_on = keep.to(batch["image"].device)
+        imgs, labels = model_input(batch["image"][keep_on].to(device)), batch["label"][keep].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(imgs)
         logits = logits.float()
