@@ -434,3 +434,27 @@ def test_shards_train_split_without_augmentation_is_centre_cropped(tmp_path, lab
     assert torch.equal(plain[(0, 1)]["image"], FastEvalTransform(64)(plain.reader.read(0)[1]))
     augmented, _ = build_split(cfg.data, "train")
     assert not torch.equal(augmented[(0, 1)]["image"], augmented[(0, 2)]["image"])
+
+
+def test_loader_end_to_end_runs_the_grid_mask_ratio_and_skips_slow_bf16(tmp_path, monkeypatch):
+    """The end-to-end row times the bench step and the pretrain at the grid's mask ratio, and
+    on a CPU without fast bf16 says so instead of timing torch's fallback."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from sparse_mae.bench import loader, runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_isolated", lambda spec, **_: seen.update(spec=spec) or {"status": "failed"})
+    monkeypatch.setattr(subprocess, "run", lambda args, **_: seen.update(args=args) or SimpleNamespace(
+        returncode=1, stderr="stopped by the test"))
+    settings = {"variant": "debug", "backend": "native", "batch_size": 2, "image_size": 64, "dtype": "float32",
+                "mask_ratio": 0.75, "repeats": 1, "steps": 2, "threads": 1, "shards": "shards"}
+    row = loader.measure_end_to_end(tmp_path, settings, log=lambda *_: None)
+    assert seen["spec"]["mask_ratio"] == 0.75 and "mask_ratio=0.75" in seen["args"]
+    assert row["mask_ratio"] == 0.75 and "stopped by the test" in row["error"]
+    seen.clear()
+    monkeypatch.setattr(runner, "cpu_has_fast_bf16", lambda: False)
+    row = loader.measure_end_to_end(tmp_path, {**settings, "dtype": "bfloat16"}, log=lambda *_: None)
+    assert not seen and row["bench_step_img_s"] is None and row["error"].startswith("not measured")
+    assert "dtypes=[float32]" in row["error"]

@@ -84,8 +84,17 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
     """The bench step (isolated worker) and a short pretrain from the shards of settings["shards"]."""
     from sparse_mae.bench.runner import run_isolated
 
+    from sparse_mae.bench.runner import slow_dtype_reason
+
     variant, batch, size, dtype = settings["variant"], settings["batch_size"], settings["image_size"], settings["dtype"]
-    spec = {"backend": settings["backend"], "variant": variant, "image_size": size, "mask_ratio": 0.6,
+    ratio = settings["mask_ratio"]
+    row = {"variant": variant, "backend": settings["backend"], "dtype": dtype, "batch": batch, "size": size,
+           "mask_ratio": ratio, "threads": settings["threads"]}
+    if slow_dtype_reason(dtype, "cpu"):
+        log(f"end to end: not measured in {dtype}: {slow_dtype_reason(dtype, 'cpu')}")
+        return {**row, "bench_step_img_s": None, "pretrain_shards_img_s": None, "ratio": None,
+                "error": f"not measured: {slow_dtype_reason(dtype, 'cpu')}"}
+    spec = {"backend": settings["backend"], "variant": variant, "image_size": size, "mask_ratio": ratio,
             "batch_size": batch, "dtype": dtype, "device": "cpu", "warmup": 2, "repeats": settings["repeats"],
             "threads": settings["threads"], "seed": 0, "memory_guard_gib": None,
             "fresh_process": True}
@@ -95,7 +104,7 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
     steps = settings["steps"]
     args = ["data=shards", f"data.root={root / settings['shards']}", f"model={variant}",
             f"backend={settings['backend']}", f"amp={'true' if dtype == 'bfloat16' else 'false'}",
-            f"batch_size={batch}", f"data.size={size}", "data.num_workers=1", f"max_steps={steps}", "epochs=1000",
+            f"batch_size={batch}", f"data.size={size}", f"mask_ratio={ratio}", "data.num_workers=1", f"max_steps={steps}", "epochs=1000",
             "sched.warmup_steps=1", "logger=none", "logger.progress=false", "log_every_steps=2",
             f"checkpoint.every_steps={steps}", "recon.every_steps=0", "recon.num_images=1", f"output_dir={run_dir}"]
     env = {**os.environ, "GOMP_SPINCOUNT": "2000"}
@@ -108,9 +117,7 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         rates = [r["img_per_s"] for r in records[1:]]  # the first window holds start-up
     e2e = sum(rates) / len(rates) if rates else None
-    row = {"variant": variant, "backend": settings["backend"], "dtype": dtype, "batch": batch, "size": size,
-           "threads": settings["threads"],
-           "bench_step_img_s": step_rate, "pretrain_shards_img_s": e2e,
+    row = {**row, "bench_step_img_s": step_rate, "pretrain_shards_img_s": e2e,
            "ratio": (e2e / step_rate) if e2e and step_rate else None,
            "error": None if proc.returncode == 0 else proc.stderr[-500:]}
     log(f"end to end: pretrain from shards {e2e} img/s, bench step {step_rate} img/s "
@@ -131,7 +138,8 @@ def run_loader_bench(cfg, out_dir: str | Path, log=print) -> tuple[list[dict], d
         backend = "native" if isinstance(cfg.backends, str) else list(cfg.backends)[0]
         e2e = measure_end_to_end(root, {"variant": str(cfg.variants[0]), "backend": str(backend),
                                         "batch_size": cfg.batch_sizes[0], "image_size": cfg.image_size,
-                                        "dtype": str(cfg.dtypes[0]), "repeats": cfg.repeats,
+                                        "dtype": str(cfg.dtypes[0]), "mask_ratio": float(cfg.mask_ratios[0]),
+                                        "repeats": cfg.repeats,
                                         "steps": loader.pretrain_steps, "threads": cfg.threads,
                                         "shards": "shards_{}x{}".format(*loader.jpeg_sizes[-1])}, log)
     load_after = os.getloadavg()
@@ -150,7 +158,7 @@ def run_loader_bench(cfg, out_dir: str | Path, log=print) -> tuple[list[dict], d
                f"{fmt(e2e['bench_step_img_s'])} | {fmt(e2e['pretrain_shards_img_s'])} | "
                f"{ratio} |"]
         if e2e["error"]:
-            md += ["", f"pretrain failed: {e2e['error']}"]
+            md += ["", e2e["error"] if e2e["error"].startswith("not measured") else f"pretrain failed: {e2e['error']}"]
     paths = {"json": out / "loader.json", "md": out / "loader.md"}
     paths["json"].write_text(json.dumps({"machine": machine, "decode": decode, "end_to_end": e2e}, indent=1))
     paths["md"].write_text("\n".join(md) + "\n")
