@@ -14,7 +14,7 @@ from PIL import Image
 
 from sparse_mae.bench.images import write_jpegs
 from sparse_mae.data import prepare as prepare_module
-from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform, open_reduced
+from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform, decode_reduced
 from sparse_mae.data.prepare import PrepareOptions, prepare
 from sparse_mae.data.shards import ShardDataset, ShardReader
 from sparse_mae.data.transforms import EvalTransform, TrainTransform, model_input, to_normalized_tensor
@@ -231,7 +231,7 @@ def test_fast_decode_keeps_the_crop_distribution_of_the_pil_transforms():
         from sparse_mae.data.transforms import random_resized_crop_box
 
         l, t, r, btm = random_resized_crop_box(800, 600, (0.2, 1.0), (3 / 4, 4 / 3), g)
-        reduced += open_reduced(data, 800 * 64 / (r - l), 600 * 64 / (btm - t))[1] < 1
+        reduced += decode_reduced(data, 800 * 64 / (r - l), 600 * 64 / (btm - t))[1] < 1
     assert reduced > 50  # the reduced decode is really used
     # per crop: the same region and flip (a wrong box or flip would differ by ~0.5-1 in normalised units)
     assert max(diffs) < 0.12, max(diffs)

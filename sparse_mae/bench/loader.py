@@ -82,9 +82,7 @@ def measure_decode(root: Path, sizes: list[tuple[int, int]], count: int, crop: i
 
 def measure_end_to_end(root: Path, settings: dict, log) -> dict:
     """The bench step (isolated worker) and a short pretrain from the shards of settings["shards"]."""
-    from sparse_mae.bench.runner import run_isolated
-
-    from sparse_mae.bench.runner import slow_dtype_reason
+    from sparse_mae.bench.runner import run_isolated, slow_dtype_reason
 
     variant, batch, size, dtype = settings["variant"], settings["batch_size"], settings["image_size"], settings["dtype"]
     ratio = settings["mask_ratio"]

@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from sparse_mae.data.decode import crop_resize, image_size
+
 Decoder = Callable[[Sequence[torch.Tensor], torch.device], list]
 
 
@@ -89,7 +91,7 @@ class JpegCrop:
         self.cpu_transform, self.size = cpu_transform, cpu_transform.size
 
     def __call__(self, data: bytes, seed: int) -> dict:
-        width, height = Image.open(io.BytesIO(data)).size  # the header only
+        width, height = image_size(data)  # the header only
         box, flip = self.cpu_transform.crop(width, height, seed)
         return {"jpeg": torch.frombuffer(bytearray(data), dtype=torch.uint8),
                 "box": torch.tensor(box, dtype=torch.float64), "flip": bool(flip), "size": self.size}
@@ -102,22 +104,6 @@ def collate(items: list[dict]) -> dict:
     batch = default_collate([{k: v for k, v in it.items() if k != "jpeg"} for it in items])
     batch["jpeg"] = [it["jpeg"] for it in items]
     return batch
-
-
-def crop_resize(image: torch.Tensor, box: Sequence[float], flip: bool, size: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> the box resized to uint8 (3, size, size), bicubic with antialias
-    (torch's port of Pillow's resampling, as close to Image.resize(BICUBIC) as torch comes),
-    flipped left-right if `flip`. A fractional box (centre crops) is rounded to whole pixels."""
-    height, width = image.shape[-2:]
-    left, top, right, bottom = (round(float(v)) for v in box)
-    left, top = min(max(left, 0), width - 1), min(max(top, 0), height - 1)
-    right, bottom = min(max(right, left + 1), width), min(max(bottom, top + 1), height)
-    region = image[:, top:bottom, left:right].unsqueeze(0).to(torch.float32)
-    out = torch.nn.functional.interpolate(region, size=(size, size), mode="bicubic", align_corners=False,
-                                          antialias=True)[0]
-    if flip:
-        out = out.flip(-1)
-    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def decode_batch(batch: dict, device: torch.device, dataset, decode: Decoder | None = None) -> dict:
