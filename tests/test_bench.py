@@ -338,3 +338,28 @@ def test_fast_bf16_is_what_the_cpu_flags_say():
     if isa is None or not (isa["avx2"] or isa["avx512"]):
         pytest.skip("not an x86 CPU with flags in /proc/cpuinfo")
     assert cpu_has_fast_bf16() == isa["avx512"]
+
+
+@pytest.mark.slow
+def test_dense_masked_under_torch_compile_is_a_row_beside_the_others(tmp_path):
+    """What a user would pick instead of a sparse engine: the reference under torch.compile,
+    timed through the same step, its FLOPs counted on the eager model, and every other
+    backend compared with it too."""
+    rows, paths = bench(tmp_path, "backends=[dense_masked,dense_masked+compile,native]", "mask_ratios=[0.5]",
+                        "measure_peak=false")
+    eager, compiled = rows[("dense_masked", 0.5)], rows[("dense_masked+compile", 0.5)]
+    assert compiled["status"] == "ok", compiled
+    assert compiled["executed_gmacs"] == pytest.approx(eager["executed_gmacs"])
+    assert compiled["useful_gmacs"] == pytest.approx(eager["useful_gmacs"])
+    summary = paths["summary"].read_text()
+    assert "step ms: dense_masked / backend" in summary and "step ms: dense_masked+compile / backend" in summary
+    assert "| native | debug | 0.5 |" in summary
+
+
+def test_compiled_backends_are_accepted_by_name_and_unknown_ones_skipped(tmp_path):
+    settings = settings_from(compose_config(["backends=[dense_masked+compile,nonsense+compile]"]))
+    assert settings.backends == ["dense_masked+compile", "nonsense+compile"]
+    assert runner.skip_reason("dense_masked+compile", "float32", "cpu") is None
+    assert "not registered" in runner.skip_reason("nonsense+compile", "float32", "cpu")
+    with pytest.raises(ValueError, match=r"under torch.compile \(e.g. dense_masked\+compile\)"):
+        compose_config(["backends=[nonsense+compile]"])

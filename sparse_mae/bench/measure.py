@@ -26,6 +26,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sparse_mae.config import COMPILED
 from sparse_mae.models.convnextv2 import PATCH
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -183,9 +184,13 @@ class FcmaeStep:
         self.device = torch.device(spec["device"])
         self.batch_size, self.mask_ratio = spec["batch_size"], spec["mask_ratio"]
         size = spec["image_size"]
-        self.model = create_model(f"fcmae_convnextv2_{spec['variant']}", backend=spec["backend"],
+        backend = spec["backend"].removesuffix(COMPILED)
+        self.model = create_model(f"fcmae_convnextv2_{spec['variant']}", backend=backend,
                                   mask_ratio=self.mask_ratio).to(self.device)
         self.model.train()
+        # backend+compile: the loss runs the model under torch.compile (compiled in the warm-up
+        # calls); the optimizer, clipping and the rest of the step are the engine's as for any row
+        self.loss_model = torch.compile(self.model) if spec["backend"].endswith(COMPILED) else self.model
         recipe = PretrainConfig()  # the defaults a pretraining run starts from
         self.clip_grad = recipe.clip_grad
         lr = recipe.optim.lr or recipe.optim.blr * self.batch_size / 256
@@ -208,12 +213,19 @@ class FcmaeStep:
     def loss(self, model, batch: dict, micro: int = 0) -> torch.Tensor:
         from sparse_mae.train.step import fcmae_loss
 
-        return fcmae_loss(model, batch, self.mask_ratio)
+        # the step passes self.model; a +compile row runs it through its compiled wrapper
+        return fcmae_loss(self.loss_model if model is self.model else model, batch, self.mask_ratio)
 
-    def forward(self, k: int) -> torch.Tensor:
+    def forward(self, k: int, eager: bool = False) -> torch.Tensor:
+        """The loss of batch k; `eager`: without torch.compile (FlopCounterMode counts eager ops)."""
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
                             enabled=self.autocast_dtype is not None):
-            return self.loss(self.model, self.batch(k))
+            return self.loss(self.model, self.batch(k)) if not eager else self.eager_loss(self.batch(k))
+
+    def eager_loss(self, batch: dict) -> torch.Tensor:
+        from sparse_mae.train.step import fcmae_loss
+
+        return fcmae_loss(self.model, batch, self.mask_ratio)
 
     def step(self, k: int):
         from sparse_mae.train import step as training
@@ -238,7 +250,7 @@ def measure_configuration(spec: dict) -> dict:
 
     result: dict = {}
     with FlopCounterMode(display=False) as counter:
-        forward(0)
+        run.forward(0, eager=True)
     uncounted = model.uncounted_macs(imgs, mask0)
     result["executed_gmacs"] = (counter.get_total_flops() / 2 + uncounted) / batch / 1e9
     analytic = fcmae_gmacs(model, tuple(imgs.shape[-2:]), mask=mask0)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_mae.config import COMPILED
+
 COLUMNS = (
     "backend", "variant", "image_size", "mask_ratio", "batch_size", "dtype", "device", "status", "reason",
     "fwd_ms", "fwd_ms_iqr", "step_ms", "step_ms_iqr", "fwd_images_s", "step_images_s",
@@ -272,7 +274,8 @@ def write_results(rows: list[dict], settings, out_dir: Path, plots: bool = True,
     with open(paths["json"], "w") as f:
         json.dump({"environment": env, "settings": asdict(settings), "results": rows}, f, indent=2)
     paths["md"].write_text(markdown_table(rows, env, peaks))
-    summary = comparison_table(rows)
+    # beside the eager reference, and beside it under torch.compile where that ran
+    summary = "\n".join(t for t in (comparison_table(rows), comparison_table(rows, f"dense_masked{COMPILED}")) if t)
     if summary:
         paths["summary"] = out_dir / "summary.md"
         paths["summary"].write_text(f"{_peaks_line(peaks)}\n\n{summary}")

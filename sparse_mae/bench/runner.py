@@ -18,7 +18,7 @@ import torch
 
 from sparse_mae.backends import backend_availability, get_backend, list_backends
 from sparse_mae.bench.measure import is_out_of_memory, measure_configuration
-from sparse_mae.config import BenchConfig, validate
+from sparse_mae.config import COMPILED, BenchConfig, validate
 from sparse_mae.train.engine import SLOW_BF16_CPU, cpu_has_fast_bf16
 
 GRID_KEYS = ("backend", "variant", "mask_ratio", "batch_size", "dtype")
@@ -56,6 +56,7 @@ def _as_list(value) -> list:
 def skip_reason(backend: str, dtype: str, device: str) -> str | None:
     """Why this backend/dtype cannot run here, or None."""
     registered = list_backends()
+    backend = backend.removesuffix(COMPILED)
     if backend not in registered:
         return f"backend {backend!r} is not registered; registered backends: {', '.join(registered)}"
     available, reason = backend_availability(backend)
