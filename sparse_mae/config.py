@@ -269,7 +269,8 @@ class ShardData(ShardImages, DataConfig):
 
 @dataclass
 class LabelledShardData(FinetuneCrop, ShardImages, DataConfig):
-    """root/train and root/val: shard folders prepared from ImageNet-style class folders."""
+    """root/train and root/val: shard folders prepared from ImageNet-style class folders (or from the
+    Fashion-MNIST idx files: then data.size=128 as data=fashion_mnist)."""
 
     name: str = "shards"
 
@@ -544,11 +545,12 @@ class ImportConfig:
 
 @dataclass
 class PrepareConfig:
-    src: str = opt(MISSING, "the image folder (ImageNet layout src/<class>/*.jpg gives labels; any other: none)")
+    src: str = opt(MISSING, "the image folder (ImageNet layout src/<class>/*.jpg gives labels; any other: none), "
+                            "or a folder of the four Fashion-MNIST idx files (-> out/train and out/val, labelled)")
     out: str = opt(MISSING, "the shard folder to write; run the same command again to continue an interrupted one")
-    short_side: Optional[int] = opt(256, "each image shrunk so its shorter side is at most this; null: kept",
-                                    POSITIVE)
-    quality: int = opt(90, "JPEG quality of the re-encoded images", Range(1, 100))
+    short_side: Optional[int] = opt(256, "each image shrunk so its shorter side is at most this; null: kept "
+                                         "(Fashion-MNIST: stored losslessly at 32px)", POSITIVE)
+    quality: int = opt(90, "JPEG quality of the re-encoded images (Fashion-MNIST: lossless PNG)", Range(1, 100))
     shard_size: int = opt(1000, "source images per shard (the unit that an interrupted run keeps)", POSITIVE)
     workers: Optional[int] = opt(None, "processes; null: every core", POSITIVE)
     progress: bool = opt(True, "tqdm progress bar on stderr")
