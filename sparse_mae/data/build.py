@@ -40,7 +40,8 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
                    augment: bool | None = None):
     """-> (dataset, class names) for split 'train' or 'val', with random crops (`augment`;
     default: for 'train') or centre crops."""
-    if (split == "train") if augment is None else augment:
+    augment = (split == "train") if augment is None else augment
+    if augment:
         transform = TrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
     else:
         transform = EvalTransform(data_cfg.size)
@@ -60,7 +61,7 @@ def labelled_split(data_cfg: DictConfig, split: str, classes: list[str] | None =
         from sparse_mae.data.shards import ShardDataset
 
         fast = (FastTrainTransform(data_cfg.size, scale=tuple(data_cfg.scale), hflip=data_cfg.hflip)
-                if split == "train" else FastEvalTransform(data_cfg.size))
+                if augment else FastEvalTransform(data_cfg.size))
         ds = ShardDataset(Path(data_cfg.root) / split, fast, labelled=True, classes=classes)
         return ds, ds.classes
     if data_cfg.name == "fashion_mnist":
