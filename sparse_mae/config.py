@@ -394,8 +394,9 @@ class KnnMonitorConfig:
     k: int = opt(20, "neighbours voting (self-supervised literature: 20)", POSITIVE)
     temperature: float = opt(0.07, "votes weighted exp(cosine / temperature)", POSITIVE)
     batch_size: int = opt(64, "images per forward while embedding", POSITIVE)
-    root: Optional[str] = opt(None, "labelled images for the monitor (root/train/<class>/, root/val/<class>/); "
-                                    "null: the pretraining data's own labels (builtin, fashion_mnist)")
+    root: Optional[str] = opt(None, "labelled images for the monitor (root/train/<class>/, root/val/<class>/, or "
+                                    "root/train and root/val shard folders); null: the pretraining data's own "
+                                    "labels (builtin, fashion_mnist)")
 
 
 @dataclass
