@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/fashion_mnist_study.py --quick          # a minutes-long smoke run (not the study)
     .venv/bin/python benchmarks/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
         --finetune-steps 200 --fractions 0.01                              # longer fine-tuning from the same encoder
+    .venv/bin/python benchmarks/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
+        --finetune-steps 150 --fractions 0.1 --finetune-lr 1e-3           # another fine-tuning lr, both starts
 
 1. Pretrain once (FCMAE, the debug variant at 128px, decoder width 128) on the 60,000
    training images with the kNN monitor on; kNN accuracy of the random init is step 0.
@@ -107,6 +109,8 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None, help="fine-tune only, from this pretraining checkpoint (the "
                     "study keeps its own as outputs/fashion-mnist-study/pretrained.pt)")
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="with --pretrained")
+    ap.add_argument("--finetune-lr", type=float, default=None, help="with --pretrained: this fine-tuning lr for "
+                    f"both starts instead of the recipe's {FINETUNE['optim.lr']}")
     args = ap.parse_args()
     if args.pretrained:
         out = Path(args.out or REPO / "docs" / "fashion-mnist")
@@ -195,6 +199,7 @@ def main() -> None:
 def finetune_rows(args, checkpoint, fractions, num_val: int, root: dict, tmp: Path) -> list[dict]:
     """Fine-tune from `checkpoint` and from random init, --finetune-steps at every fraction and seed."""
     rows = []
+    recipe = {**FINETUNE, **({"optim.lr": args.finetune_lr} if getattr(args, "finetune_lr", None) else {})}
     for fraction in fractions:
         labelled = round(FULL_TRAIN * fraction)
         # the lr schedule spans whole epochs: as close to the step budget as they allow
@@ -202,7 +207,7 @@ def finetune_rows(args, checkpoint, fractions, num_val: int, root: dict, tmp: Pa
         for seed in args.seeds:
             for start, ckpt in (("pretrained", checkpoint), ("random init", None)):
                 run = run_finetune(finetune_config(overrides({
-                    **FINETUNE, **root, "model": args.variant, "data.label_fraction": fraction,
+                    **recipe, **root, "model": args.variant, "data.label_fraction": fraction,
                     "data.label_seed": seed,
                     "data.num_val": num_val, "epochs": epochs, "max_steps": args.finetune_steps, "seed": seed,
                     "sched.warmup_steps": min(FINETUNE["sched.warmup_steps"], args.finetune_steps),
@@ -224,11 +229,13 @@ def finetune_only(args, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         rows = finetune_rows(args, Path(args.pretrained), args.fractions, args.num_val, root, Path(tmp))
     minutes = (time.time() - began) / 60
+    lr = args.finetune_lr or FINETUNE["optim.lr"]
     name = f"finetune-{args.finetune_steps}-steps-" + "-".join(f"{f:.0%}" for f in args.fractions).replace("%", "pc")
-    (out / f"{name}.json").write_text(json.dumps({"args": vars(args), "finetune": FINETUNE, "rows": rows,
-                                                  "minutes": minutes, "load_average_at_end": load_average()},
-                                                 indent=1))
-    lines = [f"Fine-tuning for {args.finetune_steps} steps (batch 32) from {Path(args.pretrained).name}, "
+    name += f"-lr{lr:g}" if args.finetune_lr else ""
+    record = {"args": vars(args), "finetune": {**FINETUNE, "optim.lr": lr}, "rows": rows, "minutes": minutes,
+              "load_average_at_end": load_average()}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=1))
+    lines = [f"Fine-tuning for {args.finetune_steps} steps (batch 32, lr {lr:g}) from {Path(args.pretrained).name}, "
              f"{minutes:.1f} min, load average at the end {load_average()}; top-1 on the first {args.num_val} "
              f"test images:", "", "| labels | seed | pretrained | random init |", "|---|---|---|---|"]
     for fraction in args.fractions:

@@ -279,7 +279,8 @@ class ShardData(ShardImages, DataConfig):
 
 @dataclass
 class LabelledShardData(FinetuneCrop, ShardImages, DataConfig):
-    """root/train and root/val: shard folders prepared from ImageNet-style class folders."""
+    """root/train and root/val: shard folders prepared from ImageNet-style class folders (or from the
+    Fashion-MNIST idx files: then data.size=128 as data=fashion_mnist)."""
 
     name: str = "shards"
 
@@ -403,8 +404,9 @@ class KnnMonitorConfig:
     k: int = opt(20, "neighbours voting (self-supervised literature: 20)", POSITIVE)
     temperature: float = opt(0.07, "votes weighted exp(cosine / temperature)", POSITIVE)
     batch_size: int = opt(64, "images per forward while embedding", POSITIVE)
-    root: Optional[str] = opt(None, "labelled images for the monitor (root/train/<class>/, root/val/<class>/); "
-                                    "null: the pretraining data's own labels (builtin, fashion_mnist)")
+    root: Optional[str] = opt(None, "labelled images for the monitor (root/train/<class>/, root/val/<class>/, or "
+                                    "root/train and root/val shard folders); null: the pretraining data's own "
+                                    "labels (builtin, fashion_mnist)")
 
 
 @dataclass
@@ -554,11 +556,12 @@ class ImportConfig:
 
 @dataclass
 class PrepareConfig:
-    src: str = opt(MISSING, "the image folder (ImageNet layout src/<class>/*.jpg gives labels; any other: none)")
+    src: str = opt(MISSING, "the image folder (ImageNet layout src/<class>/*.jpg gives labels; any other: none), "
+                            "or a folder of the four Fashion-MNIST idx files (-> out/train and out/val, labelled)")
     out: str = opt(MISSING, "the shard folder to write; run the same command again to continue an interrupted one")
-    short_side: Optional[int] = opt(256, "each image shrunk so its shorter side is at most this; null: kept",
-                                    POSITIVE)
-    quality: int = opt(90, "JPEG quality of the re-encoded images", Range(1, 100))
+    short_side: Optional[int] = opt(256, "each image shrunk so its shorter side is at most this; null: kept "
+                                         "(Fashion-MNIST: stored losslessly at 32px)", POSITIVE)
+    quality: int = opt(90, "JPEG quality of the re-encoded images (Fashion-MNIST: lossless PNG)", Range(1, 100))
     shard_size: int = opt(1000, "source images per shard (the unit that an interrupted run keeps)", POSITIVE)
     workers: Optional[int] = opt(None, "processes; null: every core", POSITIVE)
     progress: bool = opt(True, "tqdm progress bar on stderr")

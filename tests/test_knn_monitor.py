@@ -81,6 +81,22 @@ def test_unlabelled_pretraining_data_needs_a_labelled_root(tmp_path):
         KnnMonitor(cfg.data, cfg.knn, torch.device("cpu"))
 
 
+def test_the_monitor_reads_fashion_mnist_shards_like_the_fashion_mnist_option(tmp_path):
+    from sparse_mae.data.prepare import PrepareOptions, prepare_fashion_mnist
+
+    prepare_fashion_mnist(SUBSET, tmp_path / "shards", PrepareOptions(shard_size=200))
+    cfg = compose_config(overrides(tmp_path, **{"knn.enabled": "true"}))
+    shard_args = [a for a in overrides(tmp_path, **{"data": "shards", "data.root": tmp_path / "shards" / "train",
+                                                    "knn.enabled": "true", "knn.root": tmp_path / "shards"})
+                  if not a.startswith("data.num_images=")]
+    from_shards = compose_config(shard_args)
+    encoder = create_model("convnextv2_debug", num_classes=0)
+    direct = KnnMonitor(cfg.data, cfg.knn, torch.device("cpu"))(encoder)
+    sharded = KnnMonitor(from_shards.data, from_shards.knn, torch.device("cpu"))(encoder)
+    # lossless shards, the same centre crops to the bit, the same evenly spaced images: equal
+    assert (sharded["knn/top1"], sharded["knn/top5"]) == (direct["knn/top1"], direct["knn/top5"])
+
+
 @pytest.mark.parametrize("key, value", [("every_steps", 0), ("k", 0), ("temperature", 0.0), ("num_val", -1)])
 def test_monitor_ranges_are_checked_even_when_it_is_off(tmp_path, key, value):
     with pytest.raises(ValueError, match=f"knn.{key} must be > 0"):

@@ -170,6 +170,19 @@ def test_probe_of_a_random_encoder_on_the_subset(tmp_path):
     assert json.loads((tmp_path / "probe.json").read_text())["knn"] == r["knn"]
 
 
+def test_probe_on_fashion_mnist_shards_gives_the_results_of_the_fashion_mnist_option(tmp_path):
+    from sparse_mae.data.prepare import PrepareOptions, prepare_fashion_mnist
+
+    prepare_fashion_mnist(SUBSET, tmp_path / "shards", PrepareOptions(shard_size=200))
+    direct = run_probe(compose_config(probe_overrides()))
+    sharded = run_probe(compose_config(probe_overrides(**{"finetune/data@data": "shards",
+                                                          "data.root": tmp_path / "shards"})))
+    # the same pixels (lossless shards), the same centre crops to the bit, the same order and
+    # seed: the same features, so the same kNN and linear-probe results, exactly
+    assert (sharded["num_train"], sharded["num_val"]) == (direct["num_train"], direct["num_val"]) == (320, 160)
+    assert sharded["knn"] == direct["knn"] and sharded["linear"] == direct["linear"]
+
+
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "sparse_mae.cli", "probe", *args], cwd=cwd, env=env,

@@ -1,9 +1,11 @@
-"""Indexed shards: `sparse-mae prepare`, the shard reader's damage policy, the fast decode's
-crop distribution, and pretraining from shards (kill -9 + resume, 2 processes = 1)."""
+"""Indexed shards: `sparse-mae prepare` (image folders and the Fashion-MNIST idx files), the
+shard reader's damage policy, the fast decode's crop distribution, and pretraining from shards
+(kill -9 + resume, 2 processes = 1)."""
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from PIL import Image
 from sparse_mae.bench.images import write_jpegs
 from sparse_mae.data import prepare as prepare_module
 from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform, decode_reduced
-from sparse_mae.data.prepare import PrepareOptions, prepare
+from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, write_idx
+from sparse_mae.data.prepare import PrepareOptions, prepare, prepare_fashion_mnist
 from sparse_mae.data.shards import ShardDataset, ShardReader
 from sparse_mae.data.transforms import EvalTransform, TrainTransform, model_input, to_normalized_tensor
 
 REPO = Path(__file__).resolve().parents[1]
+FMNIST = REPO / "tests" / "data" / "fashion_mnist"  # 320 train + 160 test images
 
 
 @pytest.fixture(scope="module")
@@ -458,3 +462,127 @@ def test_loader_end_to_end_runs_the_grid_mask_ratio_and_skips_slow_bf16(tmp_path
     row = loader.measure_end_to_end(tmp_path, {**settings, "dtype": "bfloat16"}, log=lambda *_: None)
     assert not seen and row["bench_step_img_s"] is None and row["error"].startswith("not measured")
     assert "dtypes=[float32]" in row["error"]
+
+
+# -- Fashion-MNIST idx files -> shards -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fmnist_shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fmnist") / "shards"
+    prepare_fashion_mnist(FMNIST, out, PrepareOptions(shard_size=100), workers=2)  # 4 train + 2 val shards
+    return out
+
+
+def test_fashion_mnist_becomes_labelled_train_and_val_shards_equal_to_the_idx_pixels(fmnist_shards):
+    for folder, split, count, shards in (("train", "train", 320, 4), ("val", "test", 160, 2)):
+        source = FashionMnist(FMNIST, split)
+        reader = ShardReader(fmnist_shards / folder)
+        assert len(reader) == len(source) == count and len(reader.shards) == shards
+        assert reader.classes == list(CLASSES)
+        assert reader.manifest["options"]["encoding"] == "png" and reader.manifest["unreadable"] == []
+        assert reader.name(count - 1).endswith(f"({split.replace('test', 't10k')}-images-idx3-ubyte.gz[{count - 1}])")
+        for i in range(count):
+            label, data = reader.read(i)
+            img = Image.open(io.BytesIO(data))
+            assert (img.format, img.mode, img.size) == ("PNG", "L", (32, 32))
+            assert label == int(source.labels[i])
+            assert np.array_equal(np.asarray(img.convert("RGB")), np.asarray(source.rgb(i))), i
+
+
+def test_fast_transforms_on_fashion_mnist_shards_equal_the_fashion_mnist_option(fmnist_shards):
+    """Eval: the same Pillow bicubic resize of the same 32px pixels over the same box (no DCT
+    reduction for PNG) and the same normalisation: equal to the last bit. Train: the box is
+    resampled by torch's uint8 bicubic, which clamps at the crop's border where Pillow reads
+    the pixels just outside it: close on average, apart at a border next to an edge."""
+    source, reader = FashionMnist(FMNIST, "test"), ShardReader(fmnist_shards / "val")
+    for i in range(0, 160, 9):
+        data = reader.read(i)[1]
+        expected = EvalTransform(128)(source.rgb(i))
+        assert torch.equal(model_input(FastEvalTransform(128)(data)[None])[0], expected)
+        expected = TrainTransform(64, scale=(0.08, 1.0))(source.rgb(i), seed=i)
+        got = model_input(FastTrainTransform(64, scale=(0.08, 1.0))(data, seed=i)[None])[0]
+        # measured: at most 0.030 on average (1.8 grey levels; the border pixels next to an
+        # edge just outside the box differ most)
+        assert float((got - expected).abs().mean()) < 0.04, i
+
+
+def test_interrupted_fashion_mnist_prepare_continues_and_ends_like_a_straight_run(tmp_path, fmnist_shards,
+                                                                                  monkeypatch):
+    real_build = prepare_module.build_shard
+
+    def build_then_die(out, index, samples, source):
+        if out.name == "val" and index == 1:
+            (out / ".tmp-shard-00001.data.999").write_bytes(b"half a shard")  # what a killed writer leaves
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the val split
+        return real_build(out, index, samples, source)
+
+    monkeypatch.setattr(prepare_module, "build_shard", build_then_die)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        prepare_fashion_mnist(FMNIST, cut, PrepareOptions(shard_size=100))
+    assert (cut / "train" / "manifest.json").exists() and not (cut / "val" / "manifest.json").exists()
+    with pytest.raises(ValueError, match="unfinished"):
+        ShardReader(cut / "val")
+    with open(cut / "train" / "shard-00002.data", "r+b") as f:  # damaged after the fact: rebuilt, not trusted
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    monkeypatch.setattr(prepare_module, "build_shard", real_build)
+    messages = []
+    prepare_fashion_mnist(FMNIST, cut, PrepareOptions(shard_size=100), log=messages.append)
+    assert messages == ["train: continuing: 3 of 4 shards already built and verified, 1 to build",
+                        "val: continuing: 1 of 2 shards already built and verified, 1 to build"]
+    straight = sorted(p.relative_to(fmnist_shards) for p in fmnist_shards.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(cut) for p in cut.rglob("*") if p.is_file()) == straight  # no temp files left
+    for rel in straight:  # 2 workers straight, 1 worker cut and continued: the same bytes
+        assert (cut / rel).read_bytes() == (fmnist_shards / rel).read_bytes(), rel
+
+
+def test_fashion_mnist_prepare_refuses_another_source_a_busy_out_and_an_ambiguous_src(tmp_path, fmnist_shards):
+    other = tmp_path / "other"
+    shutil.copytree(FMNIST, other)
+    images = FashionMnist(other, "train").images.copy()
+    images[5, 10, 10] ^= 1  # one pixel of one image differs
+    write_idx(other / "train-images-idx3-ubyte.gz", images)
+    before = {p: p.stat().st_mtime_ns for p in fmnist_shards.rglob("*")}
+    with pytest.raises(ValueError, match="another source"):
+        prepare_fashion_mnist(other, fmnist_shards, PrepareOptions(shard_size=100))
+    with pytest.raises(ValueError, match="another source"):
+        prepare_fashion_mnist(FMNIST, fmnist_shards, PrepareOptions(shard_size=50))
+    assert {p: p.stat().st_mtime_ns for p in fmnist_shards.rglob("*")} == before  # refused before writing
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="more than the train/ and val/"):
+        prepare_fashion_mnist(FMNIST, busy, PrepareOptions(shard_size=100))
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    Image.new("RGB", (8, 8)).save(other / "photo.png")
+    with pytest.raises(ValueError, match="ambiguous"):
+        prepare_fashion_mnist(other, tmp_path / "out", PrepareOptions(shard_size=100))
+    (other / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist(other, tmp_path / "out", PrepareOptions(shard_size=100))
+
+
+def test_prepare_cli_detects_the_fashion_mnist_idx_files(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from sparse_mae.cli import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the dispatcher rewrites it for the app
+    code = main(["prepare", f"src={FMNIST}", f"out={tmp_path / 'out'}", "shard_size=200", "workers=1",
+                 "progress=false"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"{tmp_path / 'out' / 'train'}: 320 images in 2 shards, 10 classes" in printed
+    assert f"{tmp_path / 'out' / 'val'}: 160 images in 1 shards, 10 classes" in printed
+    assert "data.size=128" in printed
+
+
+def test_pretrain_reads_fashion_mnist_train_shards(tmp_path, fmnist_shards):
+    from sparse_mae.apps.pretrain import compose_config, run_pretrain
+
+    result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", fmnist_shards / "train", max_steps=3)))
+    assert result.steps == 3 and all(np.isfinite(result.losses)) and result.checkpoint.exists()

@@ -12,8 +12,8 @@ elements in C order. Images are 28x28 grey, 0 = background.
 
 `FashionMnist` is the source (random access, labels, grey -> 3 equal channels, optional
 upsampling), meant for every consumer: the data options of pretrain / finetune / probe
-(`FashionMnistDataset` below) and a future shard writer. docs/fashion-mnist/README.md
-explains why the apps feed 128px (pad 28 -> 32 with background, then 4x).
+(`FashionMnistDataset` below) and the shard writer (sparse_mae/data/prepare.py stores
+`padded(i)` losslessly). docs/fashion-mnist/README.md explains why the apps feed 128px (pad 28 -> 32 with background, then 4x).
 """
 from __future__ import annotations
 
@@ -37,11 +37,16 @@ PADDED = 32
 UBYTE = 0x08
 
 
-def idx_path(root: str | os.PathLike, split: str, what: str) -> Path:
-    """The file of `split` ('train' / 'test') and `what` ('images' / 'labels'), .gz or not."""
+def idx_name(split: str, what: str) -> str:
+    """The file name (without .gz) of `split` ('train' / 'test') and `what` ('images' / 'labels')."""
     if split not in SPLITS:
         raise ValueError(f"Fashion-MNIST split must be one of {', '.join(SPLITS)}, got {split!r}")
-    name = f"{SPLITS[split]}-{what}-idx{3 if what == 'images' else 1}-ubyte"
+    return f"{SPLITS[split]}-{what}-idx{3 if what == 'images' else 1}-ubyte"
+
+
+def idx_path(root: str | os.PathLike, split: str, what: str) -> Path:
+    """The file of `split` ('train' / 'test') and `what` ('images' / 'labels'), .gz or not."""
+    name = idx_name(split, what)
     root = Path(root).expanduser()
     for candidate in (root / name, root / f"{name}.gz"):
         if candidate.is_file():
@@ -87,8 +92,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
 
 class FashionMnist:
     """One split of Fashion-MNIST in memory (47 MB for train): `len`, `labels` (uint8 array),
-    `grey(i)` (28x28 uint8) and `rgb(i, size)` (PIL RGB: 3 equal channels, padded to 32,
-    optionally upsampled to `size`). `indices` keeps a subset, in the order given."""
+    `grey(i)` (28x28 uint8), `padded(i)` (32x32 uint8) and `rgb(i, size)` (PIL RGB: 3 equal
+    channels, padded to 32, optionally upsampled to `size`). `indices` keeps a subset, in the
+    order given."""
 
     def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, split: str = "train",
                  indices: list[int] | np.ndarray | None = None):
@@ -116,10 +122,14 @@ class FashionMnist:
     def grey(self, index: int) -> np.ndarray:
         return self.images[index]
 
+    def padded(self, index: int) -> np.ndarray:
+        """32x32 uint8: the image padded with background (what the apps and the shards start from)."""
+        pad = (PADDED - SIDE) // 2
+        return np.pad(self.images[index], pad)  # 0 = Fashion-MNIST's background
+
     def rgb(self, index: int, size: int | None = None) -> Image.Image:
         """3 equal channels, padded with background to 32x32; resized (bicubic) to size x size if given."""
-        pad = (PADDED - SIDE) // 2
-        grey = np.pad(self.images[index], pad)  # 0 = Fashion-MNIST's background
+        grey = self.padded(index)
         img = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2))
         return img if size is None or size == PADDED else img.resize((size, size), Image.BICUBIC)
 

@@ -1,15 +1,22 @@
-"""Image folder -> indexed shards (the format: sparse_mae/data/shards.py). `sparse-mae prepare`
-is the command (sparse_mae/apps/prepare.py).
+"""A source of images -> indexed shards (the format: sparse_mae/data/shards.py). `sparse-mae
+prepare` is the command (sparse_mae/apps/prepare.py). Two sources, one shard builder:
 
-Each image is decoded (any format the folders hold, EXIF orientation applied), shrunk so its
-shorter side is at most `short_side` and re-encoded as an RGB JPEG of `quality`. Labels come
-from ImageNet-style class folders (src/<class>/**/*.jpg) when src holds only folders.
+- an image folder (`FolderSource`): each image is decoded (any format the folders hold, EXIF
+  orientation applied), shrunk so its shorter side is at most `short_side` and re-encoded as an
+  RGB JPEG of `quality`. Labels come from ImageNet-style class folders (src/<class>/**/*.jpg)
+  when src holds only folders. One shard folder.
+- the four Fashion-MNIST idx files (`FashionMnistSource`, `prepare_fashion_mnist`): each image
+  padded with background to 32x32 (FashionMnist.padded, what the apps upsample) and stored as
+  a lossless grey PNG, so shard pixels equal the idx pixels; the fine-tuning layout out/train
+  (the 60,000 training images) and out/val (the 10,000 test images), labelled.
 
-The work is cut into shards of `shard_size` source files in a fixed order (the plan), built in
-parallel processes. A shard is committed by renaming its files into place and writing its
-`.done.json` last; a run that is interrupted and started again with the same command keeps
-every committed shard whose files verify against its record and builds the rest. Files that
-cannot be read are listed (manifest.json, unreadable.txt) and skipped.
+A source gives its items in a fixed order with their labels (`scan`, in the main process) and
+turns one item into image bytes (`encode`, in a worker; a source object is small, so jobs
+carry it, not the images). The work is cut into shards of `shard_size` items (the plan),
+built in parallel processes. A shard is committed by renaming its files into place and
+writing its `.done.json` last; a run that is interrupted and started again with the same
+command keeps every committed shard whose files verify against its record and builds the
+rest. Items that cannot be read are listed (manifest.json, unreadable.txt) and skipped.
 """
 from __future__ import annotations
 
@@ -19,25 +26,38 @@ import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image
 
+from sparse_mae.data import fashion_mnist
 from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, find_images, upright_rgb
 from sparse_mae.data.shards import FORMAT, INDEX_DTYPE, MANIFEST, VERSION, sample_checksum, shard_name
 from sparse_mae.train.checkpoint import TEMP_PREFIX, atomic_write_bytes, sha256_of
 
 PLAN = "prepare.json"
+FASHION_MNIST_SPLITS = {"train": "train", "val": "test"}  # shard folder -> idx split (the test split is val)
 
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    short_side: int | None = 256  # None: keep each image's size
-    quality: int = 90
+    short_side: int | None = 256  # None: keep each image's size (image folders)
+    quality: int = 90  # JPEG quality (image folders)
     shard_size: int = 1000
+
+
+@dataclass
+class Scan:
+    """What a source holds, listed in the main process."""
+
+    items: list  # (item, label) in shard order; `item` is what encode() and name() take (small, picklable)
+    classes: list[str] | None  # class names (labelled), or None
+    options: dict  # how the images are stored: the manifest's "options"
+    fingerprint: str  # changes when the source, its item list or the options change
+    skipped: list[str] = field(default_factory=list)  # "name\twhy" of items left out before encoding
 
 
 def scan_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None, list[Path]]:
@@ -82,20 +102,83 @@ def encode(path: Path, options: PrepareOptions) -> bytes:
     return out.getvalue()
 
 
-def build_shard(out: Path, index: int, samples: list[tuple[str, int]], options: PrepareOptions) -> dict:
+@dataclass(frozen=True)
+class FolderSource:
+    """An image folder: items are file paths, stored as JPEGs of a bounded size."""
+
+    root: Path
+    options: PrepareOptions
+
+    def scan(self) -> Scan:
+        samples, classes, empty = scan_source(self.root)
+        items = [(str(p), label) for p, label in samples]
+        fingerprint = hashlib.sha256(json.dumps([vars(self.options), items]).encode()).hexdigest()
+        return Scan(items, classes, vars(self.options), fingerprint, [f"{p}\tzero-byte file" for p in empty])
+
+    def encode(self, item: str) -> bytes:
+        return encode(Path(item), self.options)
+
+    def name(self, item: str) -> str:
+        return item
+
+
+_LOADED: dict[tuple[str, str], fashion_mnist.FashionMnist] = {}
+
+
+def loaded_split(root: str | os.PathLike, split: str) -> fashion_mnist.FashionMnist:
+    """One Fashion-MNIST split, read once per process (each worker reads the idx file itself
+    instead of receiving 47 MB with every job); one split held at a time."""
+    key = (str(root), split)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = fashion_mnist.FashionMnist(root, split)
+    return _LOADED[key]
+
+
+@dataclass(frozen=True)
+class FashionMnistSource:
+    """One split of the Fashion-MNIST idx files: items are image indices, stored as lossless
+    grey PNGs of the image padded to 32x32 (FashionMnist.padded)."""
+
+    root: Path
+    split: str  # "train" or "test"
+    shard_size: int
+    images_file: str  # the idx file's name, for each sample's name
+
+    def scan(self) -> Scan:
+        data = loaded_split(self.root, self.split)
+        options = {"encoding": "png", "pixels": f"grey {fashion_mnist.SIDE}x{fashion_mnist.SIDE} padded with "
+                   f"background to {fashion_mnist.PADDED}x{fashion_mnist.PADDED}, lossless",
+                   "split": self.split, "shard_size": self.shard_size}
+        content = hashlib.sha256(data.images.tobytes())
+        content.update(data.labels.tobytes())  # the pixels and labels, not where the files lie
+        fingerprint = hashlib.sha256(json.dumps([options, content.hexdigest()]).encode()).hexdigest()
+        return Scan([(i, int(label)) for i, label in enumerate(data.labels)], list(fashion_mnist.CLASSES), options,
+                    fingerprint)
+
+    def encode(self, item: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(loaded_split(self.root, self.split).padded(item), mode="L").save(out, "PNG")
+        return out.getvalue()
+
+    def name(self, item: int) -> str:
+        return f"{self.images_file}[{item}]"
+
+
+def build_shard(out: Path, index: int, samples: list[tuple[object, int]], source) -> dict:
     """Write one shard (data, index, names; then its .done.json) -> its record."""
     name = shard_name(index)
     rows, names, unreadable = [], [], []
     tmp_data = out / f"{TEMP_PREFIX}{name}.data.{os.getpid()}"
     with open(tmp_data, "wb") as f:
-        for path, label in samples:
+        for item, label in samples:
             try:
-                data = encode(Path(path), options)
+                data = source.encode(item)
             except Exception as e:  # noqa: BLE001 - any failure to read a file lists it; the run goes on
-                unreadable.append(f"{path}\t{type(e).__name__}: {e}")
+                unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e}")
                 continue
             rows.append((f.tell(), len(data), label, sample_checksum(label, data)))
-            names.append(path)
+            names.append(source.name(item))
             f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -134,11 +217,7 @@ def _build(job):
     return build_shard(*job)
 
 
-def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOptions = PrepareOptions(),
-            workers: int = 1, progress: Callable[[int], Callable[[int], None]] | None = None, log=print) -> dict:
-    """Build (or continue building) the shard folder `out` from the image folder `src`;
-    -> the manifest. `progress(total images)` returns the function told of each shard's images."""
-    src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
+def check_options(options: PrepareOptions, workers: int) -> None:
     if options.short_side is not None and options.short_side <= 0:
         raise ValueError(f"short_side must be > 0 or null (keep sizes), got {options.short_side}")
     if not 1 <= options.quality <= 100:
@@ -147,14 +226,17 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOpti
         raise ValueError(f"shard_size must be > 0, got {options.shard_size}")
     if workers <= 0:
         raise ValueError(f"workers must be > 0, got {workers}")
-    samples, classes, empty = scan_source(src)
-    rel = [(str(p), label) for p, label in samples]
-    fingerprint = hashlib.sha256(json.dumps([vars(options), rel]).encode()).hexdigest()
-    plan = {"source": str(src), "options": vars(options), "files": len(rel), "fingerprint": fingerprint}
+
+
+def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int, workers: int,
+                 update: Callable[[int], None] | None, log) -> dict:
+    """Build (or continue building) the shard folder `out` from a scanned source -> its manifest.
+    `described` names the source in the plan and the manifest; `update(n)` is told of each shard's items."""
+    plan = {"source": described, "options": scan.options, "files": len(scan.items), "fingerprint": scan.fingerprint}
     out.mkdir(parents=True, exist_ok=True)
     if (out / PLAN).exists():
         earlier = json.loads((out / PLAN).read_text())
-        if earlier.get("fingerprint") != fingerprint:
+        if earlier.get("fingerprint") != scan.fingerprint:
             raise ValueError(f"out={out} holds shards prepared from another source, file list or options "
                              f"({earlier.get('source')}, {earlier.get('options')}); choose a new out= or delete "
                              f"that folder")
@@ -166,39 +248,97 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOpti
             p.unlink(missing_ok=True)
     atomic_write_bytes(out / PLAN, lambda f: f.write(json.dumps(plan, indent=1).encode()))
 
-    chunks = [rel[i:i + options.shard_size] for i in range(0, len(rel), options.shard_size)]
-    progress = progress(len(rel)) if progress else None
+    chunks = [scan.items[i:i + shard_size] for i in range(0, len(scan.items), shard_size)]
     records: dict[int, dict] = {}
     for i in range(len(chunks)):
         record = committed_shard(out, i)
         if record is not None:
             records[i] = record
-            if progress:
-                progress(len(chunks[i]))
+            if update:
+                update(len(chunks[i]))
     todo = [i for i in range(len(chunks)) if i not in records]
     if records:
         log(f"continuing: {len(records)} of {len(chunks)} shards already built and verified, {len(todo)} to build")
-    jobs = [(out, i, chunks[i], options) for i in todo]
+    jobs = [(out, i, chunks[i], source) for i in todo]
     if workers == 1 or len(jobs) <= 1:
         for i, job in zip(todo, jobs):
             records[i] = _build(job)
-            if progress:
-                progress(len(chunks[i]))
+            if update:
+                update(len(chunks[i]))
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
             for i, record in zip(todo, pool.map(_build, jobs)):
                 records[i] = record
-                if progress:
-                    progress(len(chunks[i]))
+                if update:
+                    update(len(chunks[i]))
     shards = [records[i] for i in range(len(chunks))]
-    unreadable = [f"{p}\tzero-byte file" for p in map(str, empty)] + [u for s in shards for u in s["unreadable"]]
+    unreadable = scan.skipped + [u for s in shards for u in s["unreadable"]]
     if not any(s["count"] for s in shards):
-        raise ValueError(f"no image under {src} could be read ({len(unreadable)} unreadable files)")
-    manifest = {"format": FORMAT, "version": VERSION, "complete": True, "source": str(src),
-                "options": vars(options), "classes": classes, "samples": sum(s["count"] for s in shards),
+        raise ValueError(f"no image of {described} could be read ({len(unreadable)} unreadable files)")
+    manifest = {"format": FORMAT, "version": VERSION, "complete": True, "source": described,
+                "options": scan.options, "classes": scan.classes, "samples": sum(s["count"] for s in shards),
                 "shards": [{k: s[k] for k in ("name", "count", "data_bytes", "index_sha256")} for s in shards],
                 "unreadable": unreadable}
     atomic_write_bytes(out / "unreadable.txt", lambda f: f.write("".join(u + "\n" for u in unreadable).encode()))
     atomic_write_bytes(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
 
+
+def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOptions = PrepareOptions(),
+            workers: int = 1, progress: Callable[[int], Callable[[int], None]] | None = None, log=print) -> dict:
+    """Build (or continue building) the shard folder `out` from the image folder `src`;
+    -> the manifest. `progress(total images)` returns the function told of each shard's images."""
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
+    check_options(options, workers)
+    source = FolderSource(src, options)
+    scan = source.scan()
+    update = progress(len(scan.items)) if progress else None
+    return build_shards(source, scan, str(src), out, options.shard_size, workers, update, log)
+
+
+IDX_NAMES = {fashion_mnist.idx_name(split, what) for split in fashion_mnist.SPLITS for what in ("images", "labels")}
+
+
+def holds_fashion_mnist(src: str | os.PathLike) -> bool:
+    """Whether `src` is a folder holding Fashion-MNIST idx files (any of the four, .gz or not)."""
+    src = Path(src).expanduser()
+    return src.is_dir() and any(
+        p.is_file() and p.name.removesuffix(".gz") in IDX_NAMES for p in src.iterdir())
+
+
+
+def prepare_fashion_mnist(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOptions = PrepareOptions(),
+                          workers: int = 1, progress: Callable[[int], Callable[[int], None]] | None = None,
+                          log=print) -> dict[str, dict]:
+    """Build (or continue building) out/train and out/val from the four Fashion-MNIST idx files
+    in `src` -> {"train": manifest, "val": manifest}. `options.short_side` and `quality` do not
+    apply (the images are stored losslessly)."""
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
+    check_options(options, workers)
+    for split in FASHION_MNIST_SPLITS.values():  # all four files, else the error that names the fix
+        for what in ("images", "labels"):
+            fashion_mnist.idx_path(src, split, what)
+    besides = sorted(p.name for p in src.iterdir()
+                     if p.is_dir() or (p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)))
+    if besides:
+        raise ValueError(f"src={src} holds the Fashion-MNIST idx files and also images or folders "
+                         f"({', '.join(besides[:5])}): ambiguous; prepare the idx files from a folder of their own")
+    if out.is_dir() and any(p.name not in FASHION_MNIST_SPLITS for p in out.iterdir()):
+        raise ValueError(f"out={out} holds more than the train/ and val/ of a Fashion-MNIST prepare; choose an "
+                         f"empty or new folder")
+    sources = {folder: FashionMnistSource(src, split, options.shard_size,
+                                          fashion_mnist.idx_path(src, split, "images").name)
+               for folder, split in FASHION_MNIST_SPLITS.items()}
+    counts = {folder: len(fashion_mnist.read_idx(fashion_mnist.idx_path(src, s.split, "labels")))
+              for folder, s in sources.items()}
+    update = progress(sum(counts.values())) if progress else None
+    manifests = {}
+    try:
+        for folder, source in sources.items():
+            scan = source.scan()
+            manifests[folder] = build_shards(source, scan, f"{src} (Fashion-MNIST {source.split} split)",
+                                             out / folder, options.shard_size, workers, update,
+                                             lambda message, folder=folder: log(f"{folder}: {message}"))
+    finally:
+        _LOADED.clear()  # 47 MB no longer needed in this process
+    return manifests

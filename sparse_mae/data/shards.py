@@ -5,10 +5,12 @@ folder holds:
 
 - `manifest.json`: format and version, the prepare options, the class names (labelled data)
   or null, and per shard its name, sample count, data size and the SHA-256 of its index;
-- `shard-NNNNN.data`: the samples' JPEG bytes, one after the other;
+- `shard-NNNNN.data`: the samples' image bytes, one after the other (JPEG from image folders;
+  lossless grey PNG from the Fashion-MNIST idx files: the manifest's options.encoding);
 - `shard-NNNNN.index.npy`: one row per sample: byte offset and length in the data file, the
-  label (-1 unlabelled) and a 64-bit BLAKE2b checksum of (label, JPEG bytes);
-- `shard-NNNNN.names.txt`: each sample's source path, read only to name a damaged sample.
+  label (-1 unlabelled) and a 64-bit BLAKE2b checksum of (label, image bytes);
+- `shard-NNNNN.names.txt`: each sample's source (file path, or idx file[index]), read only to name a
+  damaged sample.
 
 Why a format of our own (measured in docs/data.md): the reader needs random access by
 sample index (so the per-sample seeds, the resumable sampler, DDP sharding and the bit-exact
@@ -90,7 +92,7 @@ def load_index(path: Path, count: int) -> np.ndarray | None:
 
 
 class ShardReader:
-    """Random access to the samples of a shard folder: `read(i)` -> (label, JPEG bytes) or an
+    """Random access to the samples of a shard folder: `read(i)` -> (label, image bytes) or an
     error string. Files are opened lazily, once per process (DataLoader workers included)."""
 
     def __init__(self, root: str | os.PathLike):
@@ -185,7 +187,7 @@ class ShardDataset(Dataset):
             own = self.reader.classes
             if not own:
                 raise ValueError(f"{self.reader.root} holds no labels: prepare it from ImageNet-style class "
-                                 f"folders (src/<class>/*.jpg)")
+                                 f"folders (src/<class>/*.jpg) or from the Fashion-MNIST idx files")
             self.classes = list(classes) if classes is not None else list(own)
             extra = sorted(set(own) - set(self.classes))
             if extra:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_mae.data.gpu_decode import decode_batch
+from sparse_mae.data.transforms import model_input
 from sparse_mae.models.convnextv2 import LN_EPS, ConvNeXtV2, build_convnextv2
 
 
@@ -69,7 +70,7 @@ def embed(encoder: torch.nn.Module, head: FeatureHead, batches: Iterable[dict], 
         keep = batch["skipped"] == 0
         if not keep.any():
             continue
-        imgs = batch["image"][keep.to(batch["image"].device)].to(device)
+        imgs = model_input(batch["image"][keep.to(batch["image"].device)].to(device))  # shards give uint8
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             x = encoder.forward_features(imgs)
         feats.append(head.to(device)(x).cpu())

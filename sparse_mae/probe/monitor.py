@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from sparse_mae.data.shards import MANIFEST
 from sparse_mae.probe.classify import knn_classify
 from sparse_mae.probe.features import FeatureHead, batches_of, embed, evenly_spaced
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state
@@ -24,10 +25,20 @@ from sparse_mae.train.rng import capture_rng_state, restore_rng_state
 
 def monitor_splits(data_cfg: DictConfig, knn_cfg: DictConfig):
     """-> (bank dataset, query dataset, number of classes): labelled images at data.size,
-    centre-cropped, from the pretraining data's own labels or from knn.root."""
+    centre-cropped, from the pretraining data's own labels or from knn.root (image folders or
+    shard folders, each as train/ and val/)."""
     from sparse_mae.data.transforms import EvalTransform
 
     transform = EvalTransform(data_cfg.size)
+    if knn_cfg.root is not None and (Path(knn_cfg.root) / "train" / MANIFEST).is_file():
+        from sparse_mae.data.decode import FastEvalTransform
+        from sparse_mae.data.shards import ShardDataset
+
+        # the same centre crop as EvalTransform, from the shards' bytes (uint8; embed normalises)
+        bank = ShardDataset(Path(knn_cfg.root) / "train", FastEvalTransform(data_cfg.size), labelled=True)
+        query = ShardDataset(Path(knn_cfg.root) / "val", FastEvalTransform(data_cfg.size), labelled=True,
+                             classes=bank.classes)
+        return bank, query, len(bank.classes)
     if knn_cfg.root is not None:
         from sparse_mae.data.imagefolder import LabelledImageFolderDataset
 
@@ -45,7 +56,8 @@ def monitor_splits(data_cfg: DictConfig, knn_cfg: DictConfig):
         return (BuiltinDataset(knn_cfg.num_train, data_cfg.draw_size, transform, seed=data_cfg.seed),
                 BuiltinDataset(knn_cfg.num_val, data_cfg.draw_size, transform, seed=data_cfg.seed + 1), len(CLASSES))
     raise ValueError(f"knn.enabled=true with data={data_cfg.name}: these images have no labels; pass "
-                     f"knn.root=<folder with train/<class>/ and val/<class>/ image folders>")
+                     f"knn.root=<folder with train/<class>/ and val/<class>/ image folders, or with train/ and val/ "
+                     f"labelled shard folders>")
 
 
 class KnnMonitor:
