@@ -19,3 +19,17 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def restore_stop_signal_handlers():
+    """Tests that run the CLI in-process leave its stop-signal recorder installed (a real CLI
+    process exits instead); each test starts from the handlers the session began with."""
+    import signal
+
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+    saved = {s: signal.getsignal(s) for s in stop_signals}
+    yield
+    for s, handler in saved.items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)

@@ -123,6 +123,7 @@ def test_signal_names_parse_and_bad_ones_are_named():
 
 
 def test_first_signal_sets_the_flag_and_restores_default_action_for_the_second():
+    before = signal.getsignal(signal.SIGUSR2)
     stop = StopRequest([signal.SIGUSR2]).install()
     try:
         assert not stop.requested
@@ -131,7 +132,7 @@ def test_first_signal_sets_the_flag_and_restores_default_action_for_the_second()
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # a second one kills at once
     finally:
         stop.uninstall()
-    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGUSR2) == before  # the handler from before the run, put back
 
 
 def test_previous_handler_runs_after_the_checkpoint(monkeypatch):
