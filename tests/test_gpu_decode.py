@@ -10,7 +10,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -248,16 +247,11 @@ def test_pretrain_with_gpu_decode_skips_and_counts_a_damaged_sample(tmp_path, sh
     import shutil
 
     from sparse_mae.apps.pretrain import compose_config, run_pretrain
-    from tests.test_shards import shard_overrides
+    from tests.test_shards import flip_sample_byte, shard_overrides
 
     root = tmp_path / "shards"
     shutil.copytree(shard_root, root)
-    rows = np.load(root / "shard-00001.index.npy")
-    with open(root / "shard-00001.data", "r+b") as f:
-        f.seek(int(rows[2]["offset"]) + 50)
-        b = f.read(1)
-        f.seek(int(rows[2]["offset"]) + 50)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_sample_byte(root, "shard-00001", 2)
     with pytest.warns(UserWarning, match="shard-00001 sample 2"):
         result = run_pretrain(compose_config(shard_overrides(
             tmp_path / "run", root, max_steps=3, epochs=1, batch_size=4,

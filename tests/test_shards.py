@@ -373,6 +373,16 @@ def test_loader_plot_is_drawn_again_from_recorded_numbers(tmp_path):
     assert (REPO / "docs" / "bench-loader" / "loader.png").is_file()  # the README shows it
 
 
+def flip_sample_byte(root: Path, shard: str, sample: int, at: int = 50) -> None:
+    """Damage one sample of a shard folder: invert byte `at` of its JPEG (its checksum then fails)."""
+    rows = np.load(root / f"{shard}.index.npy")
+    with open(root / f"{shard}.data", "r+b") as f:
+        f.seek(int(rows[sample]["offset"]) + at)
+        b = f.read(1)
+        f.seek(int(rows[sample]["offset"]) + at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
 def test_pretrain_counts_a_damaged_sample_in_skipped_files(tmp_path, pretrain_shards):
     import shutil
 
@@ -380,12 +390,7 @@ def test_pretrain_counts_a_damaged_sample_in_skipped_files(tmp_path, pretrain_sh
 
     root = tmp_path / "shards"
     shutil.copytree(pretrain_shards, root)
-    rows = np.load(root / "shard-00001.index.npy")
-    with open(root / "shard-00001.data", "r+b") as f:
-        f.seek(int(rows[4]["offset"]) + 50)
-        b = f.read(1)
-        f.seek(int(rows[4]["offset"]) + 50)
-        f.write(bytes([b[0] ^ 0xFF]))
+    flip_sample_byte(root, "shard-00001", 4)
     with pytest.warns(UserWarning, match="shard-00001 sample 4"):
         result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", root, max_steps=4, epochs=1)))
     assert result.steps == 4 and result.skipped_files == 1  # one epoch reads every sample once

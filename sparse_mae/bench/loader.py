@@ -88,10 +88,11 @@ def measure_end_to_end(root: Path, settings: dict, log) -> dict:
     ratio = settings["mask_ratio"]
     row = {"variant": variant, "backend": settings["backend"], "dtype": dtype, "batch": batch, "size": size,
            "mask_ratio": ratio, "threads": settings["threads"]}
-    if slow_dtype_reason(dtype, "cpu"):
-        log(f"end to end: not measured in {dtype}: {slow_dtype_reason(dtype, 'cpu')}")
+    slow = slow_dtype_reason(dtype, "cpu")
+    if slow:
+        log(f"end to end: not measured in {dtype}: {slow}")
         return {**row, "bench_step_img_s": None, "pretrain_shards_img_s": None, "ratio": None,
-                "error": f"not measured: {slow_dtype_reason(dtype, 'cpu')}"}
+                "error": f"not measured: {slow}"}
     spec = {"backend": settings["backend"], "variant": variant, "image_size": size, "mask_ratio": ratio,
             "batch_size": batch, "dtype": dtype, "device": "cpu", "warmup": 2, "repeats": settings["repeats"],
             "threads": settings["threads"], "seed": 0, "memory_guard_gib": None,

@@ -169,8 +169,9 @@ def measure_peaks(settings: BenchConfig, log=print) -> dict[str, dict]:
     device = settings.device
     peaks = {}
     for dtype in settings.dtypes:
-        if slow_dtype_reason(dtype, device):
-            log(f"matmul peak {dtype}: not measured, {slow_dtype_reason(dtype, device)}")
+        slow = slow_dtype_reason(dtype, device)
+        if slow:
+            log(f"matmul peak {dtype}: not measured, {slow}")
             continue
         spec = {"dtype": dtype, "device": device, "size": settings.peak_size, "threads": settings.threads}
         if settings.isolate:

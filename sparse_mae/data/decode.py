@@ -46,12 +46,13 @@ def image_size(data: bytes) -> tuple[int, int]:
         return img.size
 
 
-def decode_reduced(data: bytes, width_needed: float, height_needed: float) -> tuple[np.ndarray, float]:
+def decode_reduced(data: bytes, width_needed: float, height_needed: float,
+                   size: tuple[int, int] | None = None) -> tuple[np.ndarray, float]:
     """Decode to RGB at the smallest DCT scale (1/2, 1/4, 1/8: JPEGs only) at which the full
     image is still at least (width_needed, height_needed) -> (uint8 (H, W, 3) array, factor
     from full-size to decoded coordinates). JPEGs go through simplejpeg (libjpeg-turbo into a
     numpy array: the pixels of Pillow's decode, without its Python-side parsing)."""
-    width, height = image_size(data)
+    width, height = size or image_size(data)  # `size`: the caller read the header already
     if data[:2] == JPEG_START:
         # the power-of-two scales of Pillow's draft: libjpeg-turbo's other M/8 scales would pick
         # e.g. 3/8 or 7/8, whose IDCTs blur the crop further from a full-size decode (3 grey
@@ -137,7 +138,8 @@ class FastTrainTransform:
         width, height = image_size(data)
         (left, top, right, bottom), flip = self.crop(width, height, seed)
         # the box must keep >= size pixels per side after the reduction
-        rgb, f = decode_reduced(data, width * self.size / (right - left), height * self.size / (bottom - top))
+        rgb, f = decode_reduced(data, width * self.size / (right - left), height * self.size / (bottom - top),
+                                (width, height))
         if f == 1.0:  # a box of whole pixels: torch's uint8 resampler
             return crop_resize(hwc_view(rgb), (left, top, right, bottom), flip, self.size)
         return pil_crop_resize(rgb, (left * f, top * f, right * f, bottom * f), flip, self.size)
@@ -155,5 +157,5 @@ class FastEvalTransform:
     def __call__(self, data: bytes, seed: int = 0) -> torch.Tensor:
         width, height = image_size(data)
         s = self.size / min(width, height)
-        rgb, f = decode_reduced(data, width * s, height * s)
+        rgb, f = decode_reduced(data, width * s, height * s, (width, height))
         return pil_crop_resize(rgb, tuple(v * f for v in self.crop(width, height)[0]), False, self.size)
