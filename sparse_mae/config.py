@@ -25,7 +25,7 @@ from omegaconf import MISSING, OmegaConf
 from sparse_mae.backends import list_backends
 from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
-from sparse_mae.train.signals import DEFAULT_STOP_SIGNALS
+from sparse_mae.train.signals import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_signals
 
 
 class ConfigError(ValueError):
@@ -112,6 +112,18 @@ class SizePairs:
         ok = value and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
                            for p in value)
         return None if ok else "a non-empty list of [width, height] pairs, each > 0"
+
+
+@dataclass(frozen=True)
+class StopSignalNames:
+    """A list of signals a run may stop on (train.signals.ALLOWED_STOP_SIGNALS)."""
+
+    def problem(self, value: Any) -> Optional[str]:
+        try:
+            parse_signals(value or [])
+        except ValueError:
+            return f"a list of signals a run may stop on, among {', '.join(ALLOWED_STOP_SIGNALS)}"
+        return None
 
 
 # a bench backend name with this suffix runs that backend's model under torch.compile: the
@@ -376,7 +388,7 @@ class RunConfig:
                                       "checkpoint of output_dir that verifies, or fresh; or a checkpoint path")
     stop_signals: list[str] = opt(list(DEFAULT_STOP_SIGNALS), "on one of these the run finishes its step, "
                                   "writes a checkpoint and exits 75 (resume=auto continues); a second one exits at "
-                                  "once. USR2 is submitit's time-limit signal")
+                                  "once. USR2 is submitit's time-limit signal", StopSignalNames())
     checkpoint: CheckpointConfig = opt(CheckpointConfig(), "")
     nonfinite: NonFiniteConfig = opt(NonFiniteConfig(), "")
     optim: OptimConfig = opt(OptimConfig(), "")

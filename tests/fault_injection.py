@@ -13,6 +13,12 @@ No FAULT: the run goes on undisturbed (the test may still kill it from outside).
 STEP_DELAY=<seconds> makes every optimizer step that much longer (a sleep before it), so a
 test's signal lands mid-run on a model that is otherwise too quick.
 
+EVAL_DELAY=<seconds> makes every batch of an evaluation (fine-tuning's, the kNN monitor's,
+eval's and probe's embedding) that much longer, so a signal lands mid-evaluation; the first
+such batch creates the file EVAL_STARTED names, if set. EVAL_FAULT=<n> makes the n-th
+evaluation of this process fail at its first batch with an I/O error, as a val split on a
+failing network filesystem does.
+
 VIEW=<rank>:<view> gives one rank another view of the run directory's checkpoints/, as a
 node of a multi-node job may have:
   stale   listings lack the newest step-*.pt (a network filesystem client that has not
@@ -139,7 +145,43 @@ def slow_down_steps(seconds: float) -> None:
     torch.optim.AdamW.step = step
 
 
+def slow_down_or_fail_evaluations(delay: float, fail_nth: int | None, started_marker: str | None) -> None:
+    import time
+
+    import sparse_mae.probe.features as features
+    import sparse_mae.train.evaluation as evaluation
+
+    seen = {"evaluations": 0}
+    for module in (evaluation, features):
+        real_decode = module.decode_batch
+
+        def decode_batch(batch, *args, _real=real_decode, **kwargs):
+            if started_marker and not os.path.exists(started_marker):
+                open(started_marker, "w").close()
+            time.sleep(delay)
+            return _real(batch, *args, **kwargs)
+
+        module.decode_batch = decode_batch
+    if fail_nth is not None:
+        real_evaluate = evaluation.evaluate_classifier
+
+        def evaluate_classifier(*args, **kwargs):
+            seen["evaluations"] += 1
+            if seen["evaluations"] == fail_nth:
+                raise OSError(5, "Input/output error", "val/some-image.jpg")
+            return real_evaluate(*args, **kwargs)
+
+        evaluation.evaluate_classifier = evaluate_classifier
+        import sparse_mae.apps.finetune as finetune  # it imported the name
+
+        finetune.evaluate_classifier = evaluate_classifier
+
+
 def main() -> int:
+    if os.environ.get("EVAL_DELAY") or os.environ.get("EVAL_FAULT"):
+        slow_down_or_fail_evaluations(float(os.environ.get("EVAL_DELAY") or 0),
+                                      int(os.environ["EVAL_FAULT"]) if os.environ.get("EVAL_FAULT") else None,
+                                      os.environ.get("EVAL_STARTED"))
     if os.environ.get("STEP_DELAY"):
         slow_down_steps(float(os.environ["STEP_DELAY"]))
     view = os.environ.get("VIEW")

@@ -118,8 +118,23 @@ def test_signal_names_parse_and_bad_ones_are_named():
     assert parse_signals(["TERM", "sigusr1", "2"]) == [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
     with pytest.raises(ValueError, match="unknown signal 'TERMINATE'"):
         parse_signals(["TERMINATE"])
-    with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
-        parse_signals(["KILL"])
+    assert parse_signals(["HUP", "USR2"]) == [signal.SIGHUP, signal.SIGUSR2]
+    for name in ("KILL", "CHLD", "SIGALRM", str(int(signal.SIGPIPE))):  # a run stopping itself, or uncatchable
+        with pytest.raises(ValueError, match="not a signal a run may stop on; use some of TERM, INT, USR1, USR2, HUP"):
+            parse_signals([name])
+
+
+@pytest.mark.parametrize("value", ["[CHLD]", "[TERM,KILL]"])
+def test_stop_signals_outside_the_allowed_set_are_bad_input_naming_the_set(tmp_path, value, capsys):
+    # SIGCHLD was accepted, and the run then stopped itself when a DataLoader worker exited
+    from sparse_mae.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(["pretrain", *debug_overrides(tmp_path / "run"), f"stop_signals={value}"])
+    assert ended.value.code == 2
+    assert "stop_signals must be a list of signals a run may stop on, among TERM, INT, USR1, USR2, HUP" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_first_signal_sets_the_flag_and_restores_default_action_for_the_second():

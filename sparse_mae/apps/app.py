@@ -22,7 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 import sparse_mae.config as schemas
 from sparse_mae.train.errors import RunStopped
-from sparse_mae.train.signals import EXIT_INTERRUPTED, RunInterrupted
+from sparse_mae.train.signals import (
+    DEFAULT_STOP_SIGNALS,
+    EXIT_INTERRUPTED,
+    PhaseAbandoned,
+    RunInterrupted,
+    StopRequest,
+    parse_signals,
+)
 
 CONFIG_MODULE = "sparse_mae_conf"
 EXIT_BAD_INPUT = 2
@@ -89,6 +96,26 @@ def tool_main(app: str, fn: Callable[[DictConfig], int | None]) -> int:
         return report(app, ValueError(f"{e}{cause}"))
     except EXPECTED_ERRORS as e:
         return report(app, e)
+
+
+def interruptible(app: str, fn: Callable[[DictConfig, StopRequest], int | None]) -> Callable[[DictConfig], int]:
+    """A tool whose work is long (eval, probe): `fn(cfg, stop)` reads its batches through
+    `until_stopped(..., stop)`. A stop signal abandons the work at the next batch: one line,
+    exit 75 (nothing is written; run the same command again); a second signal exits at once."""
+
+    def run(cfg: DictConfig) -> int:
+        stop = StopRequest(parse_signals(DEFAULT_STOP_SIGNALS)).install()
+        try:
+            return int(fn(cfg, stop) or 0)
+        except PhaseAbandoned as e:
+            print(f"sparse-mae {app}: {e}; nothing was written; run the same command again", file=sys.stderr,
+                  flush=True)
+            return EXIT_INTERRUPTED
+        finally:
+            stop.work_is_safe()
+            stop.uninstall()
+
+    return run
 
 
 def hydra_main(app: str, fn: Callable[[DictConfig, str], object]) -> int:

@@ -10,10 +10,11 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from sparse_mae.apps.app import compose, tool_main
+from sparse_mae.apps.app import compose, interruptible, tool_main
 from sparse_mae.data.build import labelled_split
 from sparse_mae.data.gpu_decode import collate
 from sparse_mae.train.evaluation import confusion_png, evaluate_classifier
+from sparse_mae.train.signals import StopRequest, ignore_in_worker
 
 
 def load_classifier(path: str | os.PathLike, use_ema: bool = True):
@@ -41,7 +42,7 @@ def compose_eval_config(overrides: list[str]) -> DictConfig:
     return compose("eval", overrides)
 
 
-def run_eval(cfg: DictConfig) -> dict:
+def run_eval(cfg: DictConfig, stop: StopRequest | None = None) -> dict:
     from sparse_mae.train.distributed import resolve_device
 
     device = resolve_device(cfg.device)
@@ -54,8 +55,9 @@ def run_eval(cfg: DictConfig) -> dict:
     if len(classes) != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the val data {len(classes)}; "
                          f"evaluate on the data it was fine-tuned on")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate)
-    result = evaluate_classifier(model.to(device), loader, len(classes), device)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
+                        worker_init_fn=ignore_in_worker(stop.signals if stop else []))
+    result = evaluate_classifier(model.to(device), loader, len(classes), device, stop=stop)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     png = confusion_png(result["confusion"], classes, out / "confusion_matrix.png",
                         title=f"{Path(cfg.ckpt).name} ({which}): top-1 {result['top1']:.2f}%")
@@ -66,8 +68,8 @@ def run_eval(cfg: DictConfig) -> dict:
     return summary | {"png": png}
 
 
-def _run_and_print(cfg: DictConfig) -> int:
-    summary = run_eval(cfg)
+def _run_and_print(cfg: DictConfig, stop: StopRequest) -> int:
+    summary = run_eval(cfg, stop)
     print(f"{summary['checkpoint']} ({summary['weights']} weights) on {summary['count']} val images: "
           f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}"
           + (f"  ({summary['skipped']} unreadable files left out)" if summary["skipped"] else ""))
@@ -76,4 +78,4 @@ def _run_and_print(cfg: DictConfig) -> int:
 
 
 def main() -> int:
-    return tool_main("eval", _run_and_print)
+    return tool_main("eval", interruptible("eval", _run_and_print))

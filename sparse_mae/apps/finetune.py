@@ -30,6 +30,7 @@ from sparse_mae.train.engine import Run, RunResult, TrainTask, resolve_amp, trai
 from sparse_mae.train.evaluation import confusion_png, evaluate_classifier
 from sparse_mae.train.mixup import mix_batch, soft_targets
 from sparse_mae.train.optim import param_groups_layer_decay
+from sparse_mae.train.signals import ignore_in_worker, parse_signals
 
 
 @dataclass
@@ -73,9 +74,11 @@ class FinetuneTask(TrainTask):
         self.evals: list[dict] = []
         # its own generator: iterating must not draw from the global RNG (drop path), or
         # evaluating would change the training stream and a resumed run would diverge
+        # its workers ignore the stop signals, as the training loader's: a scheduler signals every
+        # process, and a worker killed by it would fail the evaluation instead of stopping it
         self.val_loader = DataLoader(self.val_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
-                                     collate_fn=collate,
-                                     generator=torch.Generator().manual_seed(cfg.seed))
+                                     collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+                                     worker_init_fn=ignore_in_worker(parse_signals(cfg.stop_signals)))
         self.metadata = {"variant": str(cfg.model.variant), "num_classes": self.num_classes, "classes": self.classes,
                          "pretrained": str(cfg.pretrained) if cfg.pretrained else None, "kind": "classifier"}
 
@@ -114,9 +117,12 @@ class FinetuneTask(TrainTask):
         candidates = [("model", self.model)]
         if self.ema is not None and self.cfg.ema.evaluate:
             candidates.append(("ema", self.ema.module))
+        # every candidate first, then the records: an evaluation abandoned on a stop signal (or
+        # failing) records nothing, and runs again whole after resume
+        results = {name: evaluate_classifier(net, self.val_loader, self.num_classes, self.device, self.amp, run.stop)
+                   for name, net in candidates}
         record = {}
-        for name, net in candidates:
-            r = evaluate_classifier(net, self.val_loader, self.num_classes, self.device, self.amp)
+        for name, r in results.items():
             self.evals.append({"step": step, "weights": name, "top1": r["top1"], "top5": r["top5"], "loss": r["loss"]})
             record |= {f"val/{name}/top1": r["top1"], f"val/{name}/top5": r["top5"], f"val/{name}/loss": r["loss"]}
             confusion_png(r["confusion"], self.classes, run.dir.path / f"confusion_{name}.png",

@@ -24,6 +24,7 @@ from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.engine import Run, RunResult, TrainTask, resolve_amp, train
 from sparse_mae.train.errors import TrainingDiverged
+from sparse_mae.train.signals import PhaseAbandoned
 from sparse_mae.train.step import fcmae_loss, fcmae_param_groups
 from sparse_mae.train.reconstruction import save_reconstruction
 
@@ -90,7 +91,7 @@ class PretrainTask(TrainTask):
         if run.dist.is_main and ((every and step % every == 0) or last):
             self.reconstruct(run, step)
         if self.knn is not None and (step % self.cfg.knn.every_steps == 0 or last):
-            record = self.knn(self.model.encoder)
+            record = self.knn(self.model.encoder, run.stop)
             run.logger.log(record, step)
             run.logger.write(f"step {step}: kNN top-1 {record['knn/top1']:.2f}%, top-5 {record['knn/top5']:.2f}% "
                              f"({record['knn/seconds']:.1f} s)")
@@ -98,6 +99,8 @@ class PretrainTask(TrainTask):
     def reconstruct(self, run: Run, step: int) -> None:
         """The same images and masks at every picture of a run (and across resumes)."""
         cfg = self.cfg
+        if run.stop.requested:  # one short forward, but the stop should not wait for it
+            raise PhaseAbandoned(f"reconstruction pictures abandoned on {run.stop.received.name}")
         if self._recon_batch is None:
             n = min(cfg.recon.num_images, len(self.dataset))
             if n == 0:

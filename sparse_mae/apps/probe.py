@@ -16,11 +16,12 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from sparse_mae.apps.app import compose, tool_main
+from sparse_mae.apps.app import compose, interruptible, tool_main
 from sparse_mae.data.build import labelled_split
 from sparse_mae.data.gpu_decode import collate
 from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import embed, load_encoder
+from sparse_mae.train.signals import StopRequest, ignore_in_worker
 
 
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
@@ -28,7 +29,7 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     return compose("probe", overrides)
 
 
-def run_probe(cfg: DictConfig) -> dict:
+def run_probe(cfg: DictConfig, stop: StopRequest | None = None) -> dict:
     """-> {"knn": {"top1", "top5"}, "linear": {"top1", "top5", "train_loss"}, counts, source, seconds}."""
     from sparse_mae.train.distributed import resolve_device
     from sparse_mae.train.engine import resolve_amp
@@ -43,15 +44,16 @@ def run_probe(cfg: DictConfig) -> dict:
 
     def features(dataset):
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        return embed(encoder, head, loader, device, amp)
+                            generator=torch.Generator().manual_seed(cfg.seed),
+                            worker_init_fn=ignore_in_worker(stop.signals if stop else []))
+        return embed(encoder, head, loader, device, amp, stop)
 
     train_x, train_y = features(train_set)
     val_x, val_y = features(val_set)
     embedded = time.perf_counter()
     knn = knn_classify(train_x, train_y, val_x, val_y, len(classes), cfg.knn.k, cfg.knn.temperature)
     linear = linear_probe(train_x, train_y, val_x, val_y, len(classes), cfg.linear.epochs, cfg.linear.batch_size,
-                          cfg.linear.lr, cfg.linear.weight_decay, seed=cfg.seed)
+                          cfg.linear.lr, cfg.linear.weight_decay, seed=cfg.seed, stop=stop)
     result = {"knn": knn, "linear": linear, "num_train": len(train_y), "num_val": len(val_y),
               "num_classes": len(classes), "feature_dim": int(train_x.shape[1]), "source": source,
               "seconds": {"embed": embedded - start, "total": time.perf_counter() - start}}
@@ -64,8 +66,8 @@ def run_probe(cfg: DictConfig) -> dict:
     return result
 
 
-def _run_and_print(cfg: DictConfig) -> int:
-    r = run_probe(cfg)
+def _run_and_print(cfg: DictConfig, stop: StopRequest) -> int:
+    r = run_probe(cfg, stop)
     print(f"{r['source']}: {r['feature_dim']}-d features, {r['num_train']} train / {r['num_val']} val images, "
           f"{r['num_classes']} classes")
     print(f"kNN (k {cfg.knn.k}, T {cfg.knn.temperature}): top-1 {r['knn']['top1']:.2f}%  top-5 {r['knn']['top5']:.2f}%")
@@ -77,4 +79,4 @@ def _run_and_print(cfg: DictConfig) -> int:
 
 
 def main() -> int:
-    return tool_main("probe", _run_and_print)
+    return tool_main("probe", interruptible("probe", _run_and_print))

@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparse_mae.train.signals import StopRequest, until_stopped
+
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """scores (N, classes), labels (N,) -> {"top1", "top5"} in percent (top-5 = top-k for fewer classes)."""
@@ -75,9 +77,10 @@ class LinearProbe(torch.nn.Module):
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
                  num_classes: int, epochs: int = 100, batch_size: int = 256, lr: float = 0.1,
-                 weight_decay: float = 0.0, seed: int = 0) -> dict[str, float]:
+                 weight_decay: float = 0.0, seed: int = 0, stop: StopRequest | None = None) -> dict[str, float]:
     """Train the probe on (train_x, train_y); -> top-1 / top-5 (percent) on test and the final
-    training loss. Init and shuffling come from `seed` (the global RNG is not touched)."""
+    training loss. Init and shuffling come from `seed` (the global RNG is not touched). A
+    stop signal (`stop`) abandons it at the next epoch (PhaseAbandoned)."""
     check_features(train_x, train_y, test_x, test_y, num_classes)
     if epochs <= 0 or batch_size <= 0 or lr <= 0 or weight_decay < 0:
         raise ValueError(f"epochs, batch_size and lr must be > 0 and weight_decay >= 0, got {epochs}, "
@@ -96,7 +99,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     opt = torch.optim.SGD(probe.parameters(), lr=peak, momentum=0.9, weight_decay=weight_decay)
     probe.train()
     step, loss = 0, torch.tensor(math.nan)
-    for _ in range(epochs):
+    for _ in until_stopped(range(epochs), stop, "the linear probe"):
         order = torch.randperm(len(train_x), generator=g)
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sparse_mae.data.gpu_decode import decode_batch
 from sparse_mae.data.transforms import model_input
 from sparse_mae.models.convnextv2 import LN_EPS, ConvNeXtV2, build_convnextv2
+from sparse_mae.train.signals import StopRequest, until_stopped
 
 
 class FeatureHead(torch.nn.Module):
@@ -60,12 +61,13 @@ def load_encoder(path: str | None, variant: str, fmt: str = "auto", seed: int = 
 
 @torch.no_grad()
 def embed(encoder: torch.nn.Module, head: FeatureHead, batches: Iterable[dict], device: torch.device,
-          amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+          amp: bool = False, stop: StopRequest | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (features (N, C) float32 on CPU, labels (N,) long). Items standing in for an
-    unreadable file ("skipped" > 0) are left out. The caller sets eval mode."""
+    unreadable file ("skipped" > 0) are left out. The caller sets eval mode. A stop signal
+    (`stop`) abandons it at the next batch (PhaseAbandoned)."""
     feats, labels = [], []
     dataset = getattr(batches, "dataset", None)  # a DataLoader's: data.decode=gpu falls back through it
-    for batch in batches:
+    for batch in until_stopped(batches, stop, "embedding"):
         batch = decode_batch(batch, device, dataset)  # data.decode=gpu: decoded here, on the device
         keep = batch["skipped"] == 0
         if not keep.any():

@@ -21,6 +21,7 @@ from sparse_mae.data.shards import MANIFEST
 from sparse_mae.probe.classify import knn_classify
 from sparse_mae.probe.features import FeatureHead, batches_of, embed, evenly_spaced
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state
+from sparse_mae.train.signals import StopRequest
 
 
 def monitor_splits(data_cfg: DictConfig, knn_cfg: DictConfig):
@@ -73,7 +74,8 @@ class KnnMonitor:
         return (f"kNN monitor every {self.cfg.every_steps} steps: {len(self.bank_idx)} bank / "
                 f"{len(self.query_idx)} query images, k {self.cfg.k}, temperature {self.cfg.temperature}")
 
-    def __call__(self, encoder: torch.nn.Module) -> dict[str, float]:
+    def __call__(self, encoder: torch.nn.Module, stop: StopRequest | None = None) -> dict[str, float]:
+        """A stop signal (`stop`) abandons it at the next batch (PhaseAbandoned)."""
         start = time.perf_counter()
         rng = capture_rng_state()
         modes = {m: m.training for m in encoder.modules()}
@@ -81,9 +83,9 @@ class KnnMonitor:
         try:
             head = FeatureHead(encoder.num_features)
             bank_x, bank_y = embed(encoder, head, batches_of(self.bank_set, self.bank_idx, self.cfg.batch_size),
-                                   self.device, self.amp)
+                                   self.device, self.amp, stop)
             query_x, query_y = embed(encoder, head, batches_of(self.query_set, self.query_idx, self.cfg.batch_size),
-                                     self.device, self.amp)
+                                     self.device, self.amp, stop)
         finally:
             for module, training in modes.items():
                 module.training = training

@@ -63,7 +63,7 @@ from sparse_mae.train.rundir import RunDirectory
 from sparse_mae.train.sampler import ResumableDistributedSampler
 from sparse_mae.train.schedule import set_lr, warmup_cosine_lr
 from sparse_mae.train import step as training_step
-from sparse_mae.train.signals import RunInterrupted, StopRequest, ignore_in_worker, parse_signals
+from sparse_mae.train.signals import PhaseAbandoned, RunInterrupted, StopRequest, ignore_in_worker, parse_signals
 
 # Metrics that measure the machine, not the training: they differ between runs of the
 # same training (and between an interrupted run and an uninterrupted one).
@@ -99,7 +99,11 @@ class TrainTask:
 
     def after_step(self, run: Run, step: int, last: bool) -> None:
         """Every rank, after the step is logged and before it is checkpointed (evaluation,
-        pictures); rank-0-only work checks `run.dist.is_main`."""
+        pictures); rank-0-only work checks `run.dist.is_main`. A long phase reads its batches
+        through `until_stopped(..., run.stop)`, so a stop signal abandons it at the next batch
+        (PhaseAbandoned). An abandoned or failed hook leaves the step checkpointed with its
+        hooks pending: they run again, at the same step, after resume, so a hook must record
+        its results only once it has finished."""
 
     def state_dict(self) -> dict:
         """Extra checkpoint entries (top level of the checkpoint dict)."""
@@ -134,6 +138,7 @@ class Counters:
     skipped_files: int = 0  # all ranks, up to the last save
     window_loss: float = 0.0  # the logging window not yet written
     window_steps: int = 0
+    hooks_pending: bool = False  # the task's after_step hooks of `step` were abandoned or failed: run them first
 
 
 @dataclass
@@ -147,6 +152,7 @@ class Run:
     amp: bool
     steps_per_epoch: int
     total_steps: int
+    stop: StopRequest  # `until_stopped(batches, run.stop)` in a long hook
 
 
 def resolve_amp(amp: str, device: torch.device, autocast_devices: tuple[str, ...] = ("cpu", "cuda"),
@@ -327,7 +333,7 @@ class _Engine:
             wandb_cfg=OmegaConf.to_container(cfg.logger, enum_to_str=True) if cfg.logger.name == "wandb" else None,
             config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), total_steps=self.run_steps,
             initial_step=self.counters.step, progress=cfg.logger.progress, run_id=self.run_id)
-        self.run = Run(cfg, di, self.dir, self.logger, task.amp, steps_per_epoch, total_steps)
+        self.run = Run(cfg, di, self.dir, self.logger, task.amp, steps_per_epoch, total_steps, self.stop)
         self.task, self.sampler, self.steps_per_epoch, self.total_steps = task, sampler, steps_per_epoch, total_steps
         start = self.counters.step
         self.logger.write(
@@ -399,22 +405,60 @@ class _Engine:
                             # (that would make the global stream depend on where a run was resumed)
                             generator=torch.Generator().manual_seed(cfg.seed),
                             worker_init_fn=ignore_in_worker(self.stop.signals))
+        if self.stop.agreed(di.enabled, di.device):  # a signal during set-up: stop before the first step
+            self._stop_on_signal()
+        if c.hooks_pending:  # the checkpoint's own step: its evaluation (or pictures) did not finish
+            self.logger.write(f"step {c.step}: running the evaluation hooks that did not finish before the stop")
+            self._end_of_step(last=c.step == self.run_steps)
         while c.step < self.run_steps:
             epoch = c.step // self.steps_per_epoch
             self.sampler.set_epoch(epoch, start=(c.step % self.steps_per_epoch) * cfg.accum_iter * cfg.batch_size)
             batches = iter(loader)  # the sampler runs in this process: a new epoch reaches persistent workers
             while c.step < min((epoch + 1) * self.steps_per_epoch, self.run_steps):
-                if self.stop.agreed(di.enabled, di.device):  # before the step: every rank, same step
-                    self._stop_on_signal()
                 self._step(batches)
                 last = c.step == self.run_steps
                 if c.step % cfg.log_every_steps == 0 or last:
                     self._log()
                 self.logger.progress(1)
-                self.task.after_step(self.run, c.step, last)
-                if c.step % cfg.checkpoint.every_steps == 0 or last:
-                    self._save()
+                self._end_of_step(last)
             del batches
+
+    def _end_of_step(self, last: bool) -> None:
+        """Every rank, after a step: the task's hooks, the checkpoint at its cadence, then a stop
+        if any rank was signalled. A hook abandoned on a signal, or failing (an unreadable val
+        split, say), costs no trained step: the step is checkpointed first, with its hooks
+        marked pending, and they run again after resume."""
+        cfg, c = self.cfg, self.counters
+        failure = None
+        try:
+            self.task.after_step(self.run, c.step, last)
+            abandoned = False
+        except PhaseAbandoned:
+            abandoned = True
+        except Exception as e:  # noqa: BLE001 - raised again below, once the step is saved
+            abandoned, failure = True, e
+        stop, abandoned, failed = self._any_rank(self.stop.requested, abandoned, failure is not None)
+        c.hooks_pending = abandoned or failed
+        due = c.step % cfg.checkpoint.every_steps == 0 or last or c.hooks_pending
+        if due and c.step > self.saved_step:
+            self._save()
+        if failed:
+            where = self.last_checkpoint or self._on_disk()
+            self.logger.write(f"step {c.step}: the step's evaluation hooks failed; checkpoint {where} holds the step "
+                              f"and runs them again after resume=auto")
+            raise failure if failure is not None else RunStopped(
+                f"step {c.step}: another rank's evaluation hooks failed (its message says why); checkpoint {where}")
+        if stop and (not last or c.hooks_pending):  # a run that finished all its work is not stopped
+            self._stop_on_signal()
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Each flag: whether any rank raised it. Under DDP a collective every rank calls at the
+        same point of the loop (one int32 all-reduce)."""
+        if not self.di.enabled:
+            return list(flags)
+        raised = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.di.device)
+        dist.all_reduce(raised, op=dist.ReduceOp.SUM)
+        return [bool(v) for v in raised.tolist()]
 
     def _stop_on_signal(self) -> None:
         """Every rank: checkpoint the last finished step (unless it is saved), then stop."""
@@ -425,6 +469,8 @@ class _Engine:
         got = self.stop.received
         after = f" {time.monotonic() - self.stop.received_at:.2f} s after the signal" if got else ""
         where = self.last_checkpoint or self._on_disk()
+        if c.hooks_pending:
+            self.logger.write(f"step {c.step}: evaluation hooks abandoned on the stop signal; they run after resume")
         raise RunInterrupted(  # train() prints it, on every rank
             f"stopped on {got.name if got else 'a signal to another rank'} at step {c.step} of {self.run_steps}"
             f"{after}; checkpoint {where or 'none (no step was taken)'}; continue with resume=auto", got, c.step)

@@ -10,21 +10,23 @@ from PIL import Image, ImageDraw
 
 from sparse_mae.data.gpu_decode import decode_batch
 from sparse_mae.data.transforms import model_input
+from sparse_mae.train.signals import StopRequest, until_stopped
 
 
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
-                        amp: bool = False) -> dict:
+                        amp: bool = False, stop: StopRequest | None = None) -> dict:
     """-> {"top1", "top5", "loss", "count", "skipped", "confusion" (num_classes x num_classes, rows =
     truth)}. Items that stand in for an unreadable file ("skipped" > 0) are left out, so
-    every readable image counts once and an unreadable one not at all."""
+    every readable image counts once and an unreadable one not at all. A stop signal
+    (`stop`) abandons it at the next batch (PhaseAbandoned)."""
     was_training = model.training
     model.eval()
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     correct1 = correct5 = skipped = 0
     loss_sum, count = 0.0, 0
     k = min(5, num_classes)
-    for batch in loader:
+    for batch in until_stopped(loader, stop, "evaluation"):
         batch = decode_batch(batch, device, getattr(loader, "dataset", None))  # data.decode=gpu: decoded here, on the device
         keep = batch["skipped"] == 0
         skipped += int(batch["skipped"].sum())

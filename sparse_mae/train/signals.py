@@ -38,8 +38,16 @@ import torch
 EXIT_INTERRUPTED = 75  # stopped on a signal with a checkpoint written: run again with resume=auto
 
 
+# The signals a scheduler or a terminal sends to ask a job to stop. Others are refused: a run
+# that stopped on SIGCHLD would stop itself when its first DataLoader worker exits, SIGALRM,
+# SIGPIPE or SIGWINCH come from the process's own doings, and KILL and STOP cannot be caught.
+ALLOWED_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2", "HUP")
+
+
 def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
-    """["TERM", "SIGUSR1", 10] -> signals; a clear error for names this system lacks."""
+    """["TERM", "SIGUSR1", 10] -> signals; a clear error for a name this system lacks or a
+    signal a run may not stop on (only ALLOWED_STOP_SIGNALS)."""
+    allowed = ", ".join(ALLOWED_STOP_SIGNALS)
     out = []
     for name in names:
         text = str(name).strip().upper()
@@ -47,10 +55,9 @@ def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
             sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[
                 text if text.startswith("SIG") else f"SIG{text}"]
         except (KeyError, ValueError):
-            raise ValueError(f"stop_signals: unknown signal {name!r}; use names such as TERM, INT, USR1, USR2") \
-                from None
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ValueError(f"stop_signals: {sig.name} cannot be caught")
+            raise ValueError(f"stop_signals: unknown signal {name!r}; use some of {allowed}") from None
+        if sig.name.removeprefix("SIG") not in ALLOWED_STOP_SIGNALS:
+            raise ValueError(f"stop_signals: {sig.name} is not a signal a run may stop on; use some of {allowed}")
         out.append(sig)
     return out
 
@@ -149,6 +156,21 @@ class StopRequest:
         self.uninstall()
         if callable(previous) and previous not in (signal.default_int_handler,):
             previous(int(self.received), None)
+
+
+class PhaseAbandoned(Exception):
+    """A long phase between steps (evaluation, the kNN monitor, embedding, pictures) stopped
+    at a batch boundary because a stop signal came; the engine checkpoints and stops, and
+    runs the phase again after resume."""
+
+
+def until_stopped(items: Iterable, stop: StopRequest | None, what: str = "this phase"):
+    """`items` one by one, until a stop signal is received: then PhaseAbandoned at the next
+    item, so a stop waits for one batch, not for the whole phase."""
+    for item in items:
+        if stop is not None and stop.requested:
+            raise PhaseAbandoned(f"{what} abandoned on {stop.received.name}")
+        yield item
 
 
 class RunInterrupted(Exception):
