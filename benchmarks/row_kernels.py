@@ -24,28 +24,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from sparse_mae.bench.timing import time_calls
+
 STAGE_GRIDS = (56, 28, 14, 7)  # sites per side at 224 px
 STAGE_SIDE = (8, 4, 2, 1)  # sites per patch side
-
-
-def time_ms(fn, device: torch.device, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = clock()
-            fn()
-            times.append((clock() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def fwd_bwd(fn, inputs):
@@ -113,8 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
 
-    def timed(fn):
-        return time_ms(fn, dev, args.warmup, args.reps)
+    # one thread: count only its CPU time, so a shared machine's other load does not
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+    def timed(fn) -> float:
+        """Median milliseconds of fn()."""
+        return 1e3 * statistics.median(time_calls(lambda _: fn(), args.warmup, args.reps, dev, clock))
 
     def show(stage, op, rows, c, t_kernel, t_torch, t_dense):
         print(f"{stage:>5} {op:>14} {rows:>7} {c:>5} | {t_kernel:8.2f} {t_torch:8.2f} {t_dense:8.2f} | "

@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from sparse_mae.bench.timing import time_calls
 from sparse_mae.train.signals import StopRequest
 
 
@@ -23,26 +23,20 @@ def worker(rank: int, nproc: int, calls: int, device: str, port: int) -> None:
     dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=nproc)
     dev = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
     stop = StopRequest([])
-    for _ in range(100):
-        stop.agreed(True, dev)
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        stop.agreed(True, dev)
-        times.append(time.perf_counter() - t)
+    times = time_calls(lambda _: stop.agreed(True, dev), warmup=100, repeats=calls, device=dev)
     if rank == 0:
         print(f"{nproc} processes, {device}: stop-flag all-reduce {statistics.mean(times) * 1e6:.0f} us mean, "
               f"{statistics.median(times) * 1e6:.0f} us median over {calls} calls")
     dist.destroy_process_group()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--port", type=int, default=29611)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     mp.spawn(worker, args=(a.nproc, a.calls, a.device, a.port), nprocs=a.nproc)
 
 

@@ -149,7 +149,7 @@ def test_bf16_only_where_the_backend_allows_it(tmp_path, monkeypatch):
     assert r["status"] == "skipped" and "no bfloat16 autocast on cpu" in r["reason"]
 
 
-@pytest.mark.parametrize("preset", ["quick", "full", "micro", "cpu", "compiled"])
+@pytest.mark.parametrize("preset", ["quick", "full", "micro", "cpu", "compiled", "backends"])
 def test_presets_compose(preset):
     settings = settings_from(compose_config([f"bench={preset}", "output_dir=x"]))
     assert settings.variants and settings.mask_ratios and settings.repeats >= 1

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,28 +23,19 @@ from pathlib import Path
 
 import torch
 
-from sparse_mae.bench.report import pyplot
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sparse_mae.bench.report import cpu_name, pyplot
+from sparse_mae.bench.timing import time_calls
 
 
 def per_core_rate(dataset, count: int, repeats: int) -> float:
-    """Images per CPU-second of this process over `count` items (best of `repeats`)."""
-    best = 0.0
-    for r in range(repeats):
-        start = time.process_time()
+    """Images per CPU-second of this process over `count` items (best of `repeats`); each
+    repeat reads other sample seeds, so no augmentation is repeated."""
+    def read_all(repeat: int) -> None:
         for i in range(count):
-            dataset[(i % len(dataset), r * count + i)]
-        best = max(best, count / max(time.process_time() - start, 1e-9))
-    return best
+            dataset[(i % len(dataset), repeat * count + i)]
+
+    seconds = time_calls(read_all, warmup=0, repeats=repeats, clock=time.process_time)
+    return count / max(min(seconds), 1e-9)
 
 
 def measure_decode(root: Path, sizes: list[tuple[int, int]], count: int, crop: int, repeats: int, log) -> list[dict]:

@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
-import statistics
 import sys
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from sparse_mae.bench.timing import median_iqr, time_calls
 from sparse_mae.config import COMPILED
 from sparse_mae.models.convnextv2 import PATCH
 
@@ -132,38 +131,6 @@ def memory_guard(device: torch.device, guard_gib: float | None):
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-# -- timing -------------------------------------------------------------------------------
-
-
-def time_calls(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """Seconds of each of `repeats` calls of fn(k), after `warmup` untimed ones."""
-    for k in range(warmup):
-        fn(k)
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for k in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(warmup + k)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return times
-    for k in range(repeats):
-        t0 = time.perf_counter()
-        fn(warmup + k)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def median_iqr(times: list[float]) -> tuple[float, float]:
-    if len(times) < 2:
-        return times[0], 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return statistics.median(times), q3 - q1
 
 
 # -- one configuration ------------------------------------------------------------------------

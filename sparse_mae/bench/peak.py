@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from sparse_mae.bench.measure import DTYPES, time_calls
+from sparse_mae.bench.measure import DTYPES
+from sparse_mae.bench.timing import time_calls
 
 
 def matmul_peak(dtype: str, device: str, size: int = 2048, warmup: int = 2, repeats: int = 7,

@@ -1,10 +1,10 @@
 """Does FCMAE pretraining help on real images? Fashion-MNIST, one command:
 
-    .venv/bin/python benchmarks/fashion_mnist_study.py                  # ~30 min on the busy 2-core CPU
-    .venv/bin/python benchmarks/fashion_mnist_study.py --quick          # a minutes-long smoke run (not the study)
-    .venv/bin/python benchmarks/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
+    .venv/bin/python benchmarks/studies/fashion_mnist_study.py                  # ~30 min on the busy 2-core CPU
+    .venv/bin/python benchmarks/studies/fashion_mnist_study.py --quick          # a minutes-long smoke run (not the study)
+    .venv/bin/python benchmarks/studies/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
         --finetune-steps 200 --fractions 0.01                              # longer fine-tuning from the same encoder
-    .venv/bin/python benchmarks/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
+    .venv/bin/python benchmarks/studies/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
         --finetune-steps 150 --fractions 0.1 --finetune-lr 1e-3           # another fine-tuning lr, both starts
 
 1. Pretrain once (FCMAE, the debug variant at 128px, decoder width 128) on the 60,000
@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from sparse_mae.apps.finetune import compose_config as finetune_config
 from sparse_mae.apps.finetune import run_finetune
 from sparse_mae.apps.pretrain import compose_config as pretrain_config
 from sparse_mae.apps.pretrain import run_pretrain
+from sparse_mae.bench.report import cpu_name
 from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, FashionMnistDataset, labelled_fraction
 from sparse_mae.data.transforms import EvalTransform
 from sparse_mae.models import create_model
@@ -49,7 +49,7 @@ from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import batches_of, embed, load_encoder
 from sparse_mae.probe.monitor import KnnMonitor
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FULL_TRAIN = 60_000
 FRACTIONS = (0.01, 0.1, 1.0)
 VARIANT, SIZE, DECODER_DIM = "debug", 128, 128
@@ -94,7 +94,7 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", default=VARIANT, help="encoder variant (debug: what a shared 2-core CPU affords)")
     ap.add_argument("--root", default=None, help="Fashion-MNIST idx folder (default: Debian's)")
@@ -111,7 +111,7 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS), help="with --pretrained")
     ap.add_argument("--finetune-lr", type=float, default=None, help="with --pretrained: this fine-tuning lr for "
                     f"both starts instead of the recipe's {FINETUNE['optim.lr']}")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.pretrained:
         out = Path(args.out or REPO / "docs" / "fashion-mnist")
         out.mkdir(parents=True, exist_ok=True)
@@ -272,10 +272,10 @@ def write_results(out: Path, args, rows, curve, monitor, timings, pre) -> None:
               "knn_curve": curve, "monitor": monitor, "timings": timings, "commit": commit,
               "pretrain_loss": {"first": pre.losses[0], "last": pre.losses[-1]},
               "goals": goals(rows, args.seeds), "load_average_at_end": load_average(),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"}
+              "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lines = [f"# Fashion-MNIST study: pretrained vs random init ({'QUICK SMOKE RUN, not the study' if args.quick else 'measured'})",
-             "", f"`benchmarks/fashion_mnist_study.py` at commit {commit}; {result['machine']}; "
+             "", f"`benchmarks/studies/fashion_mnist_study.py` at commit {commit}; {result['machine']}; "
              f"{timings['total_s'] / 60:.1f} min in all (pretraining {timings['pretrain_s'] / 60:.1f}, probes "
              f"{timings['probes_s'] / 60:.1f}, fine-tuning {timings['finetune_s'] / 60:.1f}); load average at the "
              f"end {result['load_average_at_end']}.", "",

@@ -1,8 +1,8 @@
 """Does FCMAE pretraining help? Fine-tune the same classifier from a short pretraining and
 from random init, same recipe and seed, on the built-in labelled data; print both top-1s.
 
-    .venv/bin/python benchmarks/finetune_from_pretraining.py                     # ~2.5 min on 2 cores
-    .venv/bin/python benchmarks/finetune_from_pretraining.py --seeds 0 1 2 3     # ~4.5 min
+    .venv/bin/python benchmarks/studies/finetune_from_pretraining.py                     # ~2.5 min on 2 cores
+    .venv/bin/python benchmarks/studies/finetune_from_pretraining.py --seeds 0 1 2 3     # ~4.5 min
 
 Measured on the 2-core CPU machine (debug model, 128px, 400 pretraining steps, 300
 fine-tuning steps, seeds 0-3): pretrained 53.2% top-1 (52.3, 53.1, 59.8, 47.7), random
@@ -38,14 +38,14 @@ def overrides(values: dict) -> list[str]:
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="debug")
     ap.add_argument("--pretrain-steps", type=int, default=400)
     ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--size", type=int, default=128, help="image side, a multiple of 32 (128: 4x4 patches)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
