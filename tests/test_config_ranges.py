@@ -10,7 +10,7 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mae.apps.app import compose
-from sparse_mae.config import SCHEMAS, ConfigError, NonEmpty, OneOf, Range, Registered, SizePairs
+from sparse_mae.config import SCHEMAS, ConfigError, NonEmpty, OneOf, Range, Registered, SizePairs, StopSignalNames
 
 # each app with every option of its data group (the data options carry different fields)
 COMPOSITIONS = [("pretrain", []), ("pretrain", ["data=imagefolder"]), ("pretrain", ["data=shards"]), ("finetune", []),
@@ -41,6 +41,8 @@ def out_of_range(check, default) -> list[str]:
         return ["[nosuch]"]
     if isinstance(check, SizePairs):
         return ["[[500,0]]", "[[500]]", "[]"]
+    if isinstance(check, StopSignalNames):
+        return ["[CHLD]", "[TERM,KILL]", "[NOSUCH]"]
     assert isinstance(check, Range)
     bad = []
     if check.low is not None:
