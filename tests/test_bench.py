@@ -331,7 +331,7 @@ def test_bf16_on_a_cpu_without_fast_bf16_is_skipped_naming_float32(tmp_path, mon
 
 
 def test_fast_bf16_is_what_the_cpu_flags_say():
-    from sparse_mae.train.engine import cpu_has_fast_bf16
+    from sparse_mae.train.amp import cpu_has_fast_bf16
     from sparse_mae_kernels.cpu_build import cpu_isa
 
     isa = cpu_isa()

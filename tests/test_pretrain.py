@@ -384,12 +384,12 @@ def test_cli_run_with_wandb_offline_and_multirun_sweep(tmp_path):
 def test_amp_on_a_cpu_without_fast_bf16_warns_to_use_float32(monkeypatch, fast):
     import warnings
 
-    from sparse_mae.train import engine
+    from sparse_mae.train import amp
 
-    monkeypatch.setattr(engine, "cpu_has_fast_bf16", lambda: fast)
+    monkeypatch.setattr(amp, "cpu_has_fast_bf16", lambda: fast)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert engine.resolve_amp("true", torch.device("cpu")) is True
-        assert engine.resolve_amp("auto", torch.device("cpu")) is False  # auto never picks bf16 on a CPU
+        assert amp.resolve_amp("true", torch.device("cpu")) is True
+        assert amp.resolve_amp("auto", torch.device("cpu")) is False  # auto never picks bf16 on a CPU
     messages = [str(w.message) for w in caught]
     assert (any("amp=false" in m and "bf16" in m for m in messages)) is (not fast)

@@ -163,3 +163,13 @@ def test_sample_seeds_are_distinct():
     seeds = {sample_seed(s, e, p) for s in range(3) for e in range(5) for p in range(2000)}
     assert len(seeds) == 3 * 5 * 2000 and all(0 <= x < 2**63 for x in seeds)
     assert not math.isclose(sample_seed(0, 0, 0), sample_seed(0, 0, 1))
+
+
+def test_the_lr_rule_scales_the_base_lr_by_the_effective_batch_over_256_unless_lr_is_given():
+    from omegaconf import OmegaConf
+
+    from sparse_mae.train.schedule import linear_scaled_lr, peak_lr
+
+    assert peak_lr(OmegaConf.create({"lr": None, "blr": 1.5e-4}), 4096) == pytest.approx(2.4e-3)  # ConvNeXt V2's
+    assert peak_lr(OmegaConf.create({"lr": 1e-3, "blr": 1.5e-4}), 4096) == 1e-3
+    assert linear_scaled_lr(0.1, 512) == pytest.approx(0.2)

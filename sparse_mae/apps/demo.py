@@ -20,6 +20,7 @@ from sparse_mae.data.transforms import normalize
 from sparse_mae.flops import fcmae_gmacs
 from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train import step as training_step
+from sparse_mae.train.schedule import peak_lr
 
 
 def main() -> int:
@@ -53,7 +54,7 @@ def main() -> int:
         model.load_state_dict(state)
         optimizer = training_step.build_optimizer(
             training_step.fcmae_param_groups(model, recipe.weight_decay), recipe,
-            lr=recipe.blr * args.batch / 256, device=imgs.device)
+            lr=peak_lr(recipe, args.batch), device=imgs.device)
         start = time.perf_counter()
         result = training_step.train_step(
             model, lambda m, b, micro: training_step.fcmae_loss(m, b, args.mask_ratio), [batch], optimizer,

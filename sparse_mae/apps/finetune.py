@@ -26,7 +26,8 @@ from sparse_mae.data.gpu_decode import collate
 from sparse_mae.models import create_model
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.ema import ModelEma
-from sparse_mae.train.engine import Run, RunResult, TrainTask, resolve_amp, train
+from sparse_mae.train.amp import resolve_amp
+from sparse_mae.train.engine import Run, RunResult, TrainTask, train
 from sparse_mae.train.evaluation import confusion_png, evaluate_classifier
 from sparse_mae.train.mixup import mix_batch, soft_targets
 from sparse_mae.train.optim import param_groups_layer_decay

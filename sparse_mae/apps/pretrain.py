@@ -22,7 +22,8 @@ from sparse_mae.models import create_model
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
-from sparse_mae.train.engine import Run, RunResult, TrainTask, resolve_amp, train
+from sparse_mae.train.amp import resolve_amp
+from sparse_mae.train.engine import Run, RunResult, TrainTask, train
 from sparse_mae.train.errors import TrainingDiverged
 from sparse_mae.train.signals import PhaseAbandoned
 from sparse_mae.train.step import fcmae_loss, fcmae_param_groups

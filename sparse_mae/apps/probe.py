@@ -32,7 +32,7 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 def run_probe(cfg: DictConfig, stop: StopRequest | None = None) -> dict:
     """-> {"knn": {"top1", "top5"}, "linear": {"top1", "top5", "train_loss"}, counts, source, seconds}."""
     from sparse_mae.train.distributed import resolve_device
-    from sparse_mae.train.engine import resolve_amp
+    from sparse_mae.train.amp import resolve_amp
 
     start = time.perf_counter()
     device = resolve_device(cfg.device)

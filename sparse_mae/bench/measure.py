@@ -145,6 +145,7 @@ class FcmaeStep:
     def __init__(self, spec: dict):
         from sparse_mae.config import PretrainConfig
         from sparse_mae.models import create_model
+        from sparse_mae.train.schedule import peak_lr
         from sparse_mae.train.step import build_optimizer, fcmae_param_groups
 
         torch.manual_seed(spec["seed"])
@@ -160,9 +161,8 @@ class FcmaeStep:
         self.loss_model = torch.compile(self.model) if spec["backend"].endswith(COMPILED) else self.model
         recipe = PretrainConfig()  # the defaults a pretraining run starts from
         self.clip_grad = recipe.clip_grad
-        lr = recipe.optim.lr or recipe.optim.blr * self.batch_size / 256
         self.optimizer = build_optimizer(fcmae_param_groups(self.model, recipe.optim.weight_decay), recipe.optim,
-                                         lr, self.device)
+                                         peak_lr(recipe.optim, self.batch_size), self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.imgs = torch.randn(self.batch_size, 3, size, size, device=self.device)
         dtype = DTYPES[spec["dtype"]]

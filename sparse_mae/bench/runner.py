@@ -19,7 +19,7 @@ import torch
 from sparse_mae.backends import backend_availability, get_backend, list_backends
 from sparse_mae.bench.measure import is_out_of_memory, measure_configuration
 from sparse_mae.config import COMPILED, BenchConfig, validate
-from sparse_mae.train.engine import SLOW_BF16_CPU, cpu_has_fast_bf16
+from sparse_mae.train.amp import SLOW_BF16_CPU, cpu_has_fast_bf16
 
 GRID_KEYS = ("backend", "variant", "mask_ratio", "batch_size", "dtype")
 

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparse_mae.train.schedule import linear_scaled_lr
 from sparse_mae.train.signals import StopRequest, until_stopped
 
 
@@ -95,7 +96,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
     batch_size = min(batch_size, len(train_x))
     steps_per_epoch = math.ceil(len(train_x) / batch_size)
     total = epochs * steps_per_epoch
-    peak = lr * batch_size / 256
+    peak = linear_scaled_lr(lr, batch_size)
     opt = torch.optim.SGD(probe.parameters(), lr=peak, momentum=0.9, weight_decay=weight_decay)
     probe.train()
     step, loss = 0, torch.tensor(math.nan)

@@ -22,7 +22,6 @@ import math
 import sys
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,16 +35,7 @@ from torch.utils.data import DataLoader
 from sparse_mae.config import ConfigError, check_output_dir, validate
 from sparse_mae.data.gpu_decode import collate, decode_batch
 from sparse_mae.data.transforms import model_input
-from sparse_mae.train.checkpoint import (
-    atomic_write_bytes,
-    explicit_resume_path,
-    find_latest,
-    list_checkpoints,
-    load_checkpoint,
-    newest_good_checkpoint,
-    save_checkpoint,
-    wants_auto_resume,
-)
+from sparse_mae.train.checkpoint import atomic_write_bytes, find_latest, save_checkpoint
 from sparse_mae.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -58,9 +48,10 @@ from sparse_mae.train.distributed import (
 from sparse_mae.train.errors import RunStopped, TrainingDiverged
 from sparse_mae.train.metrics import RunLogger
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
-from sparse_mae.train.resume_config import check_resume_config
+from sparse_mae.train.resume import choose_checkpoint, load_on_every_rank
 from sparse_mae.train.rundir import RunDirectory
 from sparse_mae.train.sampler import ResumableDistributedSampler
+from sparse_mae.train import schedule
 from sparse_mae.train.schedule import set_lr, warmup_cosine_lr
 from sparse_mae.train import step as training_step
 from sparse_mae.train.signals import PhaseAbandoned, RunInterrupted, StopRequest, ignore_in_worker, parse_signals
@@ -155,29 +146,6 @@ class Run:
     stop: StopRequest  # `until_stopped(batches, run.stop)` in a long hook
 
 
-def resolve_amp(amp: str, device: torch.device, autocast_devices: tuple[str, ...] = ("cpu", "cuda"),
-                what: str = "this model") -> bool:
-    amp = str(amp).lower()
-    if amp == "auto":
-        return device.type == "cuda" and "cuda" in autocast_devices
-    if amp == "true" and device.type not in autocast_devices:
-        raise ValueError(f"amp=true but {what} has no autocast on {device.type}; use amp=false")
-    if amp == "true" and device.type == "cpu" and not cpu_has_fast_bf16():
-        warnings.warn(SLOW_BF16_CPU + "; amp=false trains in float32, faster here", stacklevel=2)
-    return amp == "true"
-
-
-# Without bf16 support in oneDNN (x86 CPUs before AVX-512, e.g. AMD Zen 3) torch multiplies
-# bf16 matrices in a fallback that runs at a few percent of its float32 speed (measured on
-# a Zen 3: 0.85 against 22 GFLOP/s), so bf16 autocast there makes training slower, not faster.
-SLOW_BF16_CPU = ("this CPU has no fast bf16 matrix multiply (oneDNN reports no bf16 support: x86 without "
-                 "AVX-512), so bf16 autocast runs its matmuls many times slower than float32")
-
-
-def cpu_has_fast_bf16() -> bool:
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def align_grad_strides(model: torch.nn.Module) -> None:
     """Give each gradient its parameter's strides where they differ only on size-1 dims (a
     free view: same memory order). Conv backward writes (C,1,7,7) depthwise and 1x1 conv
@@ -232,6 +200,40 @@ def train(cfg: DictConfig, make_task: Callable[[DictConfig, DistInfo], TrainTask
 
 
 class _Engine:
+    """One run on one rank. Its whole state, declared here; set in __init__ (what the run is),
+    _run (what the task and the data make of it) and _loop (the loop's bookkeeping)."""
+
+    # what the run is
+    cfg: DictConfig  # with output_dir resolved
+    config_yaml: str  # the resolved config, saved beside every checkpoint
+    di: DistInfo
+    dir: RunDirectory
+    make_task: Callable[[DictConfig, DistInfo], TrainTask]
+    stop: StopRequest
+    # set up by _run
+    task: TrainTask
+    run: Run  # what the task's hooks see
+    logger: RunLogger
+    sampler: ResumableDistributedSampler
+    optimizer: torch.optim.Optimizer
+    params: list[torch.Tensor]  # the trained parameters (clipping, the finiteness check)
+    train_model: torch.nn.Module  # task.model, DDP-wrapped under DDP
+    effective_batch: int  # images per optimizer step over every rank and micro-batch
+    steps_per_epoch: int
+    total_steps: int  # the schedule's length
+    run_steps: int  # where this run stops (max_steps)
+    warmup_steps: int
+    peak_lr: float
+    counters: Counters  # saved in every checkpoint
+    run_id: str  # one per run, kept across resumes
+    # the loop's bookkeeping (_loop)
+    losses: list[float | None]  # every step taken in this process (None: skipped)
+    last_checkpoint: Path | None  # written by this process
+    saved_step: int
+    skipped_here: torch.Tensor  # unreadable files met by this rank since the last save
+    window_start: float  # the logging window's start (perf_counter) and step
+    window_start_step: int
+
     def __init__(self, cfg: DictConfig, make_task, run_dir: Path, di: DistInfo, stop: StopRequest | None = None):
         self.stop = stop or StopRequest([])
         self.cfg = OmegaConf.merge(cfg, {"output_dir": str(run_dir)})  # resolved values go beside checkpoints
@@ -246,7 +248,7 @@ class _Engine:
         di = self.di
         run_on_main(self.dir.lock)  # before anything is read or written; released by run() or by death
         try:
-            resume_path, resume_state = run_on_main(self._choose_checkpoint, default=(None, None))
+            resume_path, resume_state = run_on_main(lambda: choose_checkpoint(self.cfg, self.dir), default=(None, None))
             resume_path = broadcast_from_main(resume_path)
             if resume_path is not None:
                 resume_path = self.dir.checkpoints / resume_path  # a path of its own stays as it is
@@ -254,35 +256,6 @@ class _Engine:
         finally:
             if di.is_main:
                 self.dir.unlock()
-
-    def _choose_checkpoint(self) -> tuple[str | None, dict | None]:
-        """Rank 0: which checkpoint to continue from, or (None, None) for a fresh start."""
-        cfg = self.cfg
-        self.dir.clean_up()
-        explicit = explicit_resume_path(cfg.resume)
-        if explicit is not None:
-            state = load_checkpoint(explicit, map_location="cpu")
-            if "optimizer" not in state:
-                hint = "init=" if "init" in cfg else "pretrained="
-                raise ValueError(f"resume={explicit} holds weights only (no optimizer state or step): it cannot be "
-                                 f"resumed. Start a new run from those weights with {hint}{explicit}")
-            later = [c for c in list_checkpoints(self.dir.checkpoints) if c.step > int(state["step"])]
-            if later:  # continuing here would overwrite them (same step names) or rotate them away
-                raise ValueError(
-                    f"resume={explicit} is step {int(state['step'])}, but output_dir {self.dir.path} already holds "
-                    f"later checkpoints ({', '.join(c.path.name for c in later[-3:])}) that continuing there would "
-                    f"overwrite; nothing was changed. To branch from step {int(state['step'])}, add a new "
-                    f"output_dir=...; to continue from the newest, pass resume=auto")
-            check_resume_config(state.get("config"), cfg, explicit, warn=lambda m: print(m, flush=True))
-            return str(explicit.resolve()), state
-        if wants_auto_resume(cfg.resume):
-            path, state = newest_good_checkpoint(self.dir.checkpoints, warn=lambda m: print(m, flush=True))
-            if path is not None:  # by name: each node finds it in its own view of output_dir
-                check_resume_config(state.get("config"), cfg, path, warn=lambda m: print(m, flush=True))
-                return path.name, state
-        else:
-            self.dir.check_fresh_start()
-        return None, None
 
     def _run(self, resume_path: Path | None, main_state: dict | None) -> tuple[RunResult, TrainTask]:
         cfg, di = self.cfg, self.di
@@ -304,7 +277,7 @@ class _Engine:
             raise ValueError(f"warmup ({self.warmup_steps} steps) is longer than the whole schedule ({total_steps} "
                              f"steps = {cfg.epochs} epochs x {steps_per_epoch}); lower sched.warmup_epochs or "
                              f"raise epochs")
-        self.peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * self.effective_batch / 256
+        self.peak_lr = schedule.peak_lr(cfg.optim, self.effective_batch)
 
         if resume_path is None:
             task.init_weights(lambda m: print(m, flush=True) if di.is_main else None)
@@ -354,23 +327,8 @@ class _Engine:
                          nonfinite_steps=self.counters.nonfinite_steps), task
 
     def _load(self, path: Path, main_state: dict | None, model, task: TrainTask) -> None:
-        """Every rank loads the checkpoint rank 0 chose; all check that all hold the same step
-        of the same run, and all stop together if one cannot."""
         di = self.di
-        try:
-            state = main_state if di.is_main else load_checkpoint(path, map_location="cpu")
-            loaded = (int(state["step"]), state.get("run_id"))
-        except Exception as e:  # noqa: BLE001 - shared with the other ranks below
-            state, loaded = None, f"{type(e).__name__}: {e}"
-        everyone = [loaded]
-        if di.enabled:
-            everyone = [None] * di.world_size
-            dist.all_gather_object(everyone, loaded)
-        if any(isinstance(x, str) for x in everyone) or len(set(everyone)) != 1:
-            raise RunStopped(
-                f"the ranks could not all resume from {path}: "
-                + "; ".join(f"rank {r}: {x if isinstance(x, str) else f'step {x[0]}'}" for r, x in enumerate(everyone))
-                + ". Every node must see the same output_dir (a shared filesystem)")
+        state = load_on_every_rank(path, main_state, di)
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:

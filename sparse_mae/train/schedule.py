@@ -3,6 +3,20 @@ from __future__ import annotations
 
 import math
 
+# MAE's and ConvNeXt V2's linear scaling rule: a base lr is quoted for a batch of 256
+REFERENCE_BATCH = 256
+
+
+def linear_scaled_lr(base_lr: float, batch: int) -> float:
+    """The lr for `batch` images per step, from a base lr quoted per 256."""
+    return base_lr * batch / REFERENCE_BATCH
+
+
+def peak_lr(optim, effective_batch: int) -> float:
+    """An optimizer config's peak lr: `optim.lr` when set, else `optim.blr` scaled to the
+    effective batch (every process, every accumulated micro-batch)."""
+    return optim.lr if optim.lr is not None else linear_scaled_lr(optim.blr, effective_batch)
+
 
 def warmup_cosine_lr(step: int, total_steps: int, warmup_steps: int, peak_lr: float, min_lr: float = 0.0) -> float:
     """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then half-cosine down to `min_lr`
