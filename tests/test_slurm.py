@@ -176,3 +176,116 @@ def test_submitit_launcher_requeues_a_job_signalled_before_its_time_limit(slurm,
     assert "stopped on SIGUSR2" in logs, logs[-3000:]
     assert_same_final_state(straight, run_dir)
     assert_no_leftovers(run_dir)
+
+
+# -- the batch script's logic, without SLURM (fake srun / scontrol / sparse-mae on PATH) ------
+
+FAKE_CMD = """#!/bin/bash
+# newest-step: the step in $STATE/step (exit $NEWEST_CODE); a run: its arguments to $STATE/run,
+# then $RUN_STEP (if set) as the new newest step, exit $RUN_CODE
+if [ "$1" = newest-step ]; then
+    [ "${NEWEST_CODE:-0}" -eq 0 ] || { echo "newest-step failed" >&2; exit "$NEWEST_CODE"; }
+    cat "$STATE/step"; exit 0
+fi
+printf '%s\\n' "$@" > "$STATE/run"
+[ -z "$RUN_STEP" ] || echo "$RUN_STEP" > "$STATE/step"
+exit "${RUN_CODE:-0}"
+"""
+
+
+def run_script(tmp_path: Path, args: list[str], step: int = 0, restarts: int = 0, **env: str):
+    """-> (exit code, output, the run's arguments or None, `scontrol` calls)."""
+    import subprocess
+
+    bin_dir, state = tmp_path / "bin", tmp_path / "state"
+    bin_dir.mkdir(exist_ok=True)
+    state.mkdir(exist_ok=True)
+    for name, text in (("fake-sparse-mae", FAKE_CMD), ("srun", '#!/bin/bash\nshift\nexec "$@"\n'),
+                       ("scontrol", '#!/bin/bash\necho "$@" >> "$STATE/scontrol"\n')):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (state / "step").write_text(f"{step}\n")
+    for name in ("run", "scontrol"):
+        (state / name).unlink(missing_ok=True)
+    full_env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "STATE": str(state), "SPARSE_MAE_CMD": "fake-sparse-mae",
+                "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(restarts), **env}
+    done = subprocess.run(["bash", str(SBATCH), "pretrain", *args], env=full_env, capture_output=True, text=True,
+                          timeout=60)
+    ran = (state / "run").read_text().splitlines() if (state / "run").exists() else None
+    calls = (state / "scontrol").read_text().splitlines() if (state / "scontrol").exists() else []
+    return done.returncode, done.stdout + done.stderr, ran, calls
+
+
+def test_sbatch_adds_resume_auto_only_without_a_resume_argument(tmp_path):
+    code, out, ran, _ = run_script(tmp_path, ["output_dir=/r"])
+    assert code == 0 and ran == ["pretrain", "output_dir=/r", "resume=auto"], out
+    # the user's checkpoint on the first start, and also on a requeued start while the branch has none
+    for restarts, step in ((0, 0), (0, 300), (2, 0)):
+        code, out, ran, _ = run_script(tmp_path, ["resume=/a/step-5.pt", "output_dir=/b"], step=step, restarts=restarts)
+        assert code == 0 and ran == ["pretrain", "output_dir=/b", "resume=/a/step-5.pt"], (restarts, step, out)
+    # a requeued branch continues from its own newest checkpoint, not from where it branched
+    code, out, ran, _ = run_script(tmp_path, ["resume=/a/step-5.pt", "output_dir=/b"], step=8, restarts=1)
+    assert code == 0 and ran == ["pretrain", "output_dir=/b", "resume=auto"], out
+    assert "step 8" in out and "resume=/a/step-5.pt" in out
+
+
+@pytest.mark.parametrize("code", [75, 138, 140, 143])
+def test_sbatch_requeues_a_stopped_run_only_when_it_made_progress(tmp_path, code):
+    got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], step=4, RUN_CODE=str(code), RUN_STEP="6")
+    assert got == code and calls == ["requeue 77"], out
+    got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], step=4, RUN_CODE=str(code))  # no new checkpoint
+    assert got == code and calls == [], out
+    assert "no new checkpoint since this start (newest step 4)" in out and "not requeueing job 77" in out
+
+
+def test_sbatch_ends_other_exits_without_requeue(tmp_path):
+    for code in (0, 1, 2, 3):
+        got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], RUN_CODE=str(code), RUN_STEP="6")
+        assert got == code and calls == [], out
+
+
+def test_sbatch_requeue_cap_ends_a_job_naming_the_variable(tmp_path):
+    progress = {"step": 4, "RUN_CODE": "75", "RUN_STEP": "6"}
+    got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], restarts=49, **progress)  # default 50
+    assert calls == ["requeue 77"] and "restart 50 of at most 50" in out, out
+    got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], restarts=50, **progress)
+    assert got == 75 and calls == [] and "SPARSE_MAE_MAX_REQUEUES=50" in out, out
+    got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], restarts=2, SPARSE_MAE_MAX_REQUEUES="2", **progress)
+    assert got == 75 and calls == [] and "restarted 2 time(s), SPARSE_MAE_MAX_REQUEUES=2" in out, out
+    got, out, ran, _ = run_script(tmp_path, ["output_dir=/r"], SPARSE_MAE_MAX_REQUEUES="lots")
+    assert got == 2 and ran is None and "SPARSE_MAE_MAX_REQUEUES=lots" in out, out
+
+
+def test_sbatch_without_the_newest_step_does_not_requeue(tmp_path):
+    # bad input (a dated output_dir, a bad override): the job ends before the run, with the message
+    got, out, ran, _ = run_script(tmp_path, ["output_dir=/r"], NEWEST_CODE="2")
+    assert got == 2 and ran is None and "newest-step failed" in out, out
+    # anything else: the run goes ahead but is not requeued
+    got, out, ran, calls = run_script(tmp_path, ["output_dir=/r"], NEWEST_CODE="1", RUN_CODE="75", RUN_STEP="6")
+    assert got == 75 and ran is not None and calls == [] and "will not requeue itself" in out, out
+
+
+def test_newest_step_command_prints_the_newest_verified_checkpoint(tmp_path, capsys):
+    import torch
+
+    from sparse_mae.cli import main as cli_main
+    from sparse_mae.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    assert cli_main(["newest-step", "pretrain", f"output_dir={run}"]) == 0
+    assert capsys.readouterr().out.split() == ["0"]
+    for step in (2, 4):
+        save_checkpoint(run / "checkpoints", step, {"step": step, "w": torch.ones(3)}, keep_last=0, run_id="r")
+    assert cli_main(["newest-step", "pretrain", f"output_dir={run}"]) == 0
+    assert capsys.readouterr().out.split() == ["4"]
+    with open(run / "checkpoints" / "step-00000004.pt", "r+b") as f:  # damaged: its record no longer matches
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(b"\0" if last != b"\0" else b"\1")
+    assert cli_main(["newest-step", "finetune", f"output_dir={run}"]) == 0
+    assert capsys.readouterr().out.split() == ["2"]
+    assert cli_main(["newest-step", "pretrain"]) == 2  # the default output_dir is new at every start
+    assert "a new directory at every start" in capsys.readouterr().err
+    assert cli_main(["newest-step", "bench", f"output_dir={run}"]) == 2
+    assert cli_main(["newest-step", "pretrain", "no_such_key=1"]) == 2
