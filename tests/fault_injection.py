@@ -13,6 +13,10 @@ No FAULT: the run goes on undisturbed (the test may still kill it from outside).
 STEP_DELAY=<seconds> makes every optimizer step that much longer (a sleep before it), so a
 test's signal lands mid-run on a model that is otherwise too quick.
 
+START_DELAY=<seconds> makes the run wait that long before its first step, once it is set up
+(its stop-signal handlers installed, its start line written), after printing "waiting
+before the first step": a test's signal then lands before any step was taken.
+
 VIEW=<rank>:<view> gives one rank another view of the run directory's checkpoints/, as a
 node of a multi-node job may have:
   stale   listings lack the newest step-*.pt (a network filesystem client that has not
@@ -139,9 +143,26 @@ def slow_down_steps(seconds: float) -> None:
     torch.optim.AdamW.step = step
 
 
+def delay_the_start(seconds: float) -> None:
+    import time
+
+    from sparse_mae.train import engine
+
+    real_loop = engine._Engine._loop
+
+    def loop(self):
+        print("fault_injection: waiting before the first step", flush=True)
+        time.sleep(seconds)
+        return real_loop(self)
+
+    engine._Engine._loop = loop
+
+
 def main() -> int:
     if os.environ.get("STEP_DELAY"):
         slow_down_steps(float(os.environ["STEP_DELAY"]))
+    if os.environ.get("START_DELAY"):
+        delay_the_start(float(os.environ["START_DELAY"]))
     view = os.environ.get("VIEW")
     if view:
         rank, kind = view.split(":")

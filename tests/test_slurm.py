@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable
-from tests.test_pretrain import debug_overrides
+from sparse_mae.train.checkpoint import list_checkpoints, load_checkpoint
+from tests.test_fault_injection import metrics_without_timing
+from tests.test_pretrain import assert_states_equal, debug_overrides
 from tests.test_signals import assert_no_leftovers, assert_same_final_state, run_to_end
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +38,18 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(slurm: SlurmCluster, run_dir: Path, overrides: list[str], *sbatch_args: str, step_delay: float) -> int:
+def submit(slurm: SlurmCluster, run_dir: Path, overrides: list[str], *sbatch_args: str, step_delay: float,
+           env: dict[str, str] | None = None) -> int:
+    """sbatch the script; `env`: variables for this job only (sbatch passes the environment on)."""
     slurm.env.update({"SPARSE_MAE_CMD": f"{sys.executable} {DRIVER}", "STEP_DELAY": str(step_delay),
                       "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"})
-    return slurm.sbatch(f"--output={run_dir.parent / (run_dir.name + '-%j.out')}", f"--chdir={run_dir.parent}",
-                        *sbatch_args, str(SBATCH), "pretrain", *overrides)
+    slurm.env.update(env or {})
+    try:
+        return slurm.sbatch(f"--output={run_dir.parent / (run_dir.name + '-%j.out')}", f"--chdir={run_dir.parent}",
+                            *sbatch_args, str(SBATCH), "pretrain", *overrides)
+    finally:
+        for name in env or {}:
+            slurm.env.pop(name)
 
 
 def steps_logged(run_dir: Path) -> int:
@@ -116,6 +125,72 @@ def test_two_task_job_runs_ddp_from_slurms_environment_and_survives_a_signal(slu
     assert info["JobState"] == "COMPLETED", log
     assert "cpu x 2" in log and log.count("stopped on SIGTERM") == 2, log  # both ranks heard it, one step
     assert_same_final_state(straight, job_dir)
+    assert_no_leftovers(job_dir)
+
+
+@pytest.mark.slow
+def test_job_branching_from_a_checkpoint_starts_there_and_a_requeue_continues_the_branch(slurm, tmp_path):
+    """resume=<checkpoint of another run> output_dir=<new>: the first start honours it (the
+    script used to append resume=auto, which won: step 0); the requeued start continues from
+    the branch's own newest checkpoint (the given one would be refused there, being older)."""
+    source, job_dir = tmp_path / "source", tmp_path / "job"
+    args = {**PRETRAIN, "epochs": 6}
+    run_to_end("pretrain", debug_overrides(source, **{**args, "checkpoint.every_steps": 8}), tmp_path)
+    branch_point = source / "checkpoints" / "step-00000008.pt"
+    job = submit(slurm, job_dir, [*debug_overrides(job_dir, **args), f"resume={branch_point}"], step_delay=0.3)
+    wait_until("3 steps", lambda: steps_logged(job_dir) >= 3, slurm, job)
+    first_logged = metrics_without_timing(job_dir / "metrics.jsonl")[0]["step"]
+    assert first_logged == 9, f"the branch started at step {first_logged - 1}, not 8: {job_log(slurm, job)}"
+    slurm.run("scancel", "--signal=USR1", str(job))
+    info = slurm.wait_state(job, ("COMPLETED", "FAILED"), timeout=300, restarts=1)
+    log = job_log(slurm, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    assert f"resumed from {branch_point}" in log and "stopped on SIGUSR1" in log, log
+    assert "continuing from the branch's own newest checkpoint" in log, log
+    assert f"resumed from {job_dir / 'checkpoints'}" in log, log
+    # the branch ends where the source run did, and logged the source's steps 9-24 once each
+    a, b = list_checkpoints(source / "checkpoints")[-1], list_checkpoints(job_dir / "checkpoints")[-1]
+    assert_states_equal(load_checkpoint(a.path), load_checkpoint(b.path))
+    assert metrics_without_timing(job_dir / "metrics.jsonl") == metrics_without_timing(source / "metrics.jsonl")[8:]
+    assert_no_leftovers(job_dir)
+
+
+@pytest.mark.slow
+def test_job_stopped_before_its_first_step_ends_instead_of_requeueing(slurm, tmp_path):
+    """A signal during set-up: the run exits 75 with "checkpoint none (no step was taken)". A
+    requeue would start over the same way (for ever, where every start is signalled so): the
+    job ends, saying why."""
+    job_dir = tmp_path / "job"
+    job = submit(slurm, job_dir, debug_overrides(job_dir, **PRETRAIN, max_steps=2), step_delay=0,
+                 env={"START_DELAY": "6"})
+    wait_until("the run's set-up", lambda: "waiting before the first step" in job_log(slurm, job), slurm, job)
+    slurm.run("scancel", "--signal=USR1", str(job))
+    info = slurm.wait_state(job, ("COMPLETED", "FAILED"), timeout=120)
+    log = job_log(slurm, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and int(info["Restarts"]) == 0, log
+    assert "checkpoint none (no step was taken)" in log and "no new checkpoint since this start" in log, log
+    assert not (job_dir / "checkpoints").exists() or not list_checkpoints(job_dir / "checkpoints")
+    assert_no_leftovers(job_dir)
+
+
+@pytest.mark.slow
+def test_requeue_cap_ends_a_job_that_keeps_being_stopped(slurm, tmp_path):
+    """SPARSE_MAE_MAX_REQUEUES=1: stopped (with progress) on its first start, the job is
+    requeued; stopped again on the second, it ends, naming the variable."""
+    job_dir = tmp_path / "job"
+    job = submit(slurm, job_dir, debug_overrides(job_dir, **PRETRAIN, epochs=6), step_delay=0.3,
+                 env={"SPARSE_MAE_MAX_REQUEUES": "1"})
+    for start in range(2):
+        logged = steps_logged(job_dir)
+        wait_until(f"3 steps on start {start}", lambda: steps_logged(job_dir) >= logged + 3
+                   and int(slurm.job(job).get("Restarts", 0)) == start, slurm, job)
+        slurm.run("scancel", "--signal=USR1", str(job))
+        if start == 0:
+            wait_until("a restart", lambda: int(slurm.job(job).get("Restarts", 0)) >= 1, slurm, job, timeout=120)
+    info = slurm.wait_state(job, ("COMPLETED", "FAILED"), timeout=120, restarts=1)
+    log = job_log(slurm, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and int(info["Restarts"]) == 1, log
+    assert log.count("stopped on SIGUSR1") == 2 and "SPARSE_MAE_MAX_REQUEUES=1" in log, log
     assert_no_leftovers(job_dir)
 
 
