@@ -313,6 +313,16 @@ def test_sbatch_requeues_a_stopped_run_only_when_it_made_progress(tmp_path, code
     assert "no new checkpoint since this start (newest step 4)" in out and "not requeueing job 77" in out
 
 
+def test_sbatch_says_how_to_continue_a_job_it_does_not_requeue(tmp_path):
+    branch = ["resume=/a/step-5.pt", "output_dir=/b"]
+    _, out, _, _ = run_script(tmp_path, ["output_dir=/r"], step=4, RUN_CODE="75")
+    assert "Submit the same command again to continue" in out, out  # the script adds resume=auto
+    _, out, _, _ = run_script(tmp_path, branch, step=0, RUN_CODE="75")  # the branch has no checkpoint yet
+    assert "Submit the same command again to continue" in out, out
+    _, out, _, _ = run_script(tmp_path, branch, step=8, restarts=1, RUN_CODE="75")  # it has: resume= would be refused
+    assert "with resume=auto in place of resume=/a/step-5.pt to continue from step 8" in out, out
+
+
 def test_sbatch_ends_other_exits_without_requeue(tmp_path):
     for code in (0, 1, 2, 3):
         got, out, _, calls = run_script(tmp_path, ["output_dir=/r"], RUN_CODE=str(code), RUN_STEP="6")
