@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("sparse_mae.apps.probe:main", "linear probe and kNN on frozen encoder features (Hydra: conf/probe.yaml)"),
     "bench": ("sparse_mae.apps.bench:main", "FCMAE time, memory and FLOPs across backends (Hydra: conf/bench.yaml)"),
     "flops": ("sparse_mae.apps.flops:main", "params and GFLOPs of the eight variants, dense and sparse (paper table)"),
+    "newest-step": ("sparse_mae.apps.newest_step:main",
+                    "step of a run's newest verified checkpoint, 0: none (tools/slurm/train.sbatch asks)"),
 }
 
 

@@ -19,6 +19,10 @@ such batch creates the file EVAL_STARTED names, if set. EVAL_FAULT=<n> makes the
 evaluation of this process fail at its first batch with an I/O error, as a val split on a
 failing network filesystem does.
 
+START_DELAY=<seconds> makes the run wait that long before its first step, once it is set up
+(its stop-signal handlers installed, its start line written), after printing "waiting
+before the first step": a test's signal then lands before any step was taken.
+
 VIEW=<rank>:<view> gives one rank another view of the run directory's checkpoints/, as a
 node of a multi-node job may have:
   stale   listings lack the newest step-*.pt (a network filesystem client that has not
@@ -177,6 +181,21 @@ def slow_down_or_fail_evaluations(delay: float, fail_nth: int | None, started_ma
         finetune.evaluate_classifier = evaluate_classifier
 
 
+def delay_the_start(seconds: float) -> None:
+    import time
+
+    from sparse_mae.train import engine
+
+    real_loop = engine._Engine._loop
+
+    def loop(self):
+        print("fault_injection: waiting before the first step", flush=True)
+        time.sleep(seconds)
+        return real_loop(self)
+
+    engine._Engine._loop = loop
+
+
 def main() -> int:
     if os.environ.get("EVAL_DELAY") or os.environ.get("EVAL_FAULT"):
         slow_down_or_fail_evaluations(float(os.environ.get("EVAL_DELAY") or 0),
@@ -184,6 +203,8 @@ def main() -> int:
                                       os.environ.get("EVAL_STARTED"))
     if os.environ.get("STEP_DELAY"):
         slow_down_steps(float(os.environ["STEP_DELAY"]))
+    if os.environ.get("START_DELAY"):
+        delay_the_start(float(os.environ["START_DELAY"]))
     view = os.environ.get("VIEW")
     if view:
         rank, kind = view.split(":")

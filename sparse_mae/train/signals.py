@@ -23,8 +23,8 @@ the work is safe and the exit code (75, or 0) decided, and a scheduler may deliv
 signal twice or late (SLURM's time-limit warning crossed a run's end in the tests and killed
 the finished job as failed). Outside the loop, `sparse-mae pretrain|finetune` records stop
 signals from its first line on (`catch_outside_the_run`): one during set-up makes the
-engine stop before its first step (exit 75, requeued like any other); a second one there
-kills at once.
+engine stop before its first step (exit 75, though tools/slurm/train.sbatch requeues only a
+run whose newest checkpoint moved); a second one there kills at once.
 """
 from __future__ import annotations
 
