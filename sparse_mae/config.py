@@ -23,13 +23,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from sparse_mae.backends import list_backends
+from sparse_mae.errors import ConfigError
 from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
 from sparse_mae.train.signals import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_signals
-
-
-class ConfigError(ValueError):
-    """A config value out of its declared range (apps report it as bad input, exit 2)."""
 
 
 @dataclass(frozen=True)

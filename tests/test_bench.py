@@ -188,7 +188,7 @@ def test_wrong_types_and_choices_are_rejected_by_hydra_from_the_schema(override,
     ("timeout_s=0", "timeout_s must be > 0, got 0.0"),
 ])
 def test_bad_settings_fail_when_the_config_is_composed(override, message):
-    from sparse_mae.config import ConfigError
+    from sparse_mae.errors import ConfigError
 
     with pytest.raises(ConfigError, match=re.escape(f"invalid config: {message}")):
         compose_config(["bench=micro", "output_dir=x", override])

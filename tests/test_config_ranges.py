@@ -10,7 +10,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mae.apps.app import compose
-from sparse_mae.config import SCHEMAS, ConfigError, NonEmpty, OneOf, Range, Registered, SizePairs, StopSignalNames
+from sparse_mae.config import SCHEMAS, NonEmpty, OneOf, Range, Registered, SizePairs, StopSignalNames
+from sparse_mae.errors import ConfigError
 
 # each app with every option of its data group (the data options carry different fields)
 COMPOSITIONS = [("pretrain", []), ("pretrain", ["data=imagefolder"]), ("pretrain", ["data=shards"]), ("finetune", []),

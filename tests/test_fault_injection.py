@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_mae.train.checkpoint import TEMP_PREFIX, list_checkpoints, load_checkpoint
+from sparse_mae.io import TEMP_PREFIX
+from sparse_mae.train.checkpoint import list_checkpoints, load_checkpoint
 from sparse_mae.train.engine import TIMING_METRICS
 from tests.test_pretrain import assert_states_equal, debug_overrides
 

@@ -84,7 +84,7 @@ def test_decode_gpu_without_cuda_exits_2_naming_the_fix(tmp_path, shard_root, ca
 
 
 def test_decode_gpu_without_torchvision_on_a_cuda_machine_names_the_fix(monkeypatch):
-    from sparse_mae.config import ConfigError
+    from sparse_mae.errors import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as if not installed

@@ -120,7 +120,7 @@ def no_flock(monkeypatch, err: int):
 
 @pytest.mark.parametrize("err", [errno.ENOLCK, errno.ENOSYS])
 def test_a_filesystem_without_flock_is_not_a_held_lock(tmp_path, monkeypatch, err):
-    from sparse_mae.train.errors import RunDirectoryInUse
+    from sparse_mae.errors import RunDirectoryInUse
     from sparse_mae.train.rundir import FALLBACK_LOCK_NAME, RunDirectory
 
     no_flock(monkeypatch, err)
@@ -233,7 +233,7 @@ def test_eval_of_a_checkpoint_on_data_with_other_classes_names_the_mismatch(tmp_
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EFBIG])
 def test_a_full_disk_during_a_checkpoint_stops_the_run_naming_it(tmp_path, monkeypatch, err):
     from sparse_mae.train import checkpoint
-    from sparse_mae.train.errors import RunStopped
+    from sparse_mae.errors import RunStopped
 
     real_save, calls = checkpoint.torch.save, []
 

@@ -20,7 +20,7 @@ from sparse_mae.apps.finetune import run_finetune
 from sparse_mae.apps.pretrain import NonFiniteLossError
 from sparse_mae.models.fcmae import FCMAE
 from sparse_mae.train.checkpoint import list_checkpoints, load_checkpoint
-from sparse_mae.train.errors import RunDirectoryInUse
+from sparse_mae.errors import RunDirectoryInUse
 from tests.test_finetune import ft_overrides
 from tests.test_pretrain import assert_states_equal, cli, debug_overrides, one_thread, read_metrics, run  # noqa: F401
 

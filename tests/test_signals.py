@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_mae.train.checkpoint import TEMP_PREFIX, list_checkpoints, load_checkpoint
+from sparse_mae.io import TEMP_PREFIX
+from sparse_mae.train.checkpoint import list_checkpoints, load_checkpoint
 from sparse_mae.train.signals import EXIT_INTERRUPTED, StopRequest, parse_signals
 from tests.test_fault_injection import finetune_overrides, finish, launch, metrics_without_timing, process_tree
 from tests.test_pretrain import assert_states_equal, debug_overrides

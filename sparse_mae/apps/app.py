@@ -21,7 +21,7 @@ from typing import Callable
 from omegaconf import DictConfig, OmegaConf
 
 import sparse_mae.config as schemas
-from sparse_mae.train.errors import RunStopped
+from sparse_mae.errors import RunStopped
 from sparse_mae.train.signals import (
     DEFAULT_STOP_SIGNALS,
     EXIT_INTERRUPTED,

@@ -24,7 +24,7 @@ from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.amp import resolve_amp
 from sparse_mae.train.engine import Run, RunResult, TrainTask, train
-from sparse_mae.train.errors import TrainingDiverged
+from sparse_mae.errors import TrainingDiverged
 from sparse_mae.train.signals import PhaseAbandoned
 from sparse_mae.train.step import fcmae_loss, fcmae_param_groups
 from sparse_mae.train.reconstruction import save_reconstruction

@@ -8,7 +8,6 @@ train and val splits once, centre-cropped; sparse_mae.probe does the rest: featu
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import DataLoader
 from sparse_mae.apps.app import compose, interruptible, tool_main
 from sparse_mae.data.build import labelled_split
 from sparse_mae.data.gpu_decode import collate
+from sparse_mae.io import atomic_write_text
 from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import embed, load_encoder
 from sparse_mae.train.signals import StopRequest, ignore_in_worker
@@ -58,11 +58,7 @@ def run_probe(cfg: DictConfig, stop: StopRequest | None = None) -> dict:
               "num_classes": len(classes), "feature_dim": int(train_x.shape[1]), "source": source,
               "seconds": {"embed": embedded - start, "total": time.perf_counter() - start}}
     if cfg.out:
-        out = Path(cfg.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".tmp-probe.json"
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out / "probe.json")
+        atomic_write_text(Path(cfg.out) / "probe.json", json.dumps(result, indent=1))
     return result
 
 

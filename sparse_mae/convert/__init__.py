@@ -25,6 +25,7 @@ from sparse_mae.convert.layouts import (
     infer_spec,
     to_format,
 )
+from sparse_mae.io import atomic_write_bytes
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS, ClassifierHead, build_convnextv2
 
 WRAPPER_KEYS = ("model", "state_dict", "model_state", "module")
@@ -85,17 +86,15 @@ def write_state_dict(sd: dict[str, torch.Tensor], path: str | os.PathLike, metad
     """.safetensors (metadata as JSON strings) or .pt ({'model': sd, 'metadata': ...}).
     Written to a temp file and renamed, so a crash never leaves a half-written export."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+        data = save(sd, metadata={k: json.dumps(v) for k, v in metadata.items()})
+        atomic_write_bytes(path, lambda f: f.write(data))
     elif path.suffix in (".pt", ".pth", ".bin"):
-        torch.save({"model": sd, "metadata": metadata}, tmp)
+        atomic_write_bytes(path, lambda f: torch.save({"model": sd, "metadata": metadata}, f))
     else:
         raise ValueError(f"output {path}: use a .safetensors (default) or .pt file name")
-    os.replace(tmp, path)
     return path
 
 

@@ -26,6 +26,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from sparse_mae.io import atomic_write_bytes
+
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
 CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -82,11 +84,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
     array = np.ascontiguousarray(array, dtype=np.uint8)
     raw = bytes([0, 0, UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
     # mtime=0: the same images give the same bytes, so a rebuilt subset is unchanged in git
-    tmp.write_bytes(gzip.compress(raw, mtime=0) if path.suffix == ".gz" else raw)
-    os.replace(tmp, path)
+    data = gzip.compress(raw, mtime=0) if path.suffix == ".gz" else raw
+    atomic_write_bytes(path, lambda f: f.write(data))
     return path
 
 

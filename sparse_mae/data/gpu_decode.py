@@ -38,7 +38,7 @@ Decoder = Callable[[Sequence[torch.Tensor], torch.device], list]
 
 def require_gpu_decode() -> None:
     """data.decode=gpu needs a CUDA GPU and torchvision: say so at start, never fall back."""
-    from sparse_mae.config import ConfigError
+    from sparse_mae.errors import ConfigError
 
     if not torch.cuda.is_available():
         raise ConfigError("data.decode=gpu decodes the JPEGs on a CUDA GPU (nvjpeg) and this machine has none "

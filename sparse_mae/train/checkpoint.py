@@ -21,7 +21,6 @@ files, nor files written without a record (by older versions).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -33,10 +32,10 @@ from typing import Callable
 
 import torch
 
-from sparse_mae.train.errors import RunStopped
+from sparse_mae.errors import RunStopped
+from sparse_mae.io import TEMP_PREFIX, atomic_write_bytes, fsync_dir, sha256_of, write_temp
 
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
-TEMP_PREFIX = ".tmp-"
 NO_RECORD = -1  # seq of a checkpoint written without a record: older than any recorded one
 
 
@@ -110,54 +109,6 @@ def find_latest(folder: str | os.PathLike) -> Path | None:
 
 # -- writing -----------------------------------------------------------------------------
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}")
-
-
-def _write_temp(path: Path, write: Callable) -> Path:
-    """`write(file)` into a temp file beside `path`, flushed and fsync'ed; -> the temp path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # an exception (not a hard kill) leaves no temp file
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: str | os.PathLike, write: Callable) -> None:
-    """Call `write(file_object)` on a temp file beside `path`, fsync, then rename onto `path`."""
-    path = Path(path)
-    tmp = _write_temp(path, write)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def remove_stale_files(folder: Path) -> None:
     """Temp files of a killed writer, and records / configs whose checkpoint never landed.
     Only safe while no other process writes here (the run directory's lock)."""
@@ -181,7 +132,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict, config_ya
     try:
         if config_yaml is not None:
             atomic_write_bytes(path.with_suffix(".yaml"), lambda f: f.write(config_yaml.encode()))
-        tmp = _write_temp(path, lambda f: torch.save(state, f))
+        tmp = write_temp(path, lambda f: torch.save(state, f))
         record = {"step": step, "seq": seq, "run_id": run_id, "sha256": sha256_of(tmp), "bytes": tmp.stat().st_size}
         atomic_write_bytes(record_path(path), lambda f: f.write(json.dumps(record, indent=1).encode()))
     except (OSError, RuntimeError) as e:
@@ -196,7 +147,7 @@ def save_checkpoint(folder: str | os.PathLike, step: int, state: dict, config_ya
             f"stopped, and the checkpoints written before are intact. Free space (or raise the file-size limit), "
             f"then continue with resume=auto") from e
     os.replace(tmp, path)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     if keep_last > 0 and run_id is not None:
         ours = [c for c in list_checkpoints(folder) if c.run_id == run_id and c.seq != NO_RECORD]
         for old in ours[:-keep_last]:

@@ -32,10 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from sparse_mae.config import ConfigError, check_output_dir, validate
+from sparse_mae.config import check_output_dir, validate
 from sparse_mae.data.gpu_decode import collate, decode_batch
 from sparse_mae.data.transforms import model_input
-from sparse_mae.train.checkpoint import atomic_write_bytes, find_latest, save_checkpoint
+from sparse_mae.io import atomic_write_bytes
+from sparse_mae.train.checkpoint import find_latest, save_checkpoint
 from sparse_mae.train.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -45,7 +46,7 @@ from sparse_mae.train.distributed import (
     init_distributed,
     run_on_main,
 )
-from sparse_mae.train.errors import RunStopped, TrainingDiverged
+from sparse_mae.errors import ConfigError, RunStopped, TrainingDiverged
 from sparse_mae.train.metrics import RunLogger
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state, seed_everything
 from sparse_mae.train.resume import choose_checkpoint, load_on_every_rank

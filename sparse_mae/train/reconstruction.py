@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from sparse_mae.data.transforms import tensor_to_pil, unnormalize
-from sparse_mae.train.checkpoint import atomic_write_bytes
+from sparse_mae.io import atomic_write_bytes
 
 GAP = 2  # pixels between tiles
 

@@ -23,7 +23,7 @@ from sparse_mae.train.checkpoint import (
     wants_auto_resume,
 )
 from sparse_mae.train.distributed import DistInfo
-from sparse_mae.train.errors import RunStopped
+from sparse_mae.errors import RunStopped
 from sparse_mae.train.resume_config import check_resume_config
 from sparse_mae.train.rundir import RunDirectory
 

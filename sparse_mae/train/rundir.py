@@ -26,8 +26,9 @@ import threading
 import time
 from pathlib import Path
 
-from sparse_mae.train.checkpoint import TEMP_PREFIX, atomic_write_bytes, list_checkpoints, remove_stale_files
-from sparse_mae.train.errors import RunDirectoryInUse
+from sparse_mae.io import TEMP_PREFIX, atomic_write_bytes
+from sparse_mae.train.checkpoint import list_checkpoints, remove_stale_files
+from sparse_mae.errors import RunDirectoryInUse
 
 LOCK_NAME = "run.lock"
 FALLBACK_LOCK_NAME = "run.lock.held"
