@@ -28,7 +28,7 @@ import simplejpeg
 import torch
 from PIL import Image
 
-from sparse_mae.data.transforms import random_resized_crop_box
+from sparse_mae.data.transforms import centre_crop_box, random_resized_crop_box
 
 
 JPEG_START = b"\xff\xd8"  # SOI: shards hold JPEGs (prepare) or, for lossless sources, PNGs
@@ -75,15 +75,6 @@ def train_crop(width: int, height: int, seed: int, scale: tuple[float, float], r
     g = torch.Generator().manual_seed(seed)
     box = random_resized_crop_box(width, height, scale, ratio, g)
     return box, float(torch.rand(1, generator=g)) < hflip
-
-
-def centre_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
-    """The region of the full-size image that becomes the eval crop: the shorter side resized
-    to `size`, then the centred size x size square, in full-size pixels (fractional)."""
-    s = size / min(width, height)
-    w, h = max(size, round(width * s)), max(size, round(height * s))
-    left, top = (w - size) // 2, (h - size) // 2
-    return tuple(v / s for v in (left, top, left + size, top + size))
 
 
 def crop_resize(image: torch.Tensor, box: Sequence[float], flip: bool, size: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ What runs where:
 - the DataLoader's workers (ShardDataset with a `JpegCrop` transform) read a sample's bytes and
   verify its checksum (a damaged sample is skipped and counted as with data.decode=cpu), read
   the JPEG header for the image size, and draw the crop box and flip from the sample's seed
-  with the same functions as the CPU path (decode.train_crop, decode.centre_crop_box). An
+  with the same functions as the CPU path (decode.train_crop, transforms.centre_crop_box). An
   item is {"jpeg": uint8 (bytes,), "box": float64 (4,), "flip": bool, "size" (of the crop),
   "index", "seed", "skipped"} (+ "label"); `collate` keeps the byte tensors as a list (they differ in length).
 - the training process (`decode_batch`, called by the engine and the evaluation loops)

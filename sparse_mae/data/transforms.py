@@ -101,12 +101,19 @@ class EvalTransform:
         self.size = size
 
     def __call__(self, img: Image.Image, seed: int = 0) -> torch.Tensor:
-        s = self.size / min(img.width, img.height)
-        w, h = max(self.size, round(img.width * s)), max(self.size, round(img.height * s))
-        left, top = (w - self.size) // 2, (h - self.size) // 2
-        sx, sy = img.width / w, img.height / h  # resized -> source pixels
-        box = (left * sx, top * sy, (left + self.size) * sx, (top + self.size) * sy)
+        box = centre_crop_box(img.width, img.height, self.size)
         return to_normalized_tensor(img.resize((self.size, self.size), Image.BICUBIC, box=box))
+
+
+def centre_crop_box(width: int, height: int, size: int) -> tuple[float, float, float, float]:
+    """The region of the full-size image that becomes the eval crop: the shorter side resized
+    to `size` (each side rounded), then the centred size x size square, in full-size pixels
+    (fractional). Every eval path crops this box: EvalTransform, the shards' fast decode."""
+    s = size / min(width, height)
+    w, h = max(size, round(width * s)), max(size, round(height * s))
+    left, top = (w - size) // 2, (h - size) // 2
+    sx, sy = width / w, height / h  # resized -> source pixels
+    return left * sx, top * sy, (left + size) * sx, (top + size) * sy
 
 
 def tensor_to_pil(img: torch.Tensor) -> Image.Image:

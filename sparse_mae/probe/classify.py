@@ -16,16 +16,15 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparse_mae.train.evaluation import topk_hits
 from sparse_mae.train.schedule import linear_scaled_lr
 from sparse_mae.train.signals import StopRequest, until_stopped
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """scores (N, classes), labels (N,) -> {"top1", "top5"} in percent (top-5 = top-k for fewer classes)."""
-    k = min(5, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    return {"top1": 100.0 * float((top[:, 0] == labels).float().mean()),
-            "top5": 100.0 * float((top == labels[:, None]).any(dim=1).float().mean())}
+    _, hits1, hits5 = topk_hits(scores, labels)
+    return {"top1": 100.0 * hits1 / len(labels), "top5": 100.0 * hits5 / len(labels)}
 
 
 def check_features(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,

@@ -13,6 +13,13 @@ from sparse_mae.data.transforms import model_input
 from sparse_mae.train.signals import StopRequest, until_stopped
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """scores (N, classes), labels (N,) -> (predicted class (N,), how many are right at top-1,
+    how many at top-5; top-5 is top-k for fewer than 5 classes)."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+    return top[:, 0], int((top[:, 0] == labels).sum()), int((top == labels[:, None]).any(dim=1).sum())
+
+
 @torch.no_grad()
 def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
                         amp: bool = False, stop: StopRequest | None = None) -> dict:
@@ -25,7 +32,6 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     correct1 = correct5 = skipped = 0
     loss_sum, count = 0.0, 0
-    k = min(5, num_classes)
     for batch in until_stopped(loader, stop, "evaluation"):
         batch = decode_batch(batch, device, getattr(loader, "dataset", None))  # data.decode=gpu: decoded here, on the device
         keep = batch["skipped"] == 0
@@ -38,11 +44,11 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
             logits = model(imgs)
         logits = logits.float()
         loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        topk = logits.topk(k, dim=1).indices
-        correct1 += int((topk[:, 0] == labels).sum())
-        correct5 += int((topk == labels[:, None]).any(dim=1).sum())
+        predicted, hits1, hits5 = topk_hits(logits, labels)
+        correct1 += hits1
+        correct5 += hits5
         count += labels.numel()
-        confusion += torch.bincount(labels.cpu() * num_classes + topk[:, 0].cpu(),
+        confusion += torch.bincount(labels.cpu() * num_classes + predicted.cpu(),
                                     minlength=num_classes * num_classes).reshape(num_classes, num_classes)
     model.train(was_training)
     if count == 0:
