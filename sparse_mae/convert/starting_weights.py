@@ -11,20 +11,28 @@ from __future__ import annotations
 import torch
 
 from sparse_mae.convert import encoder_part, import_state_dict, read_state_dict
-from sparse_mae.convert.layouts import guess_format
+from sparse_mae.convert.layouts import Spec, guess_format
 
 
-def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", variant: str | None = None,
-                          option: str = "init") -> str:
-    """Load `path` into `model` (an FCMAE or a classifier of `variant`); -> what was loaded."""
+def read_weights(path: str, fmt: str = "auto", variant: str | None = None,
+                 option: str = "init") -> tuple[dict[str, torch.Tensor], Spec, str]:
+    """Weights in any layout `import` reads -> (our state dict, its spec, the layout it was read
+    as); a checkpoint of another variant than `variant` is refused naming the `option` to fix."""
     fmt = str(fmt)
-    foreign, meta = read_state_dict(path)
+    foreign, _ = read_state_dict(path)
     if fmt == "auto":  # names that fit no layout are checked against ours, which lists what differs
         fmt = guess_format(foreign) or "sparse_mae"
     sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
     if variant is not None and spec.variant != str(variant):
         raise ValueError(f"{option}={path} is a convnextv2_{spec.variant} checkpoint but model={variant}; "
                          f"pass model={spec.variant}")
+    return sd, spec, fmt
+
+
+def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", variant: str | None = None,
+                          option: str = "init") -> str:
+    """Load `path` into `model` (an FCMAE or a classifier of `variant`); -> what was loaded."""
+    sd, spec, fmt = read_weights(path, fmt, variant, option)
     is_fcmae_model = hasattr(model, "encoder")
     if is_fcmae_model and spec.kind == "fcmae":
         model.load_state_dict(sd, strict=True)
@@ -39,4 +47,4 @@ def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", 
     return f"the encoder of the {fmt} {spec.kind} checkpoint {path} (the {fresh} starts fresh)"
 
 
-__all__ = ["load_starting_weights"]
+__all__ = ["load_starting_weights", "read_weights"]

@@ -34,8 +34,8 @@ def load_encoder(path: str | None, variant: str, fmt: str = "auto", seed: int = 
     """-> (encoder without head, its feature head, what was loaded). From any checkpoint that
     `sparse-mae import` reads (ours: pretrain, finetune, export; timm; official); without
     `path`, a random-init encoder of `variant` drawn from `seed` (global RNG untouched)."""
-    from sparse_mae.convert import encoder_part, import_state_dict, read_state_dict
-    from sparse_mae.convert.layouts import guess_format
+    from sparse_mae.convert import encoder_part
+    from sparse_mae.convert.starting_weights import read_weights
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -43,14 +43,7 @@ def load_encoder(path: str | None, variant: str, fmt: str = "auto", seed: int = 
     dim = encoder.num_features
     if path is None:
         return encoder.eval(), FeatureHead(dim), f"a random-init convnextv2_{variant} encoder (seed {seed})"
-    foreign, _ = read_state_dict(path)
-    fmt = str(fmt)
-    if fmt == "auto":  # names that fit no layout are checked against ours, which lists what differs
-        fmt = guess_format(foreign) or "sparse_mae"
-    sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
-    if spec.variant != str(variant):
-        raise ValueError(f"{option}={path} is a convnextv2_{spec.variant} checkpoint but model={variant}; "
-                         f"pass model={spec.variant}")
+    sd, spec, fmt = read_weights(path, fmt, variant, option)
     weights, _ = encoder_part(sd, spec)
     norm_weight, norm_bias = weights.get("head.norm.weight"), weights.get("head.norm.bias")
     encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")}, strict=True)
