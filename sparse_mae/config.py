@@ -15,18 +15,18 @@ work the same way, so the remaining defaults of those nodes are the dataclass de
 """
 from __future__ import annotations
 
+import signal
 from dataclasses import dataclass, field, fields, is_dataclass
 from enum import Enum
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from sparse_mae.backends import list_backends
-from sparse_mae.errors import ConfigError
 from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
+from sparse_mae.errors import ConfigError
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
-from sparse_mae.train.signals import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_signals
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,33 @@ class SizePairs:
         ok = value and all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and v > 0 for v in p)
                            for p in value)
         return None if ok else "a non-empty list of [width, height] pairs, each > 0"
+
+
+# The signals a scheduler or a terminal sends to ask a job to stop. Others are refused: a run
+# that stopped on SIGCHLD would stop itself when its first DataLoader worker exits, SIGALRM,
+# SIGPIPE or SIGWINCH come from the process's own doings, and KILL and STOP cannot be caught.
+ALLOWED_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2", "HUP")
+
+
+def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
+    """["TERM", "SIGUSR1", 10] -> signals; a clear error for a name this system lacks or a
+    signal a run may not stop on (only ALLOWED_STOP_SIGNALS)."""
+    allowed = ", ".join(ALLOWED_STOP_SIGNALS)
+    out = []
+    for name in names:
+        text = str(name).strip().upper()
+        try:
+            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[
+                text if text.startswith("SIG") else f"SIG{text}"]
+        except (KeyError, ValueError):
+            raise ValueError(f"stop_signals: unknown signal {name!r}; use some of {allowed}") from None
+        if sig.name.removeprefix("SIG") not in ALLOWED_STOP_SIGNALS:
+            raise ValueError(f"stop_signals: {sig.name} is not a signal a run may stop on; use some of {allowed}")
+        out.append(sig)
+    return out
+
+
+DEFAULT_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2")  # RunConfig.stop_signals' default, and the CLI's before a config exists
 
 
 @dataclass(frozen=True)

@@ -35,34 +35,11 @@ from typing import Callable, Iterable
 
 import torch
 
+from sparse_mae.config import DEFAULT_STOP_SIGNALS, parse_signals  # defined with stop_signals, their range check
+
 EXIT_INTERRUPTED = 75  # stopped on a signal with a checkpoint written: run again with resume=auto
 
 
-# The signals a scheduler or a terminal sends to ask a job to stop. Others are refused: a run
-# that stopped on SIGCHLD would stop itself when its first DataLoader worker exits, SIGALRM,
-# SIGPIPE or SIGWINCH come from the process's own doings, and KILL and STOP cannot be caught.
-ALLOWED_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2", "HUP")
-
-
-def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
-    """["TERM", "SIGUSR1", 10] -> signals; a clear error for a name this system lacks or a
-    signal a run may not stop on (only ALLOWED_STOP_SIGNALS)."""
-    allowed = ", ".join(ALLOWED_STOP_SIGNALS)
-    out = []
-    for name in names:
-        text = str(name).strip().upper()
-        try:
-            sig = signal.Signals(int(text)) if text.isdigit() else signal.Signals[
-                text if text.startswith("SIG") else f"SIG{text}"]
-        except (KeyError, ValueError):
-            raise ValueError(f"stop_signals: unknown signal {name!r}; use some of {allowed}") from None
-        if sig.name.removeprefix("SIG") not in ALLOWED_STOP_SIGNALS:
-            raise ValueError(f"stop_signals: {sig.name} is not a signal a run may stop on; use some of {allowed}")
-        out.append(sig)
-    return out
-
-
-DEFAULT_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2")  # RunConfig.stop_signals' default, for the CLI's start
 _outside = {"pending": None, "ended": False}  # the CLI's recorder and the engine share these
 
 
