@@ -1,4 +1,4 @@
-"""`sparse-mae bench [hydra overrides]`: the benchmark grid (schema: config.BenchConfig).
+"""`sparse-mae bench [hydra overrides]`: the benchmark grid (schema: config.apps.BenchConfig).
 
     sparse-mae bench bench=quick                      # a couple of minutes on a laptop CPU
     sparse-mae bench bench=loader                     # folder vs shard loading; pretrain from shards vs the step

@@ -1,5 +1,5 @@
 """`sparse-mae finetune [hydra overrides]`: fine-tune a dense ConvNeXt V2 classifier
-(schema: config.FinetuneConfig).
+(schema: config.apps.FinetuneConfig).
 
 From pretrained weights (ours, an import, or any layout `import` reads) or random init:
 the encoder weights are loaded, the head is re-initialised. Recipe pieces (ConvNeXt V2 /

@@ -1,4 +1,4 @@
-"""`sparse-mae pretrain [hydra overrides]`: FCMAE pretraining (schema: config.PretrainConfig).
+"""`sparse-mae pretrain [hydra overrides]`: FCMAE pretraining (schema: config.apps.PretrainConfig).
 
 The app is the FCMAE loss on masked images and the reconstruction picture; the step loop,
 checkpoints, resume and the non-finite policy are sparse_mae.train's engine. Every

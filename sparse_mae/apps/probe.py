@@ -1,5 +1,5 @@
 """`sparse-mae probe [ckpt=PATH] [overrides]`: linear probe and kNN on frozen encoder features
-(schema: config.ProbeConfig).
+(schema: config.apps.ProbeConfig).
 
 The encoder (from any checkpoint `import` reads, or random init of model=) embeds the
 train and val splits once, centre-cropped; sparse_mae.probe does the rest: features

@@ -15,7 +15,7 @@ class ModelEma:
     checkpoints' `ema` entry does not.)"""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay  # range: config.EmaConfig.decay
+        self.decay = decay  # range: config.apps.EmaConfig.decay
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)

@@ -21,7 +21,7 @@ def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float) -> to
 
 def mix_batch(imgs: torch.Tensor, targets: torch.Tensor, cfg, rng: np.random.Generator):
     """Mixup (blend with the batch reversed) or CutMix (paste a box from it); targets mixed
-    by area. `cfg`: config.MixupConfig. Returns (imgs, targets) unchanged when both alphas
+    by area. `cfg`: config.apps.MixupConfig. Returns (imgs, targets) unchanged when both alphas
     are 0 or the batch is not drawn for mixing."""
     mix, cut = cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0
     if not (mix or cut) or rng.random() >= cfg.prob:
