@@ -24,7 +24,8 @@ from omegaconf import MISSING, OmegaConf
 
 from sparse_mae.backends import list_backends
 from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
-from sparse_mae.models.convnextv2 import PATCH, VARIANTS
+from sparse_mae.models.convnextv2 import VARIANTS
+from sparse_mae.models.geometry import PATCH, visible_count
 from sparse_mae.train.signals import ALLOWED_STOP_SIGNALS, DEFAULT_STOP_SIGNALS, parse_signals
 
 
@@ -443,7 +444,7 @@ class PretrainConfig(RunConfig):
             return None
         size, ratio = node.data.size, node.mask_ratio
         patches = (size // PATCH) ** 2
-        if max(1, int(patches * (1 - ratio))) < patches:
+        if visible_count(patches, ratio) < patches:
             return None
         return (f"data.size={size} gives {patches} patch(es) of {PATCH}x{PATCH} and mask_ratio={ratio} keeps all "
                 f"of them, so there is nothing to reconstruct; use data.size >= {2 * PATCH} or a higher mask_ratio")

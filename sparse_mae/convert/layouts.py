@@ -149,14 +149,14 @@ class Rule:
 @lru_cache(maxsize=256)  # bounded: every distinct spec a caller asks about stays cached
 def canonical_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     """Key -> shape of our model for `spec`, built on the meta device (fast at any size)."""
-    from sparse_mae.models.fcmae import build_fcmae
+    from sparse_mae.build import create_model
 
     with torch.device("meta"):
         if spec.kind == "classifier":
             model = build_convnextv2(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
-        else:
-            model = build_fcmae(spec.variant, in_chans=spec.in_chans, decoder_dim=spec.decoder_dim,
-                                decoder_depth=spec.decoder_depth)
+        else:  # the shapes are the same on every backend
+            model = create_model(f"fcmae_convnextv2_{spec.variant}", in_chans=spec.in_chans,
+                                 decoder_dim=spec.decoder_dim, decoder_depth=spec.decoder_depth)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
