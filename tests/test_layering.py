@@ -85,3 +85,19 @@ def test_the_patch_size_is_defined_once():
                     and isinstance(node.right, ast.Constant) and node.right.value == 32:
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} // 32 or % 32")
     assert offenders == ["models/geometry.py"]
+
+
+def test_the_architecture_facts_are_defined_once():
+    """Stage reductions, norms' eps and the kernel size are the model's (models/geometry.py);
+    the kernel package states only the depthwise size its code is compiled for."""
+    facts = {"NUM_STAGES", "STEM_STRIDE", "DOWNSAMPLE_STRIDE", "STAGE_STRIDES", "STAGE_UPSAMPLE",
+             "STAGE_SITES_PER_PATCH", "KERNEL_SIZE", "LN_EPS", "GRN_EPS"}
+    where: dict[str, list[str]] = {}
+    for path in [*ROOT.rglob("*.py"), *ROOT.parent.joinpath("kernels").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign):
+                for t in node.targets:
+                    if getattr(t, "id", "") in facts:
+                        where.setdefault(t.id, []).append(str(path.relative_to(ROOT.parent)))
+    assert where.pop("KERNEL_SIZE") == ["sparse_mae/models/geometry.py", "kernels/constants.py"]
+    assert where == {name: ["sparse_mae/models/geometry.py"] for name in facts - {"KERNEL_SIZE"}}

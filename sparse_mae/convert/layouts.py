@@ -22,6 +22,7 @@ import torch
 
 from sparse_mae.backends.minkowski import depthwise_from_me, depthwise_to_me, strided_from_me, strided_to_me
 from sparse_mae.models.convnextv2 import VARIANTS, build_convnextv2
+from sparse_mae.models.geometry import NUM_STAGES
 
 FORMATS = ("sparse_mae", "timm", "official_dense", "official_fcmae")
 # timm builds these variants with 1x1-conv MLPs (conv_mlp=True); tiny and larger use Linear.
@@ -181,8 +182,7 @@ def expected_shapes(spec: Spec, fmt: str) -> dict[str, tuple[int, ...]]:
 # first: key count, key names' stage / block / decoder indices, and the sizes read off
 # the stem, head and decoder projection. The limits come from the variant table, or are
 # generous multiples of anything the paper or a plausible fine-tune uses.
-MAX_STAGE_DEPTHS = tuple(max(v.depths[i] for v in VARIANTS.values()) for i in range(4))  # (3, 3, 27, 3)
-NUM_STAGES = len(MAX_STAGE_DEPTHS)
+MAX_STAGE_DEPTHS = tuple(max(v.depths[i] for v in VARIANTS.values()) for i in range(NUM_STAGES))  # (3, 3, 27, 3)
 MAX_DECODER_DEPTH = 32  # the paper's FCMAE decoder is 1 block
 MAX_DECODER_DIM = 4096  # the paper's is 512
 MAX_IN_CHANS = 64  # RGB is 3; multispectral inputs a few dozen

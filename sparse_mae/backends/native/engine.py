@@ -200,7 +200,8 @@ class TileEncoder:
         y = tiles_dwconv(x, st.halo_index, conv.weight, conv.bias)
         mlp = block.mlp
         y = mlp.act(mlp.fc1(block.norm(y)))
-        y = tiles_grn(y.reshape(p, s * s, -1), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
+        y = tiles_grn(y.reshape(p, s * s, -1), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias,
+                      mlp.grn.eps)
         y = mlp.fc2(y).view(p, s, s, c)
         scale = block.drop_path_scale(layout.batch, x.device, x.dtype)
         if scale is not None:
