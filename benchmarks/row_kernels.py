@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_mae.bench.timing import time_calls
+from sparse_mae.models.geometry import visible_count
 
 STAGE_GRIDS = (56, 28, 14, 7)  # sites per side at 224 px
 STAGE_SIDE = (8, 4, 2, 1)  # sites per patch side
@@ -44,7 +45,7 @@ def fwd_bwd(fn, inputs):
 
 
 def random_mask(batch: int, grid: int, ratio: float, device) -> torch.Tensor:
-    keep = max(1, int(grid * grid * (1 - ratio)))
+    keep = visible_count(grid * grid, ratio)
     mask = torch.ones(batch, grid * grid)
     for n in range(batch):
         mask[n, torch.randperm(grid * grid)[:keep]] = 0
