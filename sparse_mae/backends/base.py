@@ -1,9 +1,9 @@
 """The one small interface every encoder backend implements.
 
-A backend owns no parameters and no architecture facts (those are the model's,
-sparse_mae/models/geometry.py; FCMAE is handed a backend object). It runs the forward of a dense `ConvNeXtV2` encoder (the
-canonical parameter layout) over the visible patches only, so a checkpoint from any
-backend loads into any other by construction.
+A backend owns no parameters and no architecture facts (those are the model's, in
+sparse_mae/models/geometry.py; FCMAE is handed a backend object). It runs the forward of
+a dense `ConvNeXtV2` encoder (the canonical parameter layout) over the visible patches
+only, so a checkpoint from any backend loads into any other by construction.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_mae.models.geometry import (  # noqa: F401 (PATCH re-exported; the facts are defined there)
+from sparse_mae.models.geometry import (  # the architecture's facts, each defined there once
     DOWNSAMPLE_STRIDE, GRN_EPS, KERNEL_SIZE, LN_EPS, NUM_STAGES, PATCH, STEM_STRIDE,
 )
 
