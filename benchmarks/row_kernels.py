@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_mae.bench.timing import time_calls
+from sparse_mae.models.geometry import visible_count
 
 STAGE_GRIDS = (56, 28, 14, 7)  # sites per side at 224 px
 STAGE_SIDE = (8, 4, 2, 1)  # sites per patch side
@@ -44,7 +45,7 @@ def fwd_bwd(fn, inputs):
 
 
 def random_mask(batch: int, grid: int, ratio: float, device) -> torch.Tensor:
-    keep = max(1, int(grid * grid * (1 - ratio)))
+    keep = visible_count(grid * grid, ratio)
     mask = torch.ones(batch, grid * grid)
     for n in range(batch):
         mask[n, torch.randperm(grid * grid)[:keep]] = 0
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     import sparse_mae_kernels
     from sparse_mae.backends.native.layout import SparseLayout
     from sparse_mae.models.convnextv2 import GRN, VARIANTS
+    from sparse_mae.models.geometry import GRN_EPS, LN_EPS
     from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm
     from sparse_mae_kernels.ops.rows_grn import rows_grn
     from sparse_mae_kernels.ops.rows_residual import rows_residual
@@ -116,17 +118,17 @@ def main(argv: list[str] | None = None) -> int:
 
         def tile_path(x, w, b, lw, lb):
             y = tiles_dwconv(x.view(patches, side, side, c), st.halo_index, w.view(c, 1, 7, 7).to(dtype), b.to(dtype))
-            return F.layer_norm(y.float(), (c,), lw, lb, 1e-6).to(dtype)
+            return F.layer_norm(y.float(), (c,), lw, lb, LN_EPS).to(dtype)
 
         dense_x = torch.randn(args.batch, c, grid, grid, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
 
         def dense_path(x, w, b, lw, lb):
             y = F.conv2d(x, w.to(dtype).view(c, 1, 7, 7), b.to(dtype), padding=3, groups=c).permute(0, 2, 3, 1)
-            return F.layer_norm(y.float(), (c,), lw, lb, 1e-6).to(dtype)
+            return F.layer_norm(y.float(), (c,), lw, lb, LN_EPS).to(dtype)
 
         params = [weight, bias, lw, lb]
         show(i + 1, "dwconv+LN", rows, c,
-             timed(fwd_bwd(lambda x, *p: rows_dwconv_layernorm(x, nbr, *p, check_values=False), [x, *params])),
+             timed(fwd_bwd(lambda x, *p: rows_dwconv_layernorm(x, nbr, *p, LN_EPS, check_values=False), [x, *params])),
              timed(fwd_bwd(tile_path, [x, *params])), timed(fwd_bwd(dense_path, [dense_x, *params])))
 
         hidden = 4 * c
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def torch_grn(h, g, b, ib):
             v = F.gelu((h.float() + ib).to(dtype))
-            return tiles_grn(v.view(patches, side * side, hidden), layout.patch_sample, layout.batch, g, b)
+            return tiles_grn(v.view(patches, side * side, hidden), layout.patch_sample, layout.batch, g, b, GRN_EPS)
 
         dense_h = torch.randn(args.batch, grid, grid, hidden, device=dev, dtype=dtype)
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return torch.func.functional_call(grn, {"weight": g, "bias": b}, (F.gelu((h.float() + ib).to(dtype)),))
 
         show(i + 1, "bias+GELU+GRN", rows, hidden,
-             timed(fwd_bwd(lambda h, g, b, ib: rows_grn(h, offsets, g, b, ib, gelu=True), [h, gamma, beta, fc1_bias])),
+             timed(fwd_bwd(lambda h, g, b, ib: rows_grn(h, offsets, g, b, ib, gelu=True, eps=GRN_EPS),
+                           [h, gamma, beta, fc1_bias])),
              timed(fwd_bwd(torch_grn, [h, gamma, beta, fc1_bias])),
              timed(fwd_bwd(dense_grn, [dense_h, gamma, beta, fc1_bias])))
 

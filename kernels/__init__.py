@@ -11,8 +11,9 @@ because PyPI's unrelated `kernels` package owns the plain name.
 - `csrc/`: the C sources (one per op, a shared header, the thread pool), built by
   `cpu_build` into one library on first use; `triton_runtime`: Triton where installed;
   `triton_aot`: compiles every Triton kernel for a GPU target without a GPU.
-- `constants` (kernel size, GRN and LayerNorm epsilon, defined once), `common` (checks
-  and dtype rules every op shares).
+- `constants` (the 7x7 depthwise size the kernels are compiled for; every epsilon is an
+  argument: the model's fact, passed by the backend), `common` (checks and dtype rules
+  every op shares).
 
 Two switches, one per device kind, read at every call:
 - `use_cpu_kernels(device)`: on CPU when the C kernels build and SPARSE_MAE_CPU_KERNELS

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparse_mae.backends.base import PATCH, STAGE_SITES_PER_PATCH
 from sparse_mae.models.convnextv2 import VARIANTS
-from sparse_mae_kernels.constants import TAPS
-
+from sparse_mae.models.geometry import (
+    DOWNSAMPLE_STRIDE, KERNEL_SIZE, NUM_STAGES, PATCH, STAGE_SITES_PER_PATCH, STEM_STRIDE, visible_count,
+)
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -37,16 +37,16 @@ def measured_gmacs(model: torch.nn.Module, input_size=(224, 224), batch: int = 1
 
 def block_macs_per_site(dim: int) -> int:
     """depthwise 7x7 + Linear(C, 4C) + Linear(4C, C)."""
-    return TAPS * dim + 8 * dim * dim
+    return KERNEL_SIZE * KERNEL_SIZE * dim + 8 * dim * dim
 
 
 def encoder_macs_per_patch(depths, dims, in_chans: int = 3) -> int:
     """Encoder MACs for one visible 32x32 patch (stem, downsamples, blocks)."""
-    macs = STAGE_SITES_PER_PATCH[0] * (in_chans * 16) * dims[0]  # stem 4x4/4 conv
-    for i in range(4):
+    macs = STAGE_SITES_PER_PATCH[0] * (in_chans * STEM_STRIDE**2) * dims[0]  # stem 4x4/4 conv
+    for i in range(NUM_STAGES):
         sites = STAGE_SITES_PER_PATCH[i]
         if i > 0:
-            macs += sites * 4 * dims[i - 1] * dims[i]  # 2x2/2 downsample conv
+            macs += sites * DOWNSAMPLE_STRIDE**2 * dims[i - 1] * dims[i]  # 2x2/2 downsample conv
         macs += depths[i] * sites * block_macs_per_site(dims[i])
     return macs
 
@@ -94,8 +94,8 @@ def fcmae_gmacs(
     """Dense / useful-sparse encoder and decoder GMACs per image.
 
     The visible fraction comes from `mask` (N, L) (1 = removed) when given, otherwise
-    from `mask_ratio` with the exact keep count FCMAE draws, otherwise from the model.
-    A model (FCMAE) may stand in for the variant name; its own decoder sizes are used.
+    from `mask_ratio` with the exact keep count FCMAE draws (`visible_count`), otherwise
+    every patch is visible. A model (FCMAE) may stand in for the variant name; its own decoder sizes are used.
     """
     if isinstance(variant_or_model, str):
         spec = VARIANTS[variant_or_model]
@@ -105,13 +105,11 @@ def fcmae_gmacs(
         depths, dims, in_chans = enc.depths, enc.dims, enc.in_chans
         decoder_dim = variant_or_model.proj.out_channels
         decoder_depth = len(variant_or_model.decoder)
-        if mask is None and mask_ratio is None:
-            mask_ratio = variant_or_model.mask_ratio
     patches = (input_size[0] // PATCH) * (input_size[1] // PATCH)
     if mask is not None:
         visible = float((mask == 0).sum()) / mask.shape[0]
     elif mask_ratio is not None:
-        visible = float(max(1, int(patches * (1 - mask_ratio))))
+        visible = float(visible_count(patches, mask_ratio))
     else:
         visible = float(patches)
     per_patch = encoder_macs_per_patch(depths, dims, in_chans)

@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from sparse_mae import create_model
+from sparse_mae import create_model, get_backend
 
 LOSS_RTOL = 1e-5
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
@@ -38,12 +38,12 @@ def randomise_affine(model: torch.nn.Module, seed: int = 0) -> None:
 def make_case(variant: str, size, batch: int, mask_ratio: float, seed: int = 0, drop_path_rate: float = 0.0):
     """-> (model on dense_masked, imgs, mask)."""
     torch.manual_seed(seed)
-    model = create_model(f"fcmae_convnextv2_{variant}", backend="dense_masked", mask_ratio=mask_ratio,
-                         drop_path_rate=drop_path_rate)
+    model = create_model(f"fcmae_convnextv2_{variant}", backend="dense_masked", drop_path_rate=drop_path_rate)
     randomise_affine(model, seed)
     h, w = size
     imgs = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed + 1))
-    mask = model.random_masking(batch, (h // 32) * (w // 32), generator=torch.Generator().manual_seed(seed + 2))
+    mask = model.random_masking(batch, (h // 32) * (w // 32), mask_ratio,
+                                generator=torch.Generator().manual_seed(seed + 2))
     return model, imgs, mask
 
 
@@ -70,9 +70,9 @@ def assert_same_as_reference(model, imgs, mask, backend: str, reference: str = "
                              dtype: torch.dtype = torch.float32):
     """The loss and every parameter gradient of one step of `backend` equal `reference`'s in
     the same dtype, at that dtype's tolerances (see the module docstring)."""
-    model.set_backend(reference)
+    model.set_backend(get_backend(reference))
     ref_loss, ref_pred, ref_grads = run_step(model, imgs, mask, dtype=dtype)
-    model.set_backend(backend)
+    model.set_backend(get_backend(backend))
     loss, pred, grads = run_step(model, imgs, mask, dtype=dtype)
     assert grads.keys() == ref_grads.keys(), set(grads) ^ set(ref_grads)
     if dtype == torch.float32:
@@ -92,7 +92,7 @@ def assert_same_as_reference(model, imgs, mask, backend: str, reference: str = "
 
 def assert_batch_independent(model, imgs, mask, backend: str, atol=1e-5, rtol=1e-4):
     """Each sample's pred is the same alone as in the batch (catches a batch-wide GRN)."""
-    model.set_backend(backend)
+    model.set_backend(get_backend(backend))
     model.eval()
     with torch.no_grad():
         _, batch_pred, _ = model(imgs, mask=mask)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from sparse_mae.models.geometry import visible_count
+
 # (atol, rtol) per feature dtype. fp32 differs by summation order only; bf16 / fp16 also by
 # the rounding of stored values (both sides accumulate in fp32 from the same inputs; Triton's
 # interpreter truncates to bf16 where compiled code rounds: <= 1 ulp).
@@ -34,7 +36,7 @@ def random_sites(batch: int, height: int, width: int, count: int, seed: int = 0)
 def random_patch_mask(batch: int, rows: int, cols: int, ratio: float, seed: int = 0) -> torch.Tensor:
     """(batch, rows, cols) patch mask, 1 = removed, each sample keeping the same count."""
     gen = torch.Generator().manual_seed(seed)
-    keep = max(1, int(rows * cols * (1 - ratio)))
+    keep = visible_count(rows * cols, ratio)
     mask = torch.ones(batch, rows * cols)
     for n in range(batch):
         mask[n, torch.randperm(rows * cols, generator=gen)[:keep]] = 0

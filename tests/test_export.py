@@ -210,7 +210,7 @@ def test_checkpoint_pretrained_with_each_backend_exports_identically(backend):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         imgs, _ = builtin_batch(4, size=64, seed=0)
         for step in range(3):
-            loss, _, _ = model(imgs, generator=torch.Generator().manual_seed(step))
+            loss, _, _ = model(imgs, 0.6, generator=torch.Generator().manual_seed(step))
             opt.zero_grad()
             loss.backward()
             opt.step()

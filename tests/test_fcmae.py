@@ -4,25 +4,28 @@ import torch
 import sparse_mae
 from sparse_mae.data.builtin import builtin_batch
 from sparse_mae.data.transforms import normalize
+from sparse_mae.models.fcmae import FCMAE, masks_from_seeds
+from sparse_mae.models.geometry import visible_count
 from tests.equivalence import make_case
 
 
 def test_shapes_any_multiple_of_32():
     model = sparse_mae.create_model("fcmae_convnextv2_debug")
-    loss, pred, mask = model(torch.randn(2, 3, 96, 160))
+    loss, pred, mask = model(torch.randn(2, 3, 96, 160), 0.6)
     assert pred.shape == (2, 15, 32 * 32 * 3) and mask.shape == (2, 15)
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("ratio, L", [(0.6, 49), (0.75, 4), (0.99, 6), (0.01, 12)])
 def test_random_mask_keeps_exact_count_and_is_reproducible(ratio, L):
-    model = sparse_mae.create_model("fcmae_convnextv2_debug", mask_ratio=ratio)
-    m1 = model.random_masking(5, L, generator=torch.Generator().manual_seed(3))
-    m2 = model.random_masking(5, L, generator=torch.Generator().manual_seed(3))
-    m3 = model.random_masking(5, L, generator=torch.Generator().manual_seed(4))
+    model = sparse_mae.create_model("fcmae_convnextv2_debug")
+    m1 = model.random_masking(5, L, ratio, generator=torch.Generator().manual_seed(3))
+    m2 = model.random_masking(5, L, ratio, generator=torch.Generator().manual_seed(3))
+    m3 = model.random_masking(5, L, ratio, generator=torch.Generator().manual_seed(4))
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
     kept = (m1 == 0).sum(1)
-    assert torch.all(kept == max(1, int(L * (1 - ratio))))
+    assert visible_count(L, ratio) == max(1, int(L * (1 - ratio)))
+    assert torch.all(kept == visible_count(L, ratio))
     assert not all(torch.equal(m1[0], m1[i]) for i in range(1, 5))  # drawn per sample
 
 
@@ -64,7 +67,7 @@ def test_loss_decreases_over_20_adamw_steps():
     torch.manual_seed(0)
     model = sparse_mae.create_model("fcmae_convnextv2_debug")
     imgs = normalize(builtin_batch(8, 64)[0])
-    mask = model.random_masking(8, 4, generator=torch.Generator().manual_seed(0))
+    mask = model.random_masking(8, 4, 0.6, generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     losses = []
     for _ in range(20):
@@ -94,7 +97,7 @@ def test_loss_only_predicts_the_removed_patches_with_the_same_loss_and_gradients
     """Training's forward (loss_only) runs the pred layer on the removed patches only: the
     loss and every gradient equal the full forward's (to the dtype's rounding)."""
     model, imgs, mask = make_case("debug", (96, 64), 3, 0.6)
-    model.set_backend(backend)
+    model.set_backend(sparse_mae.get_backend(backend))
     results = []
     for loss_only in (False, True):
         model.zero_grad()
@@ -127,8 +130,34 @@ def test_bad_input(kwargs, imgs, mask, match):
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, -0.1, 1.5])
 def test_bad_mask_ratio(ratio):
+    """The ratio is a forward argument, checked once per call (the config checks a run's)."""
+    model = sparse_mae.create_model("fcmae_convnextv2_debug")
     with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
-        sparse_mae.create_model("fcmae_convnextv2_debug", mask_ratio=ratio)
+        model(torch.randn(1, 3, 64, 64), ratio)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\)"):
+        masks_from_seeds(torch.arange(3), 4, ratio)
+
+
+def test_forward_takes_a_mask_ratio_or_a_mask():
+    model = sparse_mae.create_model("fcmae_convnextv2_debug")
+    imgs = torch.randn(2, 3, 64, 64)
+    for kwargs in ({}, {"mask_ratio": 0.5, "mask": torch.zeros(2, 4)}):
+        with pytest.raises(ValueError, match="either mask_ratio .* or mask"):
+            model(imgs, **kwargs)
+    assert not hasattr(model, "mask_ratio")  # a forward argument, not a stored setting
+    _, _, mask = model(imgs, mask_ratio=0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.all((mask == 0).sum(1) == 2)
+
+
+def test_the_model_takes_a_backend_object_not_a_name():
+    with pytest.raises(TypeError, match="backend object"):
+        FCMAE("native", depths=(1, 1, 1, 1), dims=(8, 8, 8, 8))
+    model = sparse_mae.create_model("fcmae_convnextv2_debug", backend=sparse_mae.get_backend("native"))
+    assert model.backend_name == "native"
+    with pytest.raises(TypeError, match="backend object"):
+        model.set_backend("dense_masked")
+    with pytest.raises(ValueError, match="runs no encoder backend"):
+        sparse_mae.create_model("convnextv2_debug", backend="native")
 
 
 def test_unknown_backend_lists_valid():

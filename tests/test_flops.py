@@ -3,17 +3,18 @@ import torch
 
 import sparse_mae
 from sparse_mae.flops import fcmae_gmacs, measured_gmacs
+from sparse_mae.models.geometry import visible_count
 
 
 def test_fcmae_dense_gmacs_match_counter():
     """The training forward (loss_only: pred over the removed patches) counts what the model
     says; the full forward (every patch predicted, for pictures) adds pred on the visible ones."""
     model = sparse_mae.create_model("fcmae_convnextv2_atto")
-    g = fcmae_gmacs(model, (224, 224))
-    assert measured_gmacs(model, (224, 224), loss_only=True) == pytest.approx(g.total_dense, rel=1e-6)
-    visible = max(1, int(49 * (1 - model.mask_ratio)))
+    g = fcmae_gmacs(model, (224, 224), mask_ratio=0.6)
+    assert measured_gmacs(model, (224, 224), mask_ratio=0.6, loss_only=True) == pytest.approx(g.total_dense, rel=1e-6)
+    visible = visible_count(49, 0.6)
     pred_per_patch = 512 * 32 * 32 * 3 / 1e9
-    assert measured_gmacs(model, (224, 224)) == pytest.approx(g.total_dense + visible * pred_per_patch, rel=1e-6)
+    assert measured_gmacs(model, (224, 224), mask_ratio=0.6) == pytest.approx(g.total_dense + visible * pred_per_patch, rel=1e-6)
 
 
 def test_useful_gmacs_scale_with_visible_patches():

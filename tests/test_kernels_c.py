@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import sparse_mae_kernels
 from sparse_mae.backends.native.layout import SparseLayout
+from sparse_mae.models.geometry import GRN_EPS, LN_EPS
 from sparse_mae_kernels import cpu_build
 from sparse_mae_kernels.ops.rows_dwconv import neighbour_map, rows_dwconv, rows_dwconv_reference
 from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm, rows_dwconv_layernorm_reference
@@ -42,12 +43,12 @@ def test_any_thread_count_gives_the_references_numbers(threads):
     try:
         torch.set_num_threads(threads)
         compare_with_reference(
-            lambda x, w, b, lw, lb: rows_dwconv_layernorm(x, nbr, w, b, lw, lb),
-            lambda x, w, b, lw, lb: rows_dwconv_layernorm_reference(x, nbr, w, b, lw, lb),
+            lambda x, w, b, lw, lb: rows_dwconv_layernorm(x, nbr, w, b, lw, lb, LN_EPS),
+            lambda x, w, b, lw, lb: rows_dwconv_layernorm_reference(x, nbr, w, b, lw, lb, LN_EPS),
             [x, weight, *vecs[:3]], torch.float32, ["x", "weight", "bias", "ln_weight", "ln_bias"])
         compare_with_reference(
-            lambda x, g, b, ib: rows_grn(x, offsets, g, b, ib, gelu=True),
-            lambda x, g, b, ib: rows_grn_reference(x, offsets, g, b, ib, gelu=True),
+            lambda x, g, b, ib: rows_grn(x, offsets, g, b, ib, gelu=True, eps=GRN_EPS),
+            lambda x, g, b, ib: rows_grn_reference(x, offsets, g, b, ib, gelu=True, eps=GRN_EPS),
             [x, *vecs[:3]], torch.float32, ["x", "gamma", "beta", "input_bias"])
     finally:
         torch.set_num_threads(before)
@@ -118,7 +119,7 @@ def test_equals_dense_conv_on_the_engines_patch_layout(stage):
 def test_empty_rows():
     nbr = torch.empty(0, 49, dtype=torch.int32)
     x = torch.randn(0, 5, requires_grad=True)
-    out = rows_dwconv_layernorm(x, nbr, torch.randn(5, 49), torch.randn(5), torch.ones(5), torch.zeros(5))
+    out = rows_dwconv_layernorm(x, nbr, torch.randn(5, 49), torch.randn(5), torch.ones(5), torch.zeros(5), LN_EPS)
     assert out.shape == (0, 5)
     out.sum().backward()
     assert x.grad.shape == (0, 5)
@@ -140,7 +141,8 @@ def test_bad_inputs_are_clear_errors():
         with pytest.raises(ValueError, match=r"rows in \[0, 6\)"):
             rows_dwconv(x, out_of_range, weight, check_values=check)
         with pytest.raises(ValueError, match=r"rows in \[0, 6\)"):
-            rows_dwconv_layernorm(x, out_of_range, weight, None, torch.ones(3), torch.zeros(3), check_values=check)
+            rows_dwconv_layernorm(x, out_of_range, weight, None, torch.ones(3), torch.zeros(3), LN_EPS,
+                                  check_values=check)
     asymmetric = nbr.clone()
     row = int(torch.nonzero(nbr[:, 0] >= 0)[0]) if bool((nbr[:, 0] >= 0).any()) else None
     if row is not None:
@@ -148,11 +150,12 @@ def test_bad_inputs_are_clear_errors():
         with pytest.raises(ValueError, match="submanifold"):
             rows_dwconv(x, asymmetric, weight)
     with pytest.raises(ValueError, match=r"out_rows values must be rows in \[0, 6\)"):
-        rows_layernorm(x, torch.ones(3), torch.zeros(3), out_rows=torch.tensor([0, 1, 2, 3, 4, 6]), check_values=False)
+        rows_layernorm(x, torch.ones(3), torch.zeros(3), LN_EPS, out_rows=torch.tensor([0, 1, 2, 3, 4, 6]),
+                       check_values=False)
     with pytest.raises(ValueError, match="permutation"):
-        rows_layernorm(x, torch.ones(3), torch.zeros(3), out_rows=torch.tensor([0, 1, 2, 3, 4, 4]))
+        rows_layernorm(x, torch.ones(3), torch.zeros(3), LN_EPS, out_rows=torch.tensor([0, 1, 2, 3, 4, 4]))
     with pytest.raises(ValueError, match="rise from 0 to M"):  # the C kernels check offsets always
-        rows_grn(x, torch.tensor([0, 4, 7]), torch.ones(3), torch.zeros(3), check_values=False)
+        rows_grn(x, torch.tensor([0, 4, 7]), torch.ones(3), torch.zeros(3), eps=GRN_EPS, check_values=False)
     with pytest.raises(ValueError, match="needs seg_offsets"):
         rows_residual(x, x, scale=torch.ones(2))
     with pytest.raises(ValueError, match="impl must be"):

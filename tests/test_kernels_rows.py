@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sparse_mae.models.convnextv2 import GRN
+from sparse_mae.models.geometry import GRN_EPS, LN_EPS
 from sparse_mae_kernels import cpu_build
 from sparse_mae_kernels.ops.rows_dwconv import neighbour_map, rows_dwconv, rows_dwconv_reference
 from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm, rows_dwconv_layernorm_reference
@@ -105,8 +106,8 @@ def test_dwconv_layernorm_matches_reference(impl, dtype):
         weight = (0.2 * torch.randn(c, 49, generator=torch.Generator().manual_seed(c))).to(device)
         bias, ln_w, ln_b = params(c, device, c + 1, 3)
         compare_with_reference(
-            lambda x, w, b, lw, lb: rows_dwconv_layernorm(x, nbr, w, b, lw, lb, impl=name),
-            lambda x, w, b, lw, lb: rows_dwconv_layernorm_reference(x, nbr, w, b, lw, lb),
+            lambda x, w, b, lw, lb: rows_dwconv_layernorm(x, nbr, w, b, lw, lb, LN_EPS, impl=name),
+            lambda x, w, b, lw, lb: rows_dwconv_layernorm_reference(x, nbr, w, b, lw, lb, LN_EPS),
             [x, weight, bias, ln_w, ln_b], dtype, ["x", "weight", "bias", "ln_weight", "ln_bias"])
 
 
@@ -168,8 +169,8 @@ def test_layernorm_matches_reference(impl, dtype, permuted):
         x = features(m, c, dtype, device, seed=c, scale=3.0) + 1.0  # off-centre rows
         w, b = params(c, device, c, 2)
         out_rows = torch.randperm(m, generator=torch.Generator().manual_seed(c)).to(device) if permuted else None
-        compare_with_reference(lambda x, w, b: rows_layernorm(x, w, b, 1e-6, out_rows=out_rows, impl=name),
-                               lambda x, w, b: rows_layernorm_reference(x, w, b, 1e-6, out_rows=out_rows),
+        compare_with_reference(lambda x, w, b: rows_layernorm(x, w, b, LN_EPS, out_rows=out_rows, impl=name),
+                               lambda x, w, b: rows_layernorm_reference(x, w, b, LN_EPS, out_rows=out_rows),
                                [x, w, b], dtype, ["x", "weight", "bias"])
 
 
@@ -189,10 +190,10 @@ def test_grn_matches_reference(impl, dtype, prologue):
         inputs = [x, gamma, beta] + ([input_bias] if with_bias else [])
 
         def op(x, g, b, *ib):
-            return rows_grn(x, offsets, g, b, ib[0] if ib else None, gelu=gelu, impl=name)
+            return rows_grn(x, offsets, g, b, ib[0] if ib else None, gelu=gelu, eps=GRN_EPS, impl=name)
 
         def ref(x, g, b, *ib):
-            return rows_grn_reference(x, offsets, g, b, ib[0] if ib else None, gelu=gelu)
+            return rows_grn_reference(x, offsets, g, b, ib[0] if ib else None, gelu=gelu, eps=GRN_EPS)
 
         compare_with_reference(op, ref, inputs, dtype, ["x", "gamma", "beta"] + (["input_bias"] if with_bias else []))
 
@@ -206,9 +207,10 @@ def test_grn_zero_norm_and_empty_segment(impl):
     x = torch.randn(sum(lengths), c, generator=torch.Generator().manual_seed(4))
     x[:5, 2] = 0.0
     gamma, beta = params(c, device, 4, 2)
-    out, grads, grad_out = run_with_grads(lambda x, g, b: rows_grn(x, offsets, g, b, impl=name), [x.to(device), gamma, beta])
-    ref, ref_grads, _ = run_with_grads(lambda x, g, b: rows_grn_reference(x, offsets, g, b), [x.to(device), gamma, beta],
-                                       grad_out)
+    out, grads, grad_out = run_with_grads(lambda x, g, b: rows_grn(x, offsets, g, b, eps=GRN_EPS, impl=name),
+                                          [x.to(device), gamma, beta])
+    ref, ref_grads, _ = run_with_grads(lambda x, g, b: rows_grn_reference(x, offsets, g, b, eps=GRN_EPS),
+                                       [x.to(device), gamma, beta], grad_out)
     assert all(bool(torch.isfinite(g).all()) for g in grads)
     assert_close(out, ref, torch.float32, "output")
     for what, g, r in zip(["grad x", "grad gamma", "grad beta"], grads, ref_grads):
@@ -274,7 +276,7 @@ def test_grn_reference_equals_the_models_grn_on_a_zero_filled_map():
     dense = torch.zeros(batch, h, w, c)
     dense[sites[:, 0], sites[:, 1], sites[:, 2]] = x
     expected = grn(dense)[sites[:, 0], sites[:, 1], sites[:, 2]]
-    actual = rows_grn_reference(x, offsets_of_sites(sites, batch), grn.weight, grn.bias)
+    actual = rows_grn_reference(x, offsets_of_sites(sites, batch), grn.weight, grn.bias, eps=grn.eps)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
     # the prologue is the model's Linear bias then nn.GELU() (exact)
     bias = torch.randn(c, generator=gen)
@@ -283,7 +285,7 @@ def test_grn_reference_equals_the_models_grn_on_a_zero_filled_map():
     keep = torch.zeros(batch, h, w, 1)
     keep[sites[:, 0], sites[:, 1], sites[:, 2]] = 1
     expected = grn(torch.nn.GELU()(dense_h + bias) * keep)[sites[:, 0], sites[:, 1], sites[:, 2]]
-    actual = rows_grn_reference(x, offsets_of_sites(sites, batch), grn.weight, grn.bias, bias, gelu=True)
+    actual = rows_grn_reference(x, offsets_of_sites(sites, batch), grn.weight, grn.bias, bias, gelu=True, eps=grn.eps)
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -291,7 +293,7 @@ def test_layernorm_and_residual_references_are_the_plain_ops():
     x, y = torch.randn(9, 7), torch.randn(9, 7)
     w, b = torch.randn(7), torch.randn(7)
     perm = torch.randperm(9)
-    z = rows_layernorm_reference(x, w, b, 1e-6, out_rows=perm)
+    z = rows_layernorm_reference(x, w, b, LN_EPS, out_rows=perm)
     torch.testing.assert_close(z[perm], F.layer_norm(x, (7,), w, b, 1e-6))
     scale, offsets = torch.tensor([0.5, 3.0]), offsets_from_lengths([4, 5])
     expected = x + (y + b) * torch.tensor([0.5] * 4 + [3.0] * 5)[:, None]
@@ -303,5 +305,5 @@ def test_dwconv_layernorm_reference_is_the_two_references():
     _, nbr = layout(6, seed=9)
     x = torch.randn(nbr.shape[0], 6)
     w, cb, lw, lb = torch.randn(6, 49), torch.randn(6), torch.randn(6), torch.randn(6)
-    torch.testing.assert_close(rows_dwconv_layernorm_reference(x, nbr, w, cb, lw, lb),
+    torch.testing.assert_close(rows_dwconv_layernorm_reference(x, nbr, w, cb, lw, lb, LN_EPS),
                                F.layer_norm(rows_dwconv_reference(x, nbr, w, cb), (6,), lw, lb, 1e-6))

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from sparse_mae.backends.native.layout import SparseLayout
 from sparse_mae.models.convnextv2 import GRN
+from sparse_mae.models.geometry import GRN_EPS
 from sparse_mae_kernels import use_triton
 from sparse_mae_kernels.ops.tiles_dwconv import tiles_dwconv, tiles_dwconv_reference
 from sparse_mae_kernels.ops.tiles_grn import tiles_grn, tiles_grn_reference
@@ -81,7 +82,7 @@ def test_tiles_grn_matches_reference(dtype, sites):
 
     def run(fn, cast):
         xs, gs, bs = (t.to(cast).requires_grad_() for t in (x, gamma, beta))
-        y = fn(xs, layout.patch_sample, layout.batch, gs, bs)
+        y = fn(xs, layout.patch_sample, layout.batch, gs, bs, GRN_EPS)
         y.backward(dy.to(cast))
         return [t.detach().float() for t in (y, xs.grad, gs.grad, bs.grad)]
 
@@ -106,7 +107,7 @@ def test_tiles_grn_equals_dense_grn_including_zero_channels():
     layout = SparseLayout(torch.zeros(n, h, w))
     xs = x.reshape(n * h * w, 1, c).clone().requires_grad_()  # one site per patch, sample-major
     gamma, beta = grn.weight.detach().clone().requires_grad_(), grn.bias.detach().clone().requires_grad_()
-    tiles_grn(xs, layout.patch_sample, n, gamma, beta).square().sum().backward()
+    tiles_grn(xs, layout.patch_sample, n, gamma, beta, grn.eps).square().sum().backward()
     assert torch.isfinite(xs.grad).all()
     torch.testing.assert_close(xs.grad.view(n, h, w, c), xd.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(gamma.grad, grn.weight.grad, atol=1e-5, rtol=1e-4)
@@ -138,9 +139,10 @@ def test_bad_shapes_raise():
     with pytest.raises(ValueError, match="depthwise weight"):
         tiles_dwconv(x, layout.stage(2).halo_index, torch.randn(4, 1, 7, 7))
     with pytest.raises(ValueError, match="gamma"):
-        tiles_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample, 2, torch.zeros(4), torch.zeros(3))
+        tiles_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample, 2, torch.zeros(4), torch.zeros(3), GRN_EPS)
     with pytest.raises(ValueError, match="sample-major"):
-        tiles_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample.flip(0), 2, torch.zeros(3), torch.zeros(3))
+        tiles_grn(x.view(layout.num_patches, 4, 3), layout.patch_sample.flip(0), 2, torch.zeros(3), torch.zeros(3),
+                  GRN_EPS)
     with pytest.raises(ValueError, match="keeps 0 patches"):
         SparseLayout(torch.ones(1, 2, 2))
 

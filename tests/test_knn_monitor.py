@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sparse_mae.apps.pretrain import compose_config, run_pretrain
-from sparse_mae.models import create_model
+from sparse_mae import create_model
 from sparse_mae.probe.monitor import KnnMonitor
 from sparse_mae.train.checkpoint import load_checkpoint
 

@@ -15,8 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_mae import create_model
 from sparse_mae.backends import BackendUnavailableError, backend_availability, get_backend
-from sparse_mae.backends.base import STAGE_UPSAMPLE, upsample_mask
+from sparse_mae.backends.base import upsample_mask
 from sparse_mae.flops import fcmae_gmacs
+from sparse_mae.models.geometry import STAGE_UPSAMPLE
 from tests.equivalence import assert_batch_independent, assert_same_as_reference, make_case, run_step
 
 ME_OK, ME_WHY = backend_availability("minkowski")
@@ -110,7 +111,7 @@ def test_visible_sites_with_zero_features_are_kept():
 @needs_me
 def test_checkpoint_round_trip_with_dense_masked(tmp_path):
     model, imgs, mask = make_case("debug", (64, 64), 2, 0.5, seed=9)
-    model.set_backend("minkowski")
+    model.set_backend(get_backend("minkowski"))
     _, _, grads = run_step(model, imgs, mask)
     with torch.no_grad():  # move the weights off their init so the check means something
         for name, p in model.named_parameters():

@@ -66,7 +66,7 @@ def test_drop_path_in_train_mode():
     model.train()
     assert_same_as_reference(model, imgs, mask, "native")
     # the draws really drop something: another RNG seed changes the loss
-    model.set_backend("native")
+    model.set_backend(get_backend("native"))
     loss_a = run_step(model, imgs, mask, rng_seed=1)[0]
     loss_b = run_step(model, imgs, mask, rng_seed=2)[0]
     assert not torch.equal(loss_a, loss_b)
@@ -85,7 +85,7 @@ def test_bf16_activations_stay_bf16_between_the_kernels():
     """No casts around the kernels: the latent comes out of the encoder in bf16, and no op of the
     encoder's forward converts a bf16 activation to fp32 (only fp32 weights go to bf16)."""
     model, imgs, mask = make_case("debug", (96, 96), 2, 0.6, seed=12)
-    model.set_backend("native")
+    model.set_backend(get_backend("native"))
     to_fp32 = []
 
     class Spy(torch.overrides.TorchFunctionMode):
@@ -114,7 +114,7 @@ def test_atto_bf16_equals_reference_in_bf16():
 def test_bf16_autocast_close_to_fp32(kernel_path):
     assert "cpu" in get_backend("native").autocast_devices
     model, imgs, mask = make_case("debug", (96, 96), 2, 0.6, seed=6)
-    model.set_backend("native")
+    model.set_backend(get_backend("native"))
     ref_loss, _, ref_grads = run_step(model, imgs, mask)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -243,7 +243,7 @@ def test_decoder_blocks_on_the_row_kernels_equal_the_dense_blocks(dtype, blocks,
 
 def test_decoder_depthwise_macs_in_c_are_counted(monkeypatch):
     model, imgs, mask = make_case("debug", (96, 64), 2, 0.5)
-    model.set_backend("native")
+    model.set_backend(get_backend("native"))
     backend = model.backend
     dim = model.mask_token.shape[1]
     decoder_dw = len(model.decoder) * 2 * 3 * 2 * 49 * dim

@@ -13,7 +13,7 @@ import torch
 
 from sparse_mae.apps.probe import compose_config, run_probe
 from sparse_mae.convert import write_state_dict
-from sparse_mae.models import create_model
+from sparse_mae import create_model
 from sparse_mae.probe.classify import LinearProbe, knn_classify, linear_probe
 from sparse_mae.probe.features import FeatureHead, evenly_spaced, load_encoder
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from sparse_mae.models.geometry import GRN_EPS, LN_EPS
 from sparse_mae_kernels.ops import rows_dwconv as dw
 from sparse_mae_kernels.ops import rows_grn as grn
 from sparse_mae_kernels.ops import rows_layernorm as ln
@@ -54,9 +55,9 @@ def test_cpu_without_interpreter_refuses_with_a_pointer_to_the_reference(monkeyp
     with pytest.raises(RuntimeError, match="reference"):
         dw.rows_dwconv(x, nbr, torch.randn(2, 49), impl="triton")
     with pytest.raises(RuntimeError, match="reference"):
-        grn.rows_grn(x, torch.tensor([0, 5]), torch.randn(2), torch.randn(2), impl="triton")
+        grn.rows_grn(x, torch.tensor([0, 5]), torch.randn(2), torch.randn(2), eps=GRN_EPS, impl="triton")
     with pytest.raises(RuntimeError, match="reference"):
-        ln.rows_layernorm(x, torch.ones(2), torch.zeros(2), impl="triton")
+        ln.rows_layernorm(x, torch.ones(2), torch.zeros(2), LN_EPS, impl="triton")
     with pytest.raises(RuntimeError, match="reference"):
         res.rows_residual(x, x, impl="triton")
 
@@ -73,8 +74,8 @@ def test_non_contiguous_inputs_are_made_contiguous(device):
                                dw.rows_dwconv_reference(x.contiguous(), nbr, weight_t.t().contiguous()))
     offsets = torch.tensor([0, 9, 21], device=device)
     gamma, beta = torch.randn(c, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
-    torch.testing.assert_close(grn.rows_grn(x, offsets, gamma, beta, impl="triton"),
-                               grn.rows_grn_reference(x.contiguous(), offsets, gamma, beta))
+    torch.testing.assert_close(grn.rows_grn(x, offsets, gamma, beta, eps=GRN_EPS, impl="triton"),
+                               grn.rows_grn_reference(x.contiguous(), offsets, gamma, beta, eps=GRN_EPS))
 
 
 @needs_triton
@@ -111,8 +112,9 @@ def test_matches_the_tile_ops_on_the_native_layout(device, stage):
     torch.testing.assert_close(dw.rows_dwconv(x, st.neighbour_map(), weight.view(c, 49), bias, impl="triton"),
                                tiles.reshape(-1, c))
     gamma, beta = torch.randn(c, generator=gen).to(device), torch.randn(c, generator=gen).to(device)
-    expected = tiles_grn(x.view(patches, side * side, c), layout.patch_sample, layout.batch, gamma, beta)
-    torch.testing.assert_close(grn.rows_grn(x, st.row_offsets, gamma, beta, impl="triton"), expected.reshape(-1, c))
+    expected = tiles_grn(x.view(patches, side * side, c), layout.patch_sample, layout.batch, gamma, beta, GRN_EPS)
+    torch.testing.assert_close(grn.rows_grn(x, st.row_offsets, gamma, beta, eps=GRN_EPS, impl="triton"),
+                               expected.reshape(-1, c))
 
 
 @needs_triton
@@ -142,15 +144,15 @@ def test_cuda_stage_sized_layout(dtype):
     weight = (0.2 * torch.randn(c, 49, generator=gen)).cuda()
     vecs = [torch.randn(c, generator=gen).cuda() for _ in range(3)]
     compare_with_reference(
-        lambda x, w, b, lw, lb: rows_dwconv_layernorm(x, nbr, w, b, lw, lb, impl="triton"),
-        lambda x, w, b, lw, lb: rows_dwconv_layernorm_reference(x, nbr, w, b, lw, lb),
+        lambda x, w, b, lw, lb: rows_dwconv_layernorm(x, nbr, w, b, lw, lb, LN_EPS, impl="triton"),
+        lambda x, w, b, lw, lb: rows_dwconv_layernorm_reference(x, nbr, w, b, lw, lb, LN_EPS),
         [x, weight, *vecs], dtype, ["x", "weight", "bias", "ln_weight", "ln_bias"])
     hidden = 4 * c
     h = torch.randn(sites.shape[0], hidden, generator=gen).cuda().to(dtype)
     hv = [torch.randn(hidden, generator=gen).cuda() for _ in range(3)]
     compare_with_reference(
-        lambda x, g, b, ib: grn.rows_grn(x, offsets, g, b, ib, gelu=True, impl="triton"),
-        lambda x, g, b, ib: grn.rows_grn_reference(x, offsets, g, b, ib, gelu=True),
+        lambda x, g, b, ib: grn.rows_grn(x, offsets, g, b, ib, gelu=True, eps=GRN_EPS, impl="triton"),
+        lambda x, g, b, ib: grn.rows_grn_reference(x, offsets, g, b, ib, gelu=True, eps=GRN_EPS),
         [h, *hv], dtype, ["x", "gamma", "beta", "input_bias"])
     out = res.rows_residual(x, x, vecs[0], impl="triton")
     assert_close(out, res.rows_residual_reference(x, x, vecs[0]), dtype, "residual")

@@ -44,7 +44,7 @@ from sparse_mae.apps.pretrain import run_pretrain
 from sparse_mae.bench.report import cpu_name
 from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, FashionMnistDataset, labelled_fraction
 from sparse_mae.data.transforms import EvalTransform
-from sparse_mae.models import create_model
+from sparse_mae import create_model
 from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import batches_of, embed, load_encoder
 from sparse_mae.probe.monitor import KnnMonitor

@@ -18,7 +18,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels.common import check_vector, compute_dtype, pick_impl, ready_impl
-from sparse_mae_kernels.constants import LN_EPS, TAPS
+from sparse_mae_kernels.constants import TAPS
 from sparse_mae_kernels.ops import rows_dwconv as dw
 from sparse_mae_kernels.ops import rows_layernorm as ln
 from sparse_mae_kernels.triton_runtime import BLOCK_M, block_c, cdiv, tl, triton
@@ -26,7 +26,7 @@ from sparse_mae_kernels.triton_runtime import BLOCK_M, block_c, cdiv, tl, triton
 FUSED_MAX_BLOCK_C = 64
 
 
-def rows_dwconv_layernorm_reference(x, nbr, weight, bias, ln_weight, ln_bias, eps: float = LN_EPS):
+def rows_dwconv_layernorm_reference(x, nbr, weight, bias, ln_weight, ln_bias, eps: float):
     """Plain torch: the conv's reference, then the LayerNorm's."""
     return ln.rows_layernorm_reference(dw.rows_dwconv_reference(x, nbr, weight, bias), ln_weight, ln_bias, eps)
 
@@ -144,7 +144,7 @@ class RowsDwconvLayerNorm(torch.autograd.Function):
         return grad_x, None, grad_w, grad_b, grad_lnw.to(lnw_dtype), grad_lnb.to(lnb_dtype), None, None
 
 
-def rows_dwconv_layernorm(x, nbr, weight, bias, ln_weight, ln_bias, eps: float = LN_EPS, *,
+def rows_dwconv_layernorm(x, nbr, weight, bias, ln_weight, ln_bias, eps: float, *,
                           impl: str | None = None, check_values: bool | None = None):
     """LayerNorm(depthwise 7x7(x)) on packed rows (M, C) -> (M, C) in the compute dtype.
 

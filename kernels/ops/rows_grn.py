@@ -23,7 +23,6 @@ from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
 from sparse_mae_kernels.common import check_offsets, check_rows, check_vector, compute_dtype, pick_impl, ready_impl
-from sparse_mae_kernels.constants import GRN_EPS
 from sparse_mae_kernels.triton_runtime import block_c, cdiv, tl, triton
 
 SEGMENT_BLOCK_M = 32
@@ -40,7 +39,7 @@ def check_grn(x, seg_offsets, gamma, beta, input_bias, check_values):
             input_bias.contiguous() if input_bias is not None else None)
 
 
-def rows_grn_reference(x, seg_offsets, gamma, beta, input_bias=None, gelu: bool = False, eps: float = GRN_EPS):
+def rows_grn_reference(x, seg_offsets, gamma, beta, input_bias=None, gelu: bool = False, *, eps: float):
     """Plain torch, autograd for the backward; float32 inside, output in the compute dtype."""
     x, seg_offsets, gamma, beta, input_bias = check_grn(x, seg_offsets, gamma, beta, input_bias, check_values=True)
     dtype = compute_dtype(x)
@@ -290,7 +289,7 @@ class RowsGRN(torch.autograd.Function):
         return grad_x, None, grad_gamma, grad_beta, grad_ib, None, None, None
 
 
-def rows_grn(x, seg_offsets, gamma, beta, input_bias=None, gelu: bool = False, eps: float = GRN_EPS, *,
+def rows_grn(x, seg_offsets, gamma, beta, input_bias=None, gelu: bool = False, *, eps: float,
              impl: str | None = None, check_values: bool | None = None):
     """GRN per segment of packed rows (M, C) -> (M, C) in the compute dtype; see the module doc.
 

@@ -21,7 +21,6 @@ from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
 from sparse_mae_kernels.common import check_rows, check_vector, compute_dtype, pick_impl, ready_impl
-from sparse_mae_kernels.constants import LN_EPS
 from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, tl, triton
 
 LN_MAX_BLOCK_C = 128
@@ -59,7 +58,7 @@ def check_permutation(out_rows: torch.Tensor) -> None:
         raise ValueError(f"out_rows must be a permutation of 0..{m - 1}")
 
 
-def rows_layernorm_reference(x, weight, bias, eps: float = LN_EPS, out_rows=None):
+def rows_layernorm_reference(x, weight, bias, eps: float, out_rows=None):
     """Plain torch: F.layer_norm in float32, output in the compute dtype, rows moved by out_rows."""
     x, weight, bias, out_rows = check_layernorm(x, weight, bias, out_rows)
     dtype = compute_dtype(x)
@@ -282,7 +281,7 @@ class RowsLayerNorm(torch.autograd.Function):
         return grad_x.to(x_dtype), grad_w.to(w_dtype), grad_b.to(b_dtype), None, None, None
 
 
-def rows_layernorm(x, weight, bias, eps: float = LN_EPS, *, out_rows=None, impl: str | None = None,
+def rows_layernorm(x, weight, bias, eps: float, *, out_rows=None, impl: str | None = None,
                    check_values: bool | None = None):
     """LayerNorm over channels of packed rows (M, C) -> (M, C) in the compute dtype.
 

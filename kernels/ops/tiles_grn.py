@@ -1,4 +1,4 @@
-"""GRN per sample on patch tiles: `tiles_grn(x, patch_sample, num_samples, gamma, beta)`.
+"""GRN per sample on patch tiles: `tiles_grn(x, patch_sample, num_samples, gamma, beta, eps)`.
 
 x (P, T, C): T sites per visible patch, patches in sample-major order (patch_sample
 sorted). The L2 norm of each channel runs over the visible sites of each sample only:
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from sparse_mae_kernels.constants import GRN_EPS
-
 
 def _check_grn(x, patch_sample, gamma, beta):
     if x.dim() != 3:
@@ -27,12 +25,12 @@ def _check_grn(x, patch_sample, gamma, beta):
         raise ValueError(f"GRN gamma/beta must be ({x.shape[-1]},), got {tuple(gamma.shape)}, {tuple(beta.shape)}")
 
 
-def tiles_grn_reference(x, patch_sample, num_samples, gamma, beta):
+def tiles_grn_reference(x, patch_sample, num_samples, gamma, beta, eps: float):
     """Plain torch. x (P, T, C) tiles of T sites; patch_sample (P,) sample of each tile."""
     _check_grn(x, patch_sample, gamma, beta)
     sq = (x * x).sum(dim=1)
     gx = x.new_zeros(num_samples, x.shape[-1]).index_add(0, patch_sample, sq).sqrt()
-    nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
+    nx = gx / (gx.mean(dim=-1, keepdim=True) + eps)
     return x + beta + gamma * (x * nx[patch_sample].unsqueeze(1))
 
 
@@ -43,10 +41,10 @@ def _per_sample_sum(values: torch.Tensor, patch_counts: torch.Tensor) -> torch.T
 
 class TilesGRN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, patch_sample, patch_counts, gamma, beta):
+    def forward(ctx, x, patch_sample, patch_counts, gamma, beta, eps):
         xf = x.float()
         gx = _per_sample_sum((xf * xf).sum(dim=1), patch_counts).sqrt_()
-        denom = gx.mean(dim=-1, keepdim=True) + GRN_EPS
+        denom = gx.mean(dim=-1, keepdim=True) + eps
         nx = gx / denom
         g, b = gamma.float(), beta.float()
         scale = (1.0 + g * nx)[patch_sample].unsqueeze(1)  # y = x * (1 + gamma * nx) + beta
@@ -71,10 +69,10 @@ class TilesGRN(torch.autograd.Function):
         # gx = ||x||_2 over the sample's sites; 0 gradient where the norm is 0 (as torch)
         coef = torch.where(gx > 0, d_gx / gx.clamp_min(torch.finfo(gx.dtype).tiny), torch.zeros_like(gx))
         grad_x = dy * (1.0 + g * nx)[patch_sample].unsqueeze(1) + xf * coef[patch_sample].unsqueeze(1)
-        return grad_x.to(x_dtype), None, None, grad_gamma.to(g_dtype), grad_beta.to(b_dtype)
+        return grad_x.to(x_dtype), None, None, grad_gamma.to(g_dtype), grad_beta.to(b_dtype), None
 
 
-def tiles_grn(x, patch_sample, num_samples: int, gamma, beta):
+def tiles_grn(x, patch_sample, num_samples: int, gamma, beta, eps: float):
     """GRN with the norm over each sample's visible sites. x (P, T, C) -> same.
 
     patch_sample must be sorted (sample-major tiles), as the native layout packs them.
@@ -83,4 +81,4 @@ def tiles_grn(x, patch_sample, num_samples: int, gamma, beta):
     if patch_sample.numel() > 1 and bool((patch_sample[1:] < patch_sample[:-1]).any()):
         raise ValueError("tiles_grn needs tiles in sample-major order (patch_sample sorted)")
     patch_counts = torch.bincount(patch_sample, minlength=num_samples)
-    return TilesGRN.apply(x, patch_sample, patch_counts, gamma, beta)
+    return TilesGRN.apply(x, patch_sample, patch_counts, gamma, beta, float(eps))

@@ -35,7 +35,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     imgs = normalize(builtin_batch(args.batch, args.size, seed=args.seed)[0])
     batch = {"image": imgs, "seed": torch.arange(args.batch) + args.seed * args.batch}
-    reference = create_model(args.model, mask_ratio=args.mask_ratio)
+    reference = create_model(args.model)
     state = reference.state_dict()
     mask = masks_from_seeds(batch["seed"], reference.patchify(imgs).shape[1], args.mask_ratio)
     gmacs = fcmae_gmacs(reference, (args.size, args.size), mask=mask)
@@ -50,7 +50,7 @@ def main() -> int:
         if not ok:
             print(f"{name:<14}  skipped: {reason}")
             continue
-        model = create_model(args.model, backend=name, mask_ratio=args.mask_ratio)
+        model = create_model(args.model, backend=name)
         model.load_state_dict(state)
         optimizer = training_step.build_optimizer(
             training_step.fcmae_param_groups(model, recipe.weight_decay), recipe,

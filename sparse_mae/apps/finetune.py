@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.data.build import labelled_split
 from sparse_mae.data.gpu_decode import collate
-from sparse_mae.models import create_model
+from sparse_mae.build import create_model
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.ema import ModelEma
 from sparse_mae.train.amp import resolve_amp

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from sparse_mae.flops import classifier_gmacs, count_params, fcmae_gmacs, measured_gmacs
-from sparse_mae.models import create_model
+from sparse_mae.build import create_model
 from sparse_mae.models.convnextv2 import PATCH, VARIANTS
 from sparse_mae.models.fcmae import check_mask_ratio
 
@@ -38,7 +38,7 @@ def flops_rows(variants=PAPER_VARIANTS, sizes=(224,), mask_ratio: float = 0.6, n
     for variant in variants:
         with torch.device("meta"):
             classifier = create_model(f"convnextv2_{variant}", num_classes=num_classes)
-            fcmae = create_model(f"fcmae_convnextv2_{variant}", backend="dense_masked", mask_ratio=mask_ratio)
+            fcmae = create_model(f"fcmae_convnextv2_{variant}", backend="dense_masked")
         params = count_params(classifier)
         for size in sizes:
             measured = measured_gmacs(classifier, (size, size))

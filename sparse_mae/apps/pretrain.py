@@ -18,7 +18,7 @@ from sparse_mae.backends import resolve_backend
 from sparse_mae.data.build import pretrain_dataset
 from sparse_mae.data.gpu_decode import collate, decode_batch
 from sparse_mae.data.transforms import model_input
-from sparse_mae.models import create_model
+from sparse_mae.build import create_model
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
@@ -52,7 +52,7 @@ class PretrainTask(TrainTask):
         self.cfg, self.device, self.is_main = cfg, di.device, di.is_main
         self.backend = resolve_backend(cfg.backend.name)
         self.model = create_model(
-            f"fcmae_convnextv2_{cfg.model.variant}", backend=self.backend, mask_ratio=cfg.mask_ratio,
+            f"fcmae_convnextv2_{cfg.model.variant}", backend=self.backend,
             norm_pix_loss=cfg.model.norm_pix_loss, decoder_dim=cfg.model.decoder_dim,
             decoder_depth=cfg.model.decoder_depth, drop_path_rate=cfg.model.drop_path_rate,
         ).to(di.device)

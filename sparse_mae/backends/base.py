@@ -1,8 +1,9 @@
 """The one small interface every encoder backend implements.
 
-A backend owns no parameters. It runs the forward of a dense `ConvNeXtV2` encoder (the
-canonical parameter layout) over the visible patches only, so a checkpoint from any
-backend loads into any other by construction.
+A backend owns no parameters and no architecture facts (those are the model's, in
+sparse_mae/models/geometry.py; FCMAE is handed a backend object). It runs the forward of
+a dense `ConvNeXtV2` encoder (the canonical parameter layout) over the visible patches
+only, so a checkpoint from any backend loads into any other by construction.
 """
 from __future__ import annotations
 
@@ -10,17 +11,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # the models import the backends, not the other way round (type hints only)
+if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
-# The geometry every backend and the FLOP count share, defined once here:
-PATCH = 32  # the encoder's total stride, so one cell of the mask grid: the FCMAE patch size
-# Up-sampling factor from the 1/32 mask grid to each stage's grid (1/4, 1/8, 1/16, 1/32).
-STAGE_UPSAMPLE = (8, 4, 2, 1)
-# Sites of one patch at each stage (64, 16, 4, 1).
-STAGE_SITES_PER_PATCH = tuple(f * f for f in STAGE_UPSAMPLE)
+# The geometry every backend shares (PATCH, STAGE_UPSAMPLE, ...) is the model's:
+# sparse_mae/models/geometry.py. The backends import the models, never the reverse.
 
 
 class BackendUnavailableError(RuntimeError):

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sparse_mae.backends.base import STAGE_UPSAMPLE, EncoderBackend, upsample_mask
+from sparse_mae.backends.base import EncoderBackend, upsample_mask
+from sparse_mae.models.geometry import STAGE_UPSAMPLE
 
-if TYPE_CHECKING:  # type hints only: the backends do not import the models
+if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
 

@@ -26,27 +26,27 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sparse_mae.backends.base import PATCH, STAGE_UPSAMPLE, EncoderBackend, upsample_mask
+from sparse_mae.backends.base import EncoderBackend, upsample_mask
 from sparse_mae.backends.minkowski_compat import (
     CUDA_REBUILD_COMMAND,
     import_minkowski,
     minkowski_built_with_cuda,
     minkowski_import_error,
 )
-from sparse_mae_kernels.constants import GRN_EPS, KERNEL_SIZE, TAPS
+from sparse_mae.models.geometry import KERNEL_SIZE, PATCH, STAGE_UPSAMPLE
 
-if TYPE_CHECKING:  # type hints only: the backends do not import the models
+if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
 
 # Below this, sum of squares is treated as 0 so sqrt's gradient stays finite (a channel
-# that is exactly zero over a sample); far below GRN_EPS, so values are unchanged.
+# that is exactly zero over a sample); far below GRN's eps, so values are unchanged.
 _GRN_TINY = 1e-30
 
 
 def depthwise_to_me(weight: torch.Tensor) -> torch.Tensor:
     """torch depthwise (C, 1, 7, 7) -> ME channelwise kernel (49, C) (inverse of docs/design.md 4)."""
     c = weight.shape[0]
-    return weight.transpose(3, 2).reshape(c, TAPS).permute(1, 0)
+    return weight.transpose(3, 2).reshape(c, KERNEL_SIZE * KERNEL_SIZE).permute(1, 0)
 
 
 def depthwise_from_me(kernel: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,7 @@ class MinkowskiBackend(EncoderBackend):
         )
         sites = x.F.shape[0]
         # Built where the kernel map is (the coordinate manager's device, that of x.F).
-        neighbours = torch.full((TAPS, sites), sites, dtype=torch.long, device=x.F.device)
+        neighbours = torch.full((KERNEL_SIZE * KERNEL_SIZE, sites), sites, dtype=torch.long, device=x.F.device)
         for k, in_out in kernel_map.items():
             neighbours[k, in_out[1].long().to(x.F.device)] = in_out[0].long().to(x.F.device)
         return neighbours
@@ -182,7 +182,7 @@ class MinkowskiBackend(EncoderBackend):
         """GRN with the L2 norm over each sample's visible sites (not the whole batch)."""
         sum_sq = y.new_zeros(batch, y.shape[1]).index_add_(0, batch_index, y * y)
         gx = sum_sq.clamp_min(_GRN_TINY).sqrt()  # (N, C)
-        nx = gx / (gx.mean(dim=1, keepdim=True) + GRN_EPS)
+        nx = gx / (gx.mean(dim=1, keepdim=True) + grn.eps)
         return y + grn.bias + grn.weight * (y * nx[batch_index])
 
     def _block(self, ME, block: Block, x, neighbours: torch.Tensor, batch_index: torch.Tensor, batch: int):

@@ -143,8 +143,8 @@ class FcmaeStep:
     as training draws them from sample seeds, so no engine can cache one mask's indices."""
 
     def __init__(self, spec: dict):
+        from sparse_mae.build import create_model
         from sparse_mae.config import PretrainConfig
-        from sparse_mae.models import create_model
         from sparse_mae.train.schedule import peak_lr
         from sparse_mae.train.step import build_optimizer, fcmae_param_groups
 
@@ -153,8 +153,7 @@ class FcmaeStep:
         self.batch_size, self.mask_ratio = spec["batch_size"], spec["mask_ratio"]
         size = spec["image_size"]
         backend = spec["backend"].removesuffix(COMPILED)
-        self.model = create_model(f"fcmae_convnextv2_{spec['variant']}", backend=backend,
-                                  mask_ratio=self.mask_ratio).to(self.device)
+        self.model = create_model(f"fcmae_convnextv2_{spec['variant']}", backend=backend).to(self.device)
         self.model.train()
         # backend+compile: the loss runs the model under torch.compile (compiled in the warm-up
         # calls); the optimizer, clipping and the rest of the step are the engine's as for any row

@@ -23,7 +23,7 @@ from sparse_mae.config.checks import (
 from sparse_mae.config.choices import BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, Variant
 from sparse_mae.config.data import PATCH_MULTIPLE, DataConfig
 from sparse_mae.config.run import OptimConfig, RunConfig, SchedConfig
-from sparse_mae.models.convnextv2 import PATCH
+from sparse_mae.models.geometry import PATCH, visible_count
 
 # a bench backend name with this suffix runs that backend's model under torch.compile: the
 # reference a user would pick instead of a sparse engine (dense_masked+compile)
@@ -111,7 +111,7 @@ class PretrainConfig(RunConfig):
             return None
         size, ratio = node.data.size, node.mask_ratio
         patches = (size // PATCH) ** 2
-        if max(1, int(patches * (1 - ratio))) < patches:
+        if visible_count(patches, ratio) < patches:
             return None
         return (f"data.size={size} gives {patches} patch(es) of {PATCH}x{PATCH} and mask_ratio={ratio} keeps all "
                 f"of them, so there is nothing to reconstruct; use data.size >= {2 * PATCH} or a higher mask_ratio")

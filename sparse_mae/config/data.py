@@ -9,7 +9,7 @@ from omegaconf import MISSING
 
 from sparse_mae.config.checks import AREA_RANGE, NON_NEGATIVE, POSITIVE, PROBABILITY, OneOf, Range, opt
 from sparse_mae.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
-from sparse_mae.models.convnextv2 import PATCH
+from sparse_mae.models.geometry import PATCH
 
 PATCH_MULTIPLE = Range(PATCH, multiple_of=PATCH, hint="the patch size")
 

@@ -173,10 +173,10 @@ def build_from_state_dict(sd: dict, spec: Spec, backend: str = "dense_masked") -
     if spec.kind == "classifier":
         model = build_convnextv2(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
     else:
-        from sparse_mae.models.fcmae import build_fcmae
+        from sparse_mae.build import create_model
 
-        model = build_fcmae(spec.variant, in_chans=spec.in_chans, backend=backend,
-                            decoder_dim=spec.decoder_dim, decoder_depth=spec.decoder_depth)
+        model = create_model(f"fcmae_convnextv2_{spec.variant}", in_chans=spec.in_chans, backend=backend,
+                             decoder_dim=spec.decoder_dim, decoder_depth=spec.decoder_depth)
     model.load_state_dict(sd, strict=True)
     return model.eval()
 

@@ -22,6 +22,7 @@ import torch
 
 from sparse_mae.backends.minkowski import depthwise_from_me, depthwise_to_me, strided_from_me, strided_to_me
 from sparse_mae.models.convnextv2 import VARIANTS, build_convnextv2
+from sparse_mae.models.geometry import NUM_STAGES
 
 FORMATS = ("sparse_mae", "timm", "official_dense", "official_fcmae")
 # timm builds these variants with 1x1-conv MLPs (conv_mlp=True); tiny and larger use Linear.
@@ -149,14 +150,14 @@ class Rule:
 @lru_cache(maxsize=256)  # bounded: every distinct spec a caller asks about stays cached
 def canonical_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
     """Key -> shape of our model for `spec`, built on the meta device (fast at any size)."""
-    from sparse_mae.models.fcmae import build_fcmae
+    from sparse_mae.build import create_model
 
     with torch.device("meta"):
         if spec.kind == "classifier":
             model = build_convnextv2(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
-        else:
-            model = build_fcmae(spec.variant, in_chans=spec.in_chans, decoder_dim=spec.decoder_dim,
-                                decoder_depth=spec.decoder_depth)
+        else:  # the shapes are the same on every backend
+            model = create_model(f"fcmae_convnextv2_{spec.variant}", in_chans=spec.in_chans,
+                                 decoder_dim=spec.decoder_dim, decoder_depth=spec.decoder_depth)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -181,8 +182,7 @@ def expected_shapes(spec: Spec, fmt: str) -> dict[str, tuple[int, ...]]:
 # first: key count, key names' stage / block / decoder indices, and the sizes read off
 # the stem, head and decoder projection. The limits come from the variant table, or are
 # generous multiples of anything the paper or a plausible fine-tune uses.
-MAX_STAGE_DEPTHS = tuple(max(v.depths[i] for v in VARIANTS.values()) for i in range(4))  # (3, 3, 27, 3)
-NUM_STAGES = len(MAX_STAGE_DEPTHS)
+MAX_STAGE_DEPTHS = tuple(max(v.depths[i] for v in VARIANTS.values()) for i in range(NUM_STAGES))  # (3, 3, 27, 3)
 MAX_DECODER_DEPTH = 32  # the paper's FCMAE decoder is 1 block
 MAX_DECODER_DIM = 4096  # the paper's is 512
 MAX_IN_CHANS = 64  # RGB is 3; multispectral inputs a few dozen

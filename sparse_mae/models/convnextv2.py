@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_mae.backends.base import PATCH  # noqa: F401 (re-exported; defined once there)
-from sparse_mae_kernels.constants import GRN_EPS, KERNEL_SIZE, LN_EPS  # noqa: F401 (re-exported; defined once there)
+from sparse_mae.models.geometry import (  # the architecture's facts, each defined there once
+    DOWNSAMPLE_STRIDE, GRN_EPS, KERNEL_SIZE, LN_EPS, NUM_STAGES, PATCH, STEM_STRIDE,
+)
 
 
 @dataclass(frozen=True)
@@ -65,14 +66,15 @@ class GRN(nn.Module):
     channel and Nx = Gx / (mean_c Gx + eps). gamma, beta start at 0 (identity).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, eps: float = GRN_EPS):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps  # read by every backend, as nn.LayerNorm's eps is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
-        nx = gx / (gx.mean(dim=-1, keepdim=True) + GRN_EPS)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + self.eps)
         return x + self.bias + self.weight * (x * nx)
 
 
@@ -142,7 +144,8 @@ class Stage(nn.Module):
             self.downsample = nn.Identity()
         else:
             self.downsample = nn.Sequential(
-                LayerNorm2d(in_dim, eps=LN_EPS), nn.Conv2d(in_dim, dim, kernel_size=2, stride=2)
+                LayerNorm2d(in_dim, eps=LN_EPS),
+                nn.Conv2d(in_dim, dim, kernel_size=DOWNSAMPLE_STRIDE, stride=DOWNSAMPLE_STRIDE),
             )
         self.blocks = nn.Sequential(*[Block(dim, drop_paths[j]) for j in range(depth)])
 
@@ -175,16 +178,17 @@ class ConvNeXtV2(nn.Module):
         head_init_scale: float = 1.0,
     ):
         super().__init__()
-        if len(depths) != 4 or len(dims) != 4:
-            raise ValueError(f"depths and dims need 4 entries each, got {depths} and {dims}")
+        if len(depths) != NUM_STAGES or len(dims) != NUM_STAGES:
+            raise ValueError(f"depths and dims need {NUM_STAGES} entries each, got {depths} and {dims}")
         self.depths, self.dims, self.in_chans = tuple(depths), tuple(dims), in_chans
         self.num_classes = num_classes
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=4, stride=4), LayerNorm2d(dims[0], eps=LN_EPS))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dims[0], kernel_size=STEM_STRIDE, stride=STEM_STRIDE),
+                                  LayerNorm2d(dims[0], eps=LN_EPS))
         total = sum(depths)  # linear stochastic-depth decay, computed in Python (meta-device safe)
         rates = [drop_path_rate * k / max(1, total - 1) for k in range(total)]
         self.stages = nn.ModuleList()
         start = 0
-        for i in range(4):
+        for i in range(NUM_STAGES):
             in_dim = dims[i - 1] if i > 0 else dims[0]
             self.stages.append(Stage(in_dim, dims[i], depths[i], rates[start : start + depths[i]], first=i == 0))
             start += depths[i]

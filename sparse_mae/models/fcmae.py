@@ -4,41 +4,48 @@ The forward is split into named steps, shapes in the docstrings:
 patchify -> random_masking -> forward_encoder (any backend) -> forward_decoder -> forward_loss.
 Mask convention: (N, L), 1 = removed, 0 = kept; L = (H/32) * (W/32).
 
+The engine that runs the encoder is an object handed in (an instance of
+`sparse_mae.backends.base.EncoderBackend`); the model imports no backend, and
+`sparse_mae.create_model` builds one by name. The mask ratio is an argument of the forward
+(as MAE's `forward(imgs, mask_ratio)`), not a stored setting.
+
 Parameter names: `encoder.*` (the canonical ConvNeXt V2 layout without `head.*`),
 `proj`, `mask_token`, `decoder.{j}.*` (dense Blocks), `pred`.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparse_mae.backends import get_backend
-from sparse_mae.models.convnextv2 import PATCH, VARIANTS, Block, ConvNeXtV2, check_images, init_weights
+from sparse_mae.models.convnextv2 import VARIANTS, Block, ConvNeXtV2, check_images, init_weights
+from sparse_mae.models.geometry import PATCH, visible_count
+
+if TYPE_CHECKING:  # type hints only: the backends sit above the models
+    from sparse_mae.backends.base import EncoderBackend
 
 
 class FCMAE(nn.Module):
     def __init__(
         self,
+        backend: EncoderBackend,
         depths=(3, 3, 9, 3),
         dims=(96, 192, 384, 768),
         in_chans: int = 3,
-        backend: str = "dense_masked",
-        mask_ratio: float = 0.6,
         norm_pix_loss: bool = True,
         decoder_dim: int = 512,
         decoder_depth: int = 1,
         drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        check_mask_ratio(mask_ratio)
         if decoder_depth < 1 or decoder_dim < 1:
             raise ValueError(f"decoder_depth and decoder_dim must be >= 1, got {decoder_depth}, {decoder_dim}")
         self.patch_size = PATCH
         self.in_chans = in_chans
-        self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.backend = get_backend(backend)
+        self.set_backend(backend)
         self.encoder = ConvNeXtV2(depths, dims, in_chans, num_classes=0, drop_path_rate=drop_path_rate)
         self.proj = nn.Conv2d(dims[-1], decoder_dim, kernel_size=1)
         self.mask_token = nn.Parameter(torch.zeros(1, decoder_dim, 1, 1))
@@ -52,9 +59,13 @@ class FCMAE(nn.Module):
     def backend_name(self) -> str:
         return self.backend.name
 
-    def set_backend(self, name: str) -> None:
-        """Switch engines in place; parameters are shared by construction."""
-        self.backend = get_backend(name)
+    def set_backend(self, backend: EncoderBackend) -> None:
+        """Switch engines in place (an `EncoderBackend` instance, e.g.
+        `sparse_mae.get_backend("native")`); parameters are shared by construction."""
+        if isinstance(backend, str) or not callable(getattr(backend, "encode", None)):
+            raise TypeError(f"backend must be an encoder backend object (sparse_mae.get_backend(name)), "
+                            f"got {backend!r}")
+        self.backend = backend
 
     # -- steps -------------------------------------------------------------------------
 
@@ -75,10 +86,10 @@ class FCMAE(nn.Module):
         return x.reshape(n, self.in_chans, h * p, w * p)
 
     def random_masking(
-        self, batch: int, num_patches: int, device=None, generator: torch.Generator | None = None
+        self, batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """-> mask (N, L) float, 1 = removed; exactly max(1, int(L * (1 - ratio))) kept per sample."""
-        return random_mask(batch, num_patches, self.mask_ratio, device=device, generator=generator)
+        """-> mask (N, L) float, 1 = removed; exactly visible_count(L, mask_ratio) kept per sample."""
+        return random_mask(batch, num_patches, mask_ratio, device=device, generator=generator)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs (N, C, H, W), mask (N, L) -> latent (N, C3, H/32, W/32), zero at removed patches."""
@@ -129,16 +140,19 @@ class FCMAE(nn.Module):
         return (per_patch * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
-        loss_only: bool = False,
+        self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None, loss_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L)). With
-        `loss_only` (training) pred is (K, p*p*C), the K removed patches only: the same loss."""
+        """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L)). The mask is
+        drawn at `mask_ratio` or given as `mask` (one of the two). With `loss_only`
+        (training) pred is (K, p*p*C), the K removed patches only: the same loss."""
         check_images(imgs, self.in_chans)
         n, _, h, w = imgs.shape
         num_patches = (h // self.patch_size) * (w // self.patch_size)
+        if (mask is None) == (mask_ratio is None):
+            raise ValueError("give FCMAE.forward either mask_ratio (a mask is drawn; the paper uses 0.6) or mask")
         if mask is None:
-            mask = self.random_masking(n, num_patches, device=imgs.device, generator=generator)
+            mask = self.random_masking(n, num_patches, mask_ratio, device=imgs.device, generator=generator)
         else:
             mask = check_mask(mask, n, num_patches).to(imgs.device)
         latent = self.forward_encoder(imgs, mask)
@@ -155,9 +169,13 @@ def check_mask_ratio(mask_ratio: float) -> None:
 def random_mask(
     batch: int, num_patches: int, ratio: float, device=None, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """(N, L) float mask, 1 = removed, drawn independently per sample."""
+    """(N, L) float mask, 1 = removed, drawn independently per sample (the ratio checked once)."""
     check_mask_ratio(ratio)
-    keep = max(1, int(num_patches * (1 - ratio)))
+    return _mask_keeping(batch, num_patches, visible_count(num_patches, ratio), device, generator)
+
+
+def _mask_keeping(batch: int, num_patches: int, keep: int, device, generator: torch.Generator | None) -> torch.Tensor:
+    """(N, L) float mask keeping `keep` random patches of each sample."""
     gen_device = generator.device if generator is not None else device
     noise = torch.rand(batch, num_patches, generator=generator, device=gen_device)
     ids_keep = noise.argsort(dim=1)[:, :keep]
@@ -173,8 +191,11 @@ MASK_SALT = 0x5A5A_1234_ABCD
 
 def masks_from_seeds(seeds: torch.Tensor, num_patches: int, ratio: float) -> torch.Tensor:
     """One mask per sample from that sample's seed -> (N, L) float, 1 = removed. A sample is
-    masked alike in any batch, on any number of processes, and after a resume."""
-    rows = [random_mask(1, num_patches, ratio, generator=torch.Generator().manual_seed(int(s) ^ MASK_SALT))
+    masked alike in any batch, on any number of processes, and after a resume. The ratio is
+    checked once per call, not per sample."""
+    check_mask_ratio(ratio)
+    keep = visible_count(num_patches, ratio)
+    rows = [_mask_keeping(1, num_patches, keep, None, torch.Generator().manual_seed(int(s) ^ MASK_SALT))
             for s in seeds.tolist()]
     return torch.cat(rows)
 
@@ -197,6 +218,6 @@ def check_mask(mask: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor
     return mask
 
 
-def build_fcmae(variant: str, **kwargs) -> FCMAE:
+def build_fcmae(variant: str, backend: EncoderBackend, **kwargs) -> FCMAE:
     spec = VARIANTS[variant]
-    return FCMAE(depths=spec.depths, dims=spec.dims, **kwargs)
+    return FCMAE(backend, depths=spec.depths, dims=spec.dims, **kwargs)

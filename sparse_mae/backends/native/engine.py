@@ -25,8 +25,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparse_mae_kernels
-from sparse_mae.backends.base import PATCH, STAGE_SITES_PER_PATCH, STAGE_UPSAMPLE, EncoderBackend
+from sparse_mae.backends.base import EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
+from sparse_mae.models.geometry import KERNEL_SIZE, PATCH, STAGE_SITES_PER_PATCH, STAGE_UPSAMPLE
+from sparse_mae_kernels import constants as kernel_constants
 from sparse_mae_kernels.constants import TAPS
 from sparse_mae_kernels.ops.rows_dwconv_layernorm import rows_dwconv_layernorm
 from sparse_mae_kernels.ops.rows_grn import rows_grn
@@ -35,8 +37,13 @@ from sparse_mae_kernels.ops.rows_residual import rows_residual
 from sparse_mae_kernels.ops.tiles_dwconv import tiles_dwconv
 from sparse_mae_kernels.ops.tiles_grn import tiles_grn
 
-if TYPE_CHECKING:  # type hints only: the backends do not import the models
+if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
+
+# The kernels are compiled for one depthwise size (theirs); the model states its own.
+if kernel_constants.KERNEL_SIZE != KERNEL_SIZE:
+    raise ImportError(f"sparse_mae_kernels is built for {kernel_constants.KERNEL_SIZE}x{kernel_constants.KERNEL_SIZE} "
+                      f"depthwise convs, the model's are {KERNEL_SIZE}x{KERNEL_SIZE}")
 
 
 class NativeBackend(EncoderBackend):
@@ -144,8 +151,8 @@ class RowEncoder:
                                   norm.eps, impl=self.impl, check_values=False)
         # the Linears run as bare matmuls: fc1's bias is the GRN kernel's prologue, fc2's the residual's
         h = F.linear(z, mlp.fc1.weight)
-        u = rows_grn(h, st.row_offsets, mlp.grn.weight, mlp.grn.bias, mlp.fc1.bias, gelu=True, impl=self.impl,
-                     check_values=False)
+        u = rows_grn(h, st.row_offsets, mlp.grn.weight, mlp.grn.bias, mlp.fc1.bias, gelu=True, eps=mlp.grn.eps,
+                     impl=self.impl, check_values=False)
         y = F.linear(u, mlp.fc2.weight)
         scale = block.drop_path_scale(self.layout.batch, x.device, x.dtype)
         return rows_residual(x, y, mlp.fc2.bias, scale, st.row_offsets if scale is not None else None,
@@ -193,7 +200,8 @@ class TileEncoder:
         y = tiles_dwconv(x, st.halo_index, conv.weight, conv.bias)
         mlp = block.mlp
         y = mlp.act(mlp.fc1(block.norm(y)))
-        y = tiles_grn(y.reshape(p, s * s, -1), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias)
+        y = tiles_grn(y.reshape(p, s * s, -1), layout.patch_sample, layout.batch, mlp.grn.weight, mlp.grn.bias,
+                      mlp.grn.eps)
         y = mlp.fc2(y).view(p, s, s, c)
         scale = block.drop_path_scale(layout.batch, x.device, x.dtype)
         if scale is not None:

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparse_mae.backends.base import PATCH, STAGE_UPSAMPLE
+from sparse_mae.models.geometry import PATCH, STAGE_UPSAMPLE, STEM_STRIDE  # 8x8 stem windows per 32x32 patch
 from sparse_mae_kernels.constants import HALO, KERNEL_SIZE, TAPS
-
-STEM_STRIDE = 4  # the stem's 4x4/4 conv: 8x8 windows per 32x32 patch
 
 
 @dataclass
