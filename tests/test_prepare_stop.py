@@ -206,7 +206,7 @@ def test_a_second_prepare_into_the_same_out_is_refused_and_the_first_finishes(tm
     err_first = ended(first, 120, "the second prepare")
     assert second.returncode == 3, second.stderr[-2000:]
     assert "Traceback" not in second.stderr and "in use by pid" in second.stderr
-    assert f"out={out}" in second.stderr
+    assert f"out {out} is in use" in second.stderr and "pass another out" in second.stderr
     assert still_running, "the first prepare ended before the second started; make it slower"
     assert first.returncode == 0, err_first[-2000:]
     assert json.loads((out / "manifest.json").read_text())["samples"] == IMAGES
