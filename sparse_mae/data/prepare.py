@@ -248,6 +248,7 @@ def start_worker(parent: int) -> None:
     is still the one that started it."""
     for sig in WORKER_IGNORES:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORES)  # blocked by `submitted` until now
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -264,6 +265,17 @@ def start_worker(parent: int) -> None:
     threading.Thread(target=watch_parent, name="end-with-parent", daemon=True).start()
 
 
+def submitted(pool: ProcessPoolExecutor, jobs: list) -> list:
+    """pool.submit each job -> the futures. The first submit starts the workers: stop signals
+    are blocked meanwhile, so a worker never runs the main process's handler between its fork
+    and `start_worker` (a signal that comes then reaches the main process after)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORES)
+    try:
+        return [pool.submit(_build, job) for job in jobs]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def kill_pool(pool: ProcessPoolExecutor) -> None:
     """Kill the workers now and wait only for them to be gone (their half-written shards are
     temp files, removed next), not for the shards they were building."""
@@ -271,7 +283,9 @@ def kill_pool(pool: ProcessPoolExecutor) -> None:
     for worker in workers:
         worker.kill()
     wait_for_processes([w.sentinel for w in workers], timeout=10)
-    pool.shutdown(wait=False)  # (not cancel_futures, for the same reason)
+    # (no cancel_futures, nor pool.map, which cancels when left: the pool, broken by the kill, fails
+    # the pending futures itself, and one already cancelled it cannot fail: a thread's traceback)
+    pool.shutdown(wait=False)
 
 
 def remove_temp_files(out: Path) -> None:
@@ -336,9 +350,7 @@ def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int,
             pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=start_worker,
                                        initargs=(os.getpid(),))
             try:
-                # (not pool.map: leaving it cancels the pending futures, which the pool, broken by
-                # kill_pool, then fails to fail: a thread's traceback at exit)
-                for i, future in zip(todo, [pool.submit(_build, job) for job in jobs]):
+                for i, future in zip(todo, submitted(pool, jobs)):
                     built(i, future.result())
                 pool.shutdown()
             except BaseException:
