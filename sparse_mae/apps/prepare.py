@@ -46,18 +46,24 @@ def stopped_by_signals(signals: list[signal.Signals]):
     build kills its pool on the way out); after it, the signals' default actions stay, so a
     second one ends the process at once, even in the tear-down."""
 
+    stopped = []
+
     def stop(signum: int, frame) -> None:
+        stopped.append(signum)
         for sig in signals:
             signal.signal(sig, signal.SIG_DFL)
         raise PrepareInterrupted(signal.Signals(signum))
 
     previous = {sig: signal.signal(sig, stop) for sig in signals}
-    pending = take_pending_signal()
-    if pending is not None and pending in signals:
-        stop(int(pending), None)
-    yield
-    for sig, handler in previous.items():  # (not after a stop: a second signal must still kill)
-        signal.signal(sig, handler)
+    try:
+        pending = take_pending_signal()
+        if pending is not None and pending in signals:
+            stop(int(pending), None)
+        yield
+    finally:
+        if not stopped:  # (after a stop the default actions stay: a second signal must still end it)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 UNWRITABLE = {  # errno -> (why, what to do)
@@ -75,7 +81,7 @@ def cannot_write(error: OSError, out: str) -> ValueError | None:
     if error.errno not in UNWRITABLE:
         return None
     if error.errno in (errno.EACCES, errno.EPERM) and not (
-            error.filename and os.path.abspath(error.filename).startswith(os.path.abspath(out))):
+            error.filename and Path(os.path.abspath(error.filename)).is_relative_to(os.path.abspath(out))):
         return None
     why, fix = UNWRITABLE[error.errno]
     return ValueError(f"cannot write to out={out}: {why}; {fix}, then run the same command again "
