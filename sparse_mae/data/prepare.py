@@ -279,13 +279,16 @@ def submitted(pool: ProcessPoolExecutor, jobs: list) -> list:
 def kill_pool(pool: ProcessPoolExecutor) -> None:
     """Kill the workers now and wait only for them to be gone (their half-written shards are
     temp files, removed next), not for the shards they were building."""
-    workers = list((pool._processes or {}).values())  # (private, but the only handle on the workers)
+    workers = list((pool._processes or {}).values())  # (private, as is the manager thread: the only handles)
+    manager = pool._executor_manager_thread
     for worker in workers:
         worker.kill()
     wait_for_processes([w.sentinel for w in workers], timeout=10)
     # (no cancel_futures, nor pool.map, which cancels when left: the pool, broken by the kill, fails
     # the pending futures itself, and one already cancelled it cannot fail: a thread's traceback)
     pool.shutdown(wait=False)
+    if manager is not None:  # its clean-up done before the interpreter's exit wakes it (a race in
+        manager.join(timeout=10)  # Python 3.11: the wake-up wrote to a pipe it had closed, a traceback)
 
 
 def remove_temp_files(out: Path) -> None:
