@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     # `sparse-mae bench` runs with. libgomp reads it once, so it is set before torch is
     # imported; a value in the environment wins.
     os.environ.setdefault("GOMP_SPINCOUNT", "2000")
-    if command in ("pretrain", "finetune"):  # a scheduler's signal in set-up or teardown (train/signals.py)
+    if command in ("pretrain", "finetune", "prepare"):  # a signal in set-up or teardown (train/signals.py)
         from sparse_mae.train.signals import DEFAULT_STOP_SIGNALS, catch_outside_the_run, parse_signals
 
         catch_outside_the_run(parse_signals(DEFAULT_STOP_SIGNALS))

@@ -8,9 +8,10 @@ Two kinds of apps:
   `tool_main(app, fn)`.
 
 Exit codes: 0 done; 1 an unexpected error (traceback); 2 bad input or config (the message
-names the fix); 3 the run stopped itself (non-finite training, a run directory in use);
-75 stopped on a signal with a checkpoint written (run again with resume=auto;
-sparse_mae/train/signals.py); 128 + N killed by a second signal N.
+names the fix); 3 the run stopped itself (non-finite training, a run directory or prepare's
+out in use); 75 stopped on a signal with the work so far kept: a checkpoint written (run
+again with resume=auto; sparse_mae/train/signals.py), or prepare's committed shards (run the
+same command again; sparse_mae/apps/prepare.py); 128 + N killed by a second signal N.
 """
 from __future__ import annotations
 

@@ -17,15 +17,28 @@ built in parallel processes. A shard is committed by renaming its files into pla
 writing its `.done.json` last; a run that is interrupted and started again with the same
 command keeps every committed shard whose files verify against its record and builds the
 rest. Items that cannot be read are listed (manifest.json, unreadable.txt) and skipped.
+
+Stopping: whatever exception leaves the build (a stop signal turned into one by the app, a
+full disk, a failed shard), the pool's workers are killed at once instead of finishing
+shards no one will use, and no temp file is left behind. A worker ignores stop signals (a
+Ctrl-C reaches the whole process group; the main process decides) and never outlives the
+main process, whatever kills it (`start_worker`). One writer per out: the app's lock
+(sparse_mae/apps/prepare.py), whose files in out are not another work's.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
 import json
 import math
 import os
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.connection import wait as wait_for_processes
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,9 +49,11 @@ from PIL import Image
 from sparse_mae.data import fashion_mnist
 from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, find_images, upright_rgb
 from sparse_mae.data.shards import FORMAT, INDEX_DTYPE, MANIFEST, VERSION, sample_checksum, shard_name
-from sparse_mae.train.checkpoint import TEMP_PREFIX, atomic_write_bytes, sha256_of
+from sparse_mae.io import TEMP_PREFIX, atomic_write_bytes, sha256_of
+from sparse_mae.train.rundir import FALLBACK_LOCK_NAME, LOCK_NAME
 
 PLAN = "prepare.json"
+LOCK_FILES = {LOCK_NAME, FALLBACK_LOCK_NAME}  # the app's lock on out: not another work's files
 FASHION_MNIST_SPLITS = {"train": "train", "val": "test"}  # shard folder -> idx split (the test split is val)
 
 
@@ -170,19 +185,23 @@ def build_shard(out: Path, index: int, samples: list[tuple[object, int]], source
     name = shard_name(index)
     rows, names, unreadable = [], [], []
     tmp_data = out / f"{TEMP_PREFIX}{name}.data.{os.getpid()}"
-    with open(tmp_data, "wb") as f:
-        for item, label in samples:
-            try:
-                data = source.encode(item)
-            except Exception as e:  # noqa: BLE001 - any failure to read a file lists it; the run goes on
-                unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e}")
-                continue
-            rows.append((f.tell(), len(data), label, sample_checksum(label, data)))
-            names.append(source.name(item))
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_data, out / f"{name}.data")
+    try:
+        with open(tmp_data, "wb") as f:
+            for item, label in samples:
+                try:
+                    data = source.encode(item)
+                except Exception as e:  # noqa: BLE001 - any failure to read a file lists it; the run goes on
+                    unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e}")
+                    continue
+                rows.append((f.tell(), len(data), label, sample_checksum(label, data)))
+                names.append(source.name(item))
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_data, out / f"{name}.data")
+    except BaseException:
+        tmp_data.unlink(missing_ok=True)  # a full disk or a stop leaves no half shard filling it
+        raise
     index_rows = np.array(rows, dtype=INDEX_DTYPE)
     atomic_write_bytes(out / f"{name}.index.npy", lambda f: np.save(f, index_rows, allow_pickle=False))
     atomic_write_bytes(out / f"{name}.names.txt", lambda f: f.write("".join(n + "\n" for n in names).encode()))
@@ -217,6 +236,68 @@ def _build(job):
     return build_shard(*job)
 
 
+WORKER_IGNORES = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def start_worker(parent: int) -> None:
+    """A pool worker's set-up: stop signals are the main process's to act on (a terminal's
+    Ctrl-C and a scheduler's signal reach every process of the job), and the worker ends
+    when its parent does, whatever kills the parent (kill -9 included): on Linux the kernel
+    kills it (PR_SET_PDEATHSIG); everywhere a thread checks once a second that its parent
+    is still the one that started it."""
+    for sig in WORKER_IGNORES:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_IGNORES)  # blocked by `submitted` until now
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    if os.getppid() != parent:  # it died before the kernel was asked to tell us
+        os._exit(1)
+    threading.Thread(target=watch_parent, name="end-with-parent", daemon=True).start()
+
+
+def submitted(pool: ProcessPoolExecutor, jobs: list) -> list:
+    """pool.submit each job -> the futures. The first submit starts the workers: stop signals
+    are blocked meanwhile, so a worker never runs the main process's handler between its fork
+    and `start_worker` (a signal that comes then reaches the main process after)."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_IGNORES)
+    try:
+        return [pool.submit(_build, job) for job in jobs]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def kill_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers now and wait only for them to be gone (their half-written shards are
+    temp files, removed next), not for the shards they were building."""
+    workers = list((pool._processes or {}).values())  # (private, as is the manager thread: the only handles)
+    manager = pool._executor_manager_thread
+    for worker in workers:
+        worker.kill()
+    wait_for_processes([w.sentinel for w in workers], timeout=10)
+    # (no cancel_futures, nor pool.map, which cancels when left: the pool, broken by the kill, fails
+    # the pending futures itself, and one already cancelled it cannot fail: a thread's traceback)
+    pool.shutdown(wait=False)
+    if manager is not None:  # its clean-up done before the interpreter's exit wakes it (a race in
+        manager.join(timeout=10)  # Python 3.11: the wake-up wrote to a pipe it had closed, a traceback)
+
+
+def remove_temp_files(out: Path) -> None:
+    """Temp files of a killed or failed writer (only ours: the app holds out's lock)."""
+    for p in out.iterdir():
+        if p.name.startswith(TEMP_PREFIX):
+            p.unlink(missing_ok=True)
+
+
 def check_options(options: PrepareOptions, workers: int) -> None:
     if options.short_side is not None and options.short_side <= 0:
         raise ValueError(f"short_side must be > 0 or null (keep sizes), got {options.short_side}")
@@ -240,12 +321,10 @@ def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int,
             raise ValueError(f"out={out} holds shards prepared from another source, file list or options "
                              f"({earlier.get('source')}, {earlier.get('options')}); choose a new out= or delete "
                              f"that folder")
-    elif any(out.iterdir()):
+    elif any(p.name not in LOCK_FILES for p in out.iterdir()):
         raise ValueError(f"out={out} is not empty and holds no `sparse-mae prepare` work; choose an empty or new "
                          f"folder")
-    for p in out.iterdir():  # a killed writer's temp files
-        if p.name.startswith(TEMP_PREFIX):
-            p.unlink(missing_ok=True)
+    remove_temp_files(out)
     atomic_write_bytes(out / PLAN, lambda f: f.write(json.dumps(plan, indent=1).encode()))
 
     chunks = [scan.items[i:i + shard_size] for i in range(0, len(scan.items), shard_size)]
@@ -260,17 +339,29 @@ def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int,
     if records:
         log(f"continuing: {len(records)} of {len(chunks)} shards already built and verified, {len(todo)} to build")
     jobs = [(out, i, chunks[i], source) for i in todo]
-    if workers == 1 or len(jobs) <= 1:
-        for i, job in zip(todo, jobs):
-            records[i] = _build(job)
-            if update:
-                update(len(chunks[i]))
-    else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            for i, record in zip(todo, pool.map(_build, jobs)):
-                records[i] = record
-                if update:
-                    update(len(chunks[i]))
+
+    def built(i: int, record: dict) -> None:
+        records[i] = record
+        if update:
+            update(len(chunks[i]))
+
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            for i, job in zip(todo, jobs):
+                built(i, _build(job))
+        else:
+            pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=start_worker,
+                                       initargs=(os.getpid(),))
+            try:
+                for i, future in zip(todo, submitted(pool, jobs)):
+                    built(i, future.result())
+                pool.shutdown()
+            except BaseException:
+                kill_pool(pool)
+                raise
+    except BaseException:
+        remove_temp_files(out)
+        raise
     shards = [records[i] for i in range(len(chunks))]
     unreadable = scan.skipped + [u for s in shards for u in s["unreadable"]]
     if not any(s["count"] for s in shards):
@@ -323,7 +414,7 @@ def prepare_fashion_mnist(src: str | os.PathLike, out: str | os.PathLike, option
     if besides:
         raise ValueError(f"src={src} holds the Fashion-MNIST idx files and also images or folders "
                          f"({', '.join(besides[:5])}): ambiguous; prepare the idx files from a folder of their own")
-    if out.is_dir() and any(p.name not in FASHION_MNIST_SPLITS for p in out.iterdir()):
+    if out.is_dir() and any(p.name not in FASHION_MNIST_SPLITS and p.name not in LOCK_FILES for p in out.iterdir()):
         raise ValueError(f"out={out} holds more than the train/ and val/ of a Fashion-MNIST prepare; choose an "
                          f"empty or new folder")
     sources = {folder: FashionMnistSource(src, split, options.shard_size,

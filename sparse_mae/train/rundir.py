@@ -51,7 +51,8 @@ class RunDirectory:
 
     # -- the lock ----------------------------------------------------------------------
 
-    def lock(self) -> None:
+    def lock(self, option: str = "output_dir") -> None:
+        """`option`: the key that named this directory, for the message that refuses a second writer."""
         self.path.mkdir(parents=True, exist_ok=True)
         f = open(self.path / LOCK_NAME, "a+")
         try:
@@ -59,21 +60,21 @@ class RunDirectory:
         except OSError as e:
             if e.errno in NO_FLOCK_ERRNOS:  # the filesystem cannot lock: not someone else's lock
                 f.close()
-                self._lock_with_heartbeat(e)
+                self._lock_with_heartbeat(e, option)
                 return
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
             raise RunDirectoryInUse(
-                f"output_dir {self.path} is in use by {holder}; a run directory has one writer at a time. "
-                f"Wait for that run to end (or stop it), or pass another output_dir") from None
+                f"{option} {self.path} is in use by {holder}; it has one writer at a time. "
+                f"Wait for that run to end (or stop it), or pass another {option}") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
         f.flush()
         self._lock_file = f
 
-    def _lock_with_heartbeat(self, flock_error: OSError) -> None:
+    def _lock_with_heartbeat(self, flock_error: OSError, option: str) -> None:
         held = self.path / FALLBACK_LOCK_NAME
         me = f"pid {os.getpid()} on host {socket.gethostname()}"
         for _ in range(2):  # a second try after removing a stale one
@@ -83,9 +84,9 @@ class RunDirectory:
                 holder, stale = self._fallback_holder(held)
                 if not stale:
                     raise RunDirectoryInUse(
-                        f"output_dir {self.path} is in use by {holder} (lock file {held}, its filesystem has no "
-                        f"flock); a run directory has one writer at a time. Wait for that run to end, or pass "
-                        f"another output_dir. If that run is surely gone, delete {held}") from None
+                        f"{option} {self.path} is in use by {holder} (lock file {held}, its filesystem has no "
+                        f"flock); it has one writer at a time. Wait for that run to end, or pass "
+                        f"another {option}. If that run is surely gone, delete {held}") from None
                 print(f"warning: taking over the lock of {self.path} from {holder} ({stale})", flush=True)
                 held.unlink(missing_ok=True)
                 continue
@@ -93,7 +94,7 @@ class RunDirectory:
             os.close(fd)
             break
         else:
-            raise RunDirectoryInUse(f"output_dir {self.path}: another process took {held} at the same moment")
+            raise RunDirectoryInUse(f"{option} {self.path}: another process took {held} at the same moment")
         print(f"note: {self.path} has no flock ({os.strerror(flock_error.errno)}): locked with {held} and a "
               f"heartbeat instead", flush=True)
         self._heartbeat_stop = threading.Event()

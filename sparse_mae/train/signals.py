@@ -59,6 +59,12 @@ def catch_outside_the_run(signals: Iterable[signal.Signals]) -> None:
         signal.signal(sig, record)
 
 
+def take_pending_signal() -> signal.Signals | None:
+    """The stop signal the CLI recorded during set-up, or None; the app that acts on it takes it."""
+    pending, _outside["pending"] = _outside["pending"], None
+    return pending
+
+
 class StopRequest:
     """Installed for one run: `requested` turns true on the first stop signal; a second
     exits the process at once. `uninstall()` puts the previous handlers back."""
@@ -81,7 +87,7 @@ class StopRequest:
         for sig in parse_signals(DEFAULT_STOP_SIGNALS):
             if sig not in self.signals and signal.getsignal(sig) is _outside.get("recorder", False):
                 self._previous[sig] = signal.signal(sig, signal.SIG_DFL)
-        pending, _outside["pending"] = _outside["pending"], None
+        pending = take_pending_signal()
         if pending is not None and pending in self.signals:  # came during set-up: stop before the first step
             self._handle(int(pending), None)
         return self
