@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 TEMP_PREFIX = ".tmp-"
+# the files of a folder's one-writer lock (train/rundir.py: flock, or the fallback file
+# where the filesystem has no flock), kept in the folder it guards: a run directory, or
+# prepare's out, which must not count them as another work's files
+LOCK_NAME = "run.lock"
+FALLBACK_LOCK_NAME = "run.lock.held"
 
 
 def fsync_dir(folder: Path) -> None:

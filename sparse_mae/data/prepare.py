@@ -49,8 +49,7 @@ from PIL import Image
 from sparse_mae.data import fashion_mnist
 from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, find_images, upright_rgb
 from sparse_mae.data.shards import FORMAT, INDEX_DTYPE, MANIFEST, VERSION, sample_checksum, shard_name
-from sparse_mae.io import TEMP_PREFIX, atomic_write_bytes, sha256_of
-from sparse_mae.train.rundir import FALLBACK_LOCK_NAME, LOCK_NAME
+from sparse_mae.io import FALLBACK_LOCK_NAME, LOCK_NAME, TEMP_PREFIX, atomic_write_bytes, sha256_of
 
 PLAN = "prepare.json"
 LOCK_FILES = {LOCK_NAME, FALLBACK_LOCK_NAME}  # the app's lock on out: not another work's files

@@ -26,12 +26,10 @@ import threading
 import time
 from pathlib import Path
 
-from sparse_mae.io import TEMP_PREFIX, atomic_write_bytes
+from sparse_mae.io import FALLBACK_LOCK_NAME, LOCK_NAME, TEMP_PREFIX, atomic_write_bytes
 from sparse_mae.train.checkpoint import list_checkpoints, remove_stale_files
 from sparse_mae.errors import RunDirectoryInUse
 
-LOCK_NAME = "run.lock"
-FALLBACK_LOCK_NAME = "run.lock.held"
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0
