@@ -12,14 +12,14 @@ import sys
 # command -> ("module:function", one-line help). The function takes no arguments.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("sparse_mae.apps.demo:main", "one FCMAE step per available backend on built-in images"),
-    "prepare": ("sparse_mae.apps.prepare:main", "image folder -> indexed shards for data=shards (conf/prepare.yaml)"),
-    "pretrain": ("sparse_mae.apps.pretrain:main", "FCMAE pretraining (Hydra: conf/pretrain.yaml; --help lists groups)"),
+    "prepare": ("sparse_mae.apps.prepare:main", "image folder -> indexed shards for data=shards (conf/sparse_mae_conf/prepare.yaml)"),
+    "pretrain": ("sparse_mae.apps.pretrain:main", "FCMAE pretraining (Hydra: conf/sparse_mae_conf/pretrain.yaml; --help lists groups)"),
     "export": ("sparse_mae.apps.export:main", "our checkpoint -> sparse_mae | timm | official_dense | official_fcmae | onnx"),
     "import": ("sparse_mae.apps.import_ckpt:main", "timm / official checkpoint -> our checkpoint format"),
-    "finetune": ("sparse_mae.apps.finetune:main", "fine-tune a dense classifier (Hydra: conf/finetune.yaml)"),
+    "finetune": ("sparse_mae.apps.finetune:main", "fine-tune a dense classifier (Hydra: conf/sparse_mae_conf/finetune.yaml)"),
     "eval": ("sparse_mae.apps.evaluate:main", "top-1/top-5 and a confusion-matrix PNG for a classifier checkpoint"),
-    "probe": ("sparse_mae.apps.probe:main", "linear probe and kNN on frozen encoder features (Hydra: conf/probe.yaml)"),
-    "bench": ("sparse_mae.apps.bench:main", "FCMAE time, memory and FLOPs across backends (Hydra: conf/bench.yaml)"),
+    "probe": ("sparse_mae.apps.probe:main", "linear probe and kNN on frozen encoder features (Hydra: conf/sparse_mae_conf/probe.yaml)"),
+    "bench": ("sparse_mae.apps.bench:main", "FCMAE time, memory and FLOPs across backends (Hydra: conf/sparse_mae_conf/bench.yaml)"),
     "flops": ("sparse_mae.apps.flops:main", "params and GFLOPs of the eight variants, dense and sparse (paper table)"),
 }
 
