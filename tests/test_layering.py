@@ -1,6 +1,8 @@
 """Which package may import which, checked on the source: the layering the code documents
 holds, with no circle and no upward arrow. Imports under `if TYPE_CHECKING:` (type hints
-only) do not count."""
+only) do not count. And the tree shows the import names: each top-level source folder
+holds one package folder named as it installs, so a reader (and an import-graph tool)
+finds `sparse_mae_kernels` and `sparse_mae_conf` in the tree."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "sparse_mae"
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "sparse_mae"
+# The card's top-level source folders and the package folder each one holds, named as it imports.
+PACKAGE_FOLDERS = {"sparse_mae": "sparse_mae", "sparse_mae_kernels": "kernels/sparse_mae_kernels",
+                   "sparse_mae_conf": "conf/sparse_mae_conf"}
 
 
 def runtime_imports(path: Path) -> set[str]:
@@ -99,5 +105,65 @@ def test_the_architecture_facts_are_defined_once():
                 for t in node.targets:
                     if getattr(t, "id", "") in facts:
                         where.setdefault(t.id, []).append(str(path.relative_to(ROOT.parent)))
-    assert where.pop("KERNEL_SIZE") == ["sparse_mae/models/geometry.py", "kernels/constants.py"]
+    assert where.pop("KERNEL_SIZE") == ["sparse_mae/models/geometry.py", "kernels/sparse_mae_kernels/constants.py"]
     assert where == {name: ["sparse_mae/models/geometry.py"] for name in facts - {"KERNEL_SIZE"}}
+
+
+def installed_distribution(monkeypatch):
+    """What setuptools itself makes of pyproject.toml: packages, their folders, their data."""
+    setuptools = pytest.importorskip("setuptools")
+    from setuptools.config.pyprojecttoml import apply_configuration
+
+    monkeypatch.chdir(REPO)  # build_py reads the package folders relative to the project root
+    return apply_configuration(setuptools.Distribution(), "pyproject.toml")
+
+
+def test_each_source_folder_installs_the_package_named_by_its_folder(monkeypatch):
+    dist = installed_distribution(monkeypatch)
+    top = sorted(p for p in dist.packages if "." not in p)
+    folders = {name: (dist.package_dir or {}).get(name, name) for name in top}
+    assert folders == PACKAGE_FOLDERS
+    for name, folder in folders.items():
+        assert Path(folder).name == name and (REPO / folder / "__init__.py").is_file()
+    for outer in ("kernels", "conf"):  # a source root, not a package: only the package folder is Python
+        python = sorted(p.name for p in (REPO / outer).iterdir()
+                        if p.suffix == ".py" or (p / "__init__.py").exists())
+        assert python == [Path(PACKAGE_FOLDERS[f"sparse_mae_{outer}"]).name], outer
+    from sparse_mae.apps.app import CONFIG_MODULE
+
+    assert CONFIG_MODULE in PACKAGE_FOLDERS  # Hydra's pkg:// name is a folder in the tree
+
+
+def test_the_install_ships_the_c_sources_and_every_config(monkeypatch):
+    """What build_py copies into a wheel: the kernels' csrc/*.c, *.h and every yaml under conf/.
+    pyproject.toml's package-data alone ships them (there is no MANIFEST.in), so the check
+    leaves out the manifest pass, which would write an egg-info into the tree."""
+    dist = installed_distribution(monkeypatch)
+    dist.include_package_data = False
+    build_py = dist.get_command_obj("build_py")
+    build_py.ensure_finalized()
+    shipped = {Path(src_dir, name).resolve() for _, src_dir, _, names in build_py.data_files for name in names}
+    wanted = {*(REPO / "kernels").rglob("csrc/*.[ch]"), *(REPO / "conf").rglob("*.yaml")}
+    assert wanted and {p.resolve() for p in wanted} <= shipped
+
+
+def test_the_native_backend_imports_the_kernels_folder_by_its_installed_name():
+    """An import-graph reader that takes the folders of pyproject.toml's `where` as source
+    roots (as src layouts are read) finds every kernels module the native engine imports."""
+    roots = [REPO, REPO / "kernels", REPO / "conf"]
+
+    def resolves(module: str) -> bool:
+        rel = Path(*module.split("."))
+        return any((r / rel).with_suffix(".py").is_file() or (r / rel / "__init__.py").is_file() for r in roots)
+
+    used = {m for p in files("backends/native") for m in runtime_imports(p) if m.split(".")[0] == "sparse_mae_kernels"}
+    assert "sparse_mae_kernels" in used and any(m.startswith("sparse_mae_kernels.ops.") for m in used)
+    assert all(resolves(m) for m in used), sorted(m for m in used if not resolves(m))
+
+
+@pytest.mark.parametrize("folder", ["sparse_mae", "kernels", "benchmarks", "tests"])
+def test_nothing_imports_the_folder_names_kernels_or_conf(folder):
+    """`kernels` on PyPI is another project; the folder names are never import names."""
+    bare = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / folder).rglob("*.py") for m in runtime_imports(p)
+            if m.split(".")[0] in ("kernels", "conf")}
+    assert not bare

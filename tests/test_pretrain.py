@@ -36,7 +36,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "sparse_mae_conf" / "experiment").glob("*.yaml"))
 
 
 def debug_overrides(out: Path, **extra) -> list[str]:
@@ -279,7 +279,7 @@ def test_a_model_variant_is_one_key_with_its_defaults_in_one_place():
     tiny = compose_config(["model=tiny"])
     assert tiny.model.variant == "tiny" and compose_config(["model.variant=tiny"]).model == tiny.model
     assert tiny.model.decoder_dim == 512 and tiny.model.norm_pix_loss and tiny.model.drop_path_rate == 0.0
-    assert not (REPO / "conf" / "model").exists()
+    assert not (REPO / "conf" / "sparse_mae_conf" / "model").exists()
 
 
 def test_unknown_override_key_and_option_are_hydra_errors():

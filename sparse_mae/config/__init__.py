@@ -1,8 +1,8 @@
 """Typed config schemas of every Hydra app, registered with Hydra's ConfigStore.
 
-Every default lives in a schema, once. `conf/<app>.yaml` holds only the defaults list (which
-group option is the default), Hydra's own settings and examples; `conf/experiment/*.yaml`
-hold only the differences of an experiment. Because the schemas are dataclasses, Hydra
+Every default lives in a schema, once. `conf/sparse_mae_conf/<app>.yaml` holds only the
+defaults list (which group option is the default), Hydra's own settings and examples;
+`conf/sparse_mae_conf/experiment/*.yaml` hold only the differences of an experiment. Because the schemas are dataclasses, Hydra
 itself rejects unknown keys, wrong types and unknown choices (enums) when it composes a
 config. Ranges are declared on the fields too (`opt(..., check=Range(...))`), and
 `validate(cfg)` checks every declared range of a composed config: `apps.app.compose` and

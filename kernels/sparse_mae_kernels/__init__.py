@@ -1,7 +1,8 @@
 """Hand-written kernels of the native sparse engine, import name `sparse_mae_kernels`.
 
-The folder is `kernels/` at the top of the repository; it installs as `sparse_mae_kernels`
-because PyPI's unrelated `kernels` package owns the plain name.
+The folder is `kernels/sparse_mae_kernels/`: `kernels/` at the top of the repository holds
+this one package, named as it imports (PyPI's unrelated `kernels` package owns the plain
+name); `sparse_mae.backends.native` is the backend that runs it.
 
 - `ops/`: one op per file, each holding its kernels (C and Triton), launchers, autograd
   function and plain-torch reference; named by the layout they take: `rows_*` on packed

@@ -1,1 +1,0 @@
-# Hydra configs, importable as `sparse_mae_conf` so `pkg://sparse_mae_conf` works from any install.
