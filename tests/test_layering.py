@@ -167,3 +167,83 @@ def test_nothing_imports_the_folder_names_kernels_or_conf(folder):
     bare = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / folder).rglob("*.py") for m in runtime_imports(p)
             if m.split(".")[0] in ("kernels", "conf")}
     assert not bare
+
+
+# -- the whole layer order -----------------------------------------------------------------
+
+# Bottom to top; a file may import files of its own layer or of layers below, never above.
+# Leaves first (errors, io: anything may raise or write atomically), then what the models and
+# data are, the engines that run them, the configs that choose them, the training loop, and
+# what is built on a trained model. `sparse_mae/__init__.py` (the public API) and the CLI sit
+# on top.
+LAYERS = [
+    {"errors", "io"},
+    {"data", "models"},
+    {"backends", "build", "flops"},  # build: create_model picks a backend and hands it to the model
+    {"config"},
+    {"train"},
+    {"convert"},
+    {"bench"},
+    {"probe"},
+    {"apps", "cli", "__init__"},
+]
+LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+
+def unit_of(path: Path) -> str:
+    """The layer unit of a file: its top folder under sparse_mae/, or its own name there."""
+    rel = path.relative_to(ROOT)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def imported_files(path: Path) -> set[Path]:
+    """The files of sparse_mae/ that `path` imports when it runs (a package's __init__ for a
+    package import)."""
+    found = set()
+    for module in runtime_imports(path):
+        parts = module.split(".")
+        if parts[0] != "sparse_mae":
+            continue
+        base = ROOT.joinpath(*parts[1:])
+        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+            if candidate.is_file() and candidate != path:
+                found.add(candidate)
+                break
+    return found
+
+
+ALL_FILES = sorted(ROOT.rglob("*.py"))
+
+
+def test_every_unit_has_a_layer():
+    assert {unit_of(p) for p in ALL_FILES} <= set(LAYER_OF), "add the new folder or module to LAYERS"
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_import_climbs_a_layer(path):
+    here = LAYER_OF[unit_of(path)]
+    climbing = sorted(str(f.relative_to(ROOT)) for f in imported_files(path) if LAYER_OF[unit_of(f)] > here)
+    assert not climbing, (f"{path.relative_to(ROOT)} (layer {sorted(LAYERS[here])}) imports {climbing} from a "
+                          f"higher layer: move what it needs down, or the importing code up")
+
+
+def test_no_circle_among_the_files():
+    graph = {p: imported_files(p) for p in ALL_FILES}
+    for p in ALL_FILES:  # a package's files import through its __init__, which is not a circle of code
+        graph[p].discard(p.parent / "__init__.py")
+    state: dict[Path, int] = {}  # 1 on the path being walked, 2 done
+    circles = []
+
+    def walk(node: Path, trail: list[Path]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                circles.append([str(p.relative_to(ROOT)) for p in trail[trail.index(nxt):] + [nxt]])
+            elif nxt not in state:
+                walk(nxt, trail + [nxt])
+        state[node] = 2
+
+    for p in ALL_FILES:
+        if p not in state:
+            walk(p, [p])
+    assert not circles, circles
