@@ -118,9 +118,11 @@ def test_both_paths_draw_the_same_boxes_and_flips_from_the_same_seeds():
         assert item["box"].tolist() == list(box) and item["flip"] == flip
         flips += flip
     assert 8 < flips < 32  # both ways happen
-    # eval: the centre crop's region of the full-size image (85x64 after the resize, left (85 - 64) // 2 = 10)
+    # eval: the centre crop's region of the full-size image (85x64 after the resize, left (85 - 64) // 2 = 10,
+    # each resized pixel 640 / 85 source pixels wide: EvalTransform's box, the one centre crop of every path)
     eval_item = JpegCrop(FastEvalTransform(64))(data, 3)
-    assert eval_item["box"].tolist() == [75.0, 0.0, 555.0, 480.0] and eval_item["flip"] is False
+    assert eval_item["box"].tolist() == pytest.approx([10 * 640 / 85, 0.0, 74 * 640 / 85, 480.0])
+    assert eval_item["flip"] is False
 
 
 # -- the device-side augmentation, on CPU tensors -------------------------------------------------
