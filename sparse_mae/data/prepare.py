@@ -183,24 +183,20 @@ def build_shard(out: Path, index: int, samples: list[tuple[object, int]], source
     """Write one shard (data, index, names; then its .done.json) -> its record."""
     name = shard_name(index)
     rows, names, unreadable = [], [], []
-    tmp_data = out / f"{TEMP_PREFIX}{name}.data.{os.getpid()}"
-    try:
-        with open(tmp_data, "wb") as f:
-            for item, label in samples:
-                try:
-                    data = source.encode(item)
-                except Exception as e:  # noqa: BLE001 - any failure to read a file lists it; the run goes on
-                    unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e}")
-                    continue
-                rows.append((f.tell(), len(data), label, sample_checksum(label, data)))
-                names.append(source.name(item))
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_data, out / f"{name}.data")
-    except BaseException:
-        tmp_data.unlink(missing_ok=True)  # a full disk or a stop leaves no half shard filling it
-        raise
+
+    def write_samples(f) -> None:
+        for item, label in samples:
+            try:
+                data = source.encode(item)
+            except Exception as e:  # noqa: BLE001 - any failure to read a file lists it; the run goes on
+                unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e}")
+                continue
+            rows.append((f.tell(), len(data), label, sample_checksum(label, data)))
+            names.append(source.name(item))
+            f.write(data)
+
+    # the one atomic write: a full disk or a stop leaves no half shard filling it
+    atomic_write_bytes(out / f"{name}.data", write_samples)
     index_rows = np.array(rows, dtype=INDEX_DTYPE)
     atomic_write_bytes(out / f"{name}.index.npy", lambda f: np.save(f, index_rows, allow_pickle=False))
     atomic_write_bytes(out / f"{name}.names.txt", lambda f: f.write("".join(n + "\n" for n in names).encode()))
