@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from sparse_mae.apps.app import tool_main
 from sparse_mae.convert import import_state_dict, read_state_dict
+from sparse_mae.io import atomic_write_bytes
 
 
 def our_checkpoint(sd: dict, spec, source: str, source_format: str) -> dict:
@@ -32,16 +33,13 @@ def run_import(cfg: DictConfig) -> tuple[Path, object]:
     variant = str(cfg.variant) if cfg.variant is not None else None
     sd, spec = import_state_dict(foreign, str(cfg.format), variant, strict=cfg.strict)
     out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     ckpt = our_checkpoint(sd, spec, str(cfg.ckpt), str(cfg.format))
     if out.suffix == ".safetensors":
         from sparse_mae.convert import write_state_dict
 
         write_state_dict(sd, out, ckpt["metadata"])
     else:
-        tmp = out.with_name(f".tmp-{out.name}")
-        torch.save(ckpt, tmp)
-        tmp.replace(out)
+        atomic_write_bytes(out, lambda f: torch.save(ckpt, f))
     return out, spec
 
 
