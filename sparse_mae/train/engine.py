@@ -401,6 +401,8 @@ class _Engine:
         due = c.step % cfg.checkpoint.every_steps == 0 or last or c.hooks_pending
         if due and c.step > self.saved_step:
             self._save()
+            # a signal during the write stops the run now, not a step later (every rank saved)
+            stop = self._any_rank(self.stop.requested)[0]
         if failed:
             where = self.last_checkpoint or self._on_disk()
             self.logger.write(f"step {c.step}: the step's evaluation hooks failed; checkpoint {where} holds the step "
