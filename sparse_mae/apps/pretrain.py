@@ -25,7 +25,7 @@ from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.amp import resolve_amp
 from sparse_mae.train.engine import Run, RunResult, TrainTask, train
 from sparse_mae.errors import TrainingDiverged
-from sparse_mae.train.signals import PhaseAbandoned
+from sparse_mae.train.signals import abandon_if_stopped
 from sparse_mae.train.step import fcmae_loss, fcmae_param_groups
 from sparse_mae.train.reconstruction import save_reconstruction
 
@@ -100,8 +100,7 @@ class PretrainTask(TrainTask):
     def reconstruct(self, run: Run, step: int) -> None:
         """The same images and masks at every picture of a run (and across resumes)."""
         cfg = self.cfg
-        if run.stop.requested:  # one short forward, but the stop should not wait for it
-            raise PhaseAbandoned(f"reconstruction pictures abandoned on {run.stop.received.name}")
+        abandon_if_stopped(run.stop, "reconstruction pictures")  # one short forward, but the stop need not wait
         if self._recon_batch is None:
             n = min(cfg.recon.num_images, len(self.dataset))
             if n == 0:

@@ -42,7 +42,7 @@ DEFAULT_STOP_SIGNALS = ("TERM", "INT", "USR1", "USR2")  # RunConfig.stop_signals
 
 @dataclass(frozen=True)
 class StopSignalNames:
-    """A list of signals a run may stop on (train.signals.ALLOWED_STOP_SIGNALS)."""
+    """A list of signals a run may stop on (ALLOWED_STOP_SIGNALS)."""
 
     def problem(self, value: Any) -> Optional[str]:
         try:

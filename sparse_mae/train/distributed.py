@@ -121,6 +121,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(*flags: bool, device: torch.device) -> list[bool]:
+    """Each flag: whether any rank raised it. Under DDP a collective that every rank calls at
+    the same point (one int32 all-reduce for all the flags); alone, the flags themselves."""
+    if not dist.is_initialized():
+        return list(flags)
+    raised = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(raised, op=dist.ReduceOp.SUM)
+    return [bool(v) for v in raised.tolist()]
+
+
 def broadcast_from_main(value):
     """Rank 0's `value` on every rank (pickled; for small objects)."""
     if not dist.is_initialized():

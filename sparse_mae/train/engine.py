@@ -40,6 +40,7 @@ from sparse_mae.train.checkpoint import find_latest, save_checkpoint
 from sparse_mae.train.distributed import (
     DistInfo,
     all_reduce_sum,
+    any_rank,
     barrier,
     broadcast_from_main,
     cleanup_distributed,
@@ -396,13 +397,13 @@ class _Engine:
             abandoned = True
         except Exception as e:  # noqa: BLE001 - raised again below, once the step is saved
             abandoned, failure = True, e
-        stop, abandoned, failed = self._any_rank(self.stop.requested, abandoned, failure is not None)
+        stop, abandoned, failed = any_rank(self.stop.requested, abandoned, failure is not None, device=self.di.device)
         c.hooks_pending = abandoned or failed
         due = c.step % cfg.checkpoint.every_steps == 0 or last or c.hooks_pending
         if due and c.step > self.saved_step:
             self._save()
             # a signal during the write stops the run now, not a step later (every rank saved)
-            stop = self._any_rank(self.stop.requested)[0]
+            stop = any_rank(self.stop.requested, device=self.di.device)[0]
         if failed:
             where = self.last_checkpoint or self._on_disk()
             self.logger.write(f"step {c.step}: the step's evaluation hooks failed; checkpoint {where} holds the step "
@@ -411,15 +412,6 @@ class _Engine:
                 f"step {c.step}: another rank's evaluation hooks failed (its message says why); checkpoint {where}")
         if stop and (not last or c.hooks_pending):  # a run that finished all its work is not stopped
             self._stop_on_signal()
-
-    def _any_rank(self, *flags: bool) -> list[bool]:
-        """Each flag: whether any rank raised it. Under DDP a collective every rank calls at the
-        same point of the loop (one int32 all-reduce)."""
-        if not self.di.enabled:
-            return list(flags)
-        raised = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.di.device)
-        dist.all_reduce(raised, op=dist.ReduceOp.SUM)
-        return [bool(v) for v in raised.tolist()]
 
     def _stop_on_signal(self) -> None:
         """Every rank: checkpoint the last finished step (unless it is saved), then stop."""

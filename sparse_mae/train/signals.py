@@ -124,11 +124,9 @@ class StopRequest:
         at the same point of the loop (one int32 all-reduce)."""
         if not distributed:
             return self.requested
-        import torch.distributed as dist
+        from sparse_mae.train.distributed import any_rank
 
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
-        return bool(flag.item())
+        return any_rank(self.requested, device=device)[0]
 
     def chain_previous(self) -> None:
         """Hand the signal to the handler that was there before ours (e.g. submitit's requeue),
@@ -147,12 +145,17 @@ class PhaseAbandoned(Exception):
     runs the phase again after resume."""
 
 
+def abandon_if_stopped(stop: StopRequest | None, what: str) -> None:
+    """PhaseAbandoned once a stop signal has been received."""
+    if stop is not None and stop.requested:
+        raise PhaseAbandoned(f"{what} abandoned on {stop.received.name}")
+
+
 def until_stopped(items: Iterable, stop: StopRequest | None, what: str = "this phase"):
     """`items` one by one, until a stop signal is received: then PhaseAbandoned at the next
     item, so a stop waits for one batch, not for the whole phase."""
     for item in items:
-        if stop is not None and stop.requested:
-            raise PhaseAbandoned(f"{what} abandoned on {stop.received.name}")
+        abandon_if_stopped(stop, what)
         yield item
 
 
