@@ -48,10 +48,10 @@ void rows_gather_cols(const void *x, const int32_t *nbr, void *cols, long M, lon
   pool_run(gather_task, &a, threads_for(M, threads, MIN_ROWS_PER_THREAD));
 }
 
-/* EXPERIMENT (measured against the gather through the transposed map, then removed or kept):
- * grad x (M_in, C) fp32 = cols (M_out, K * C) summed back through nbr ("col2im"), each thread
- * owning a slice of the channels, so no two threads write one element: no atomics, and the
- * sum runs in (m, k) order whatever the thread count. */
+/* col2im: grad x (M_in, C) float32 = the columns' gradient (M_out, K * C) summed back into the
+ * rows nbr names. Each thread owns a slice of the channels, so no two threads write one
+ * element: no atomics, and every sum runs in (m, k) order whatever the thread count
+ * (deterministic). gx must be zeroed by the caller. */
 typedef struct {
   const void *cols;
   int cdt;
@@ -63,8 +63,8 @@ typedef struct {
 static void scatter_task(void *ctx, int t, int n) {
   const scatter_args *a = ctx;
   const long vectors = (a->C + VL - 1) / VL;
-  const long c0 = split_start(vectors, t, n) * VL, c1e = split_start(vectors, t + 1, n) * VL;
-  const long c1 = c1e < a->C ? c1e : a->C;
+  const long c0 = split_start(vectors, t, n) * VL, c_end = split_start(vectors, t + 1, n) * VL;
+  const long c1 = c_end < a->C ? c_end : a->C;
   for (long m = 0; m < a->M; ++m) {
     const int32_t *nb = a->nbr + m * a->K;
     for (long k = 0; k < a->K; ++k) {

@@ -14,17 +14,27 @@ site coordinates.
 
 How it runs:
 - C (CPU): a C gather writes the columns (M_out, K * C_in) (im2col, csrc/rows_gather_conv.c),
-  then one torch GEMM (oneDNN) gives y. The backward is two more GEMMs: grad weight =
-  grad y^T @ columns (gathered again, not kept from the forward: K times x's memory), grad x
-  = the same gathered conv of grad y through the transposed map with the transposed weight
-  (deterministic, no atomics; for a submanifold map the transposed map is the map with its
-  taps flipped: pass it as `transposed`, else it is built once per map and kept on it).
+  then one torch GEMM (oneDNN) gives y. The gather is 1-9% of the forward at ResNet-50's
+  shapes (benchmarks/gather_conv.py --split), so a gather fused into a GEMM of our own could
+  win at most that, against oneDNN's GEMM: not done. Backward, two more GEMMs:
+  - grad weight = columns^T @ grad y, the columns gathered again (keeping them from the
+    forward would hold K times x's memory until the backward);
+  - grad x, two ways, both deterministic and without atomics. With `transposed` given (the
+    map's transpose; a submanifold map's is nbr.flip(1), free): the same gathered conv of
+    grad y through it, with the weight's channels swapped; every element one float32 sum in
+    the GEMM. Otherwise (strided maps): the columns' gradient grad y @ w^T (one GEMM), summed
+    back into rows by a C scatter whose threads own channel slices. Measured at batch 8,
+    mask 0.6, bf16, 1 thread: through the transpose 4.0 / 3.7 ms vs the scatter 5.0 / 4.2 ms
+    at 28x28x128 / 14x14x256 3x3 stride 1; on strided maps the transpose has 4x the rows, 3/4
+    of its taps absent, and costs 15.8 / 13.3 ms vs 5.6 / 4.8 ms for the scatter (3x3 and
+    1x1 stride 2), and building it (1-2 ms) would eat the submanifold gain.
 - Triton (CUDA): the gather fused into the GEMM (tiles of gathered rows fed to tl.dot), the
-  same three products.
-Features are read and written in their dtype (float32, bfloat16, float16), products
-accumulate in float32; the weight is used in the features' dtype (as a dense conv under
-autocast does) and its gradient comes back in the weight's dtype. Under autocast x is first
-cast to the autocast dtype.
+  same three products; grad x always through the transposed map (built once per map and
+  kept on it when not given), as a scatter would need atomics on a GPU.
+Features are read and written in their dtype (float32 and bfloat16; float16 through float32
+in C), products accumulate in float32; the weight is used in the features' dtype (as a
+dense conv under autocast does) and its gradient comes back in the weight's dtype. Under
+autocast x is first cast to the autocast dtype.
 
 In this file: the checks, `gather_conv_map` and `transpose_map`, the plain-torch reference
 `rows_gather_conv_reference`, the C launchers, the Triton kernels and launchers, and the
@@ -88,8 +98,9 @@ def check_gather_conv(x, nbr, weight, transposed, check_values: bool | None):
         check_map(transposed, m_in, taps, x.device, "transposed")
     if check_values or (check_values is None and x.device.type == "cpu"):
         check_map_range(nbr, m_in)
-        if transposed is not None:
-            check_map_range(transposed, nbr.shape[0], "transposed")
+        if transposed is not None and not torch.equal(transposed, transpose_map(nbr, m_in, check_values=True)):
+            raise ValueError("transposed is not nbr's transpose (transposed[nbr[m, k], k] = m, -1 elsewhere): "
+                             "pass nbr.flip(1) for a submanifold map, transpose_map(nbr, M_in), or None")
     return (x.contiguous(), nbr.contiguous(), weight.contiguous(),
             transposed.contiguous() if transposed is not None else None)
 
@@ -216,6 +227,7 @@ def weight_from_matrix(matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 _P, _L, _I = cpu_build.PTR, cpu_build.LONG, cpu_build.INT
 C_GATHER = ("rows_gather_cols", [_P, _P, _P, _L, _L, _L, _L, _I])
+C_SCATTER = ("rows_scatter_cols", [_P, _I, _P, _P, _L, _L, _L, _I])
 
 
 def c_gather_cols(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
@@ -234,10 +246,23 @@ def c_forward(x, nbr, w_matrix):
     return torch.mm(c_gather_cols(x, nbr), w_matrix)
 
 
+def c_input_grad(grad, nbr, weight, m_in):
+    """grad x (M_in, C_in) without a transposed map: the columns' gradient grad @ w^T, summed
+    back into rows by the C scatter (float32 sums, deterministic), in grad's dtype."""
+    m_out, taps = nbr.shape
+    c_in = weight.shape[1]
+    grad_x = torch.zeros(m_in, c_in)
+    if m_out and c_in and grad_x.numel():
+        grad_cols = torch.mm(grad, weight_matrix(weight, grad.dtype).t())  # (M_out, K * C_in)
+        cpu_build.function(*C_SCATTER)(cpu_build.ptr(grad_cols), cpu_build.dtype_code(grad_cols), cpu_build.ptr(nbr),
+                                       cpu_build.ptr(grad_x), m_out, taps, c_in, cpu_build.threads())
+    return grad_x.to(grad.dtype)
+
+
 def c_weight_grad(x, nbr, grad):
     """(K * C_in, C_out) = columns(x)^T @ grad, float32. In bfloat16 / float16 the GEMM
     accumulates in float32 and rounds its result once (what a dense conv's weight gradient
-    under autocast does); an float32 GEMM on upcast inputs costs twice the time."""
+    under autocast does); a float32 GEMM on upcast inputs costs twice the time."""
     return torch.mm(c_gather_cols(x, nbr).t(), grad).float()
 
 
@@ -345,6 +370,12 @@ def triton_forward(x, nbr, w_matrix):
     return out
 
 
+def triton_input_grad(grad, nbr, weight, m_in):
+    """grad x (M_in, C_in) without a transposed map: it is built (once per map) and gathered
+    through; a scatter would need atomics."""
+    return triton_forward(grad, cached_transpose(nbr, m_in), transposed_weight_matrix(weight, grad.dtype))
+
+
 def triton_weight_grad(x, nbr, grad):
     """(K * C_in, C_out) float32, deterministic."""
     m_out, taps = nbr.shape
@@ -366,36 +397,43 @@ def triton_weight_grad(x, nbr, grad):
 
 # -- autograd -----------------------------------------------------------------------------
 
-IMPLS = {
-    "c": (c_forward, c_weight_grad),
-    "triton": (triton_forward, triton_weight_grad),
+IMPLS = {  # (forward, input grad without a transposed map, weight grad)
+    "c": (c_forward, c_input_grad, c_weight_grad),
+    "triton": (triton_forward, triton_input_grad, triton_weight_grad),
 }
+
+
+def kernel_input(x: torch.Tensor, impl: str) -> torch.Tensor:
+    """x in the dtype the kernels read: the C scatter takes float16 through float32."""
+    return x.to(cpu_build.kernel_dtype(x.dtype)) if impl == "c" else x
 
 
 class RowsGatherConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, nbr, weight, transposed, impl):
-        forward, _ = IMPLS[impl]
-        ctx.save_for_backward(x, nbr, weight, transposed)
-        ctx.impl = impl
-        return forward(x, nbr, weight_matrix(weight, x.dtype))
+        forward, _, _ = IMPLS[impl]
+        xk = kernel_input(x, impl)
+        ctx.save_for_backward(xk, nbr, weight, transposed)
+        ctx.impl, ctx.x_dtype = impl, x.dtype
+        return forward(xk, nbr, weight_matrix(weight, xk.dtype)).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, nbr, weight, transposed = ctx.saved_tensors
-        forward, weight_grad = IMPLS[ctx.impl]
-        grad = grad_out.to(x.dtype).contiguous()
+        xk, nbr, weight, transposed = ctx.saved_tensors
+        forward, input_grad, weight_grad = IMPLS[ctx.impl]
+        grad = grad_out.to(xk.dtype).contiguous()
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            # the adjoint of a gathered conv: the gathered conv of grad y through the transposed
-            # map, with the weight's channels swapped. A gather, not a scatter-add: no atomics,
-            # one float32 sum per output element inside the GEMM.
-            if transposed is None:
-                transposed = cached_transpose(nbr, x.shape[0])
-            grad_x = forward(grad, transposed, transposed_weight_matrix(weight, x.dtype))
+            if transposed is not None:
+                # the adjoint of a gathered conv: the gathered conv of grad y through the
+                # transposed map, with the weight's channels swapped
+                grad_x = forward(grad, transposed, transposed_weight_matrix(weight, xk.dtype))
+            else:
+                grad_x = input_grad(grad, nbr, weight, xk.shape[0])
+            grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = weight_from_matrix(weight_grad(x, nbr, grad), weight.shape).to(weight.dtype)
+            grad_w = weight_from_matrix(weight_grad(xk, nbr, grad), weight.shape).to(weight.dtype)
         return grad_x, None, grad_w, None, None
 
 
@@ -404,8 +442,9 @@ def rows_gather_conv(x, nbr, weight, *, transposed=None, impl: str | None = None
     """Dense conv weight (C_out, C_in, kh, kw) over sparse sites: (M_in, C_in) rows and an
     (M_out, kh * kw) map -> (M_out, C_out) in the compute dtype. No bias (a ResNet's BN follows).
 
-    transposed: the map's transpose (M_in, K) if the caller has it (a submanifold map's is
-    nbr.flip(1)); else built for the backward, once per map. impl: 'c' (CPU), 'triton'
+    transposed: the map's transpose (M_in, K) (transpose_map), where the caller has it for
+    free: a submanifold map's is nbr.flip(1). The input gradient then gathers through it
+    (faster on CPU for stride 1); else the C kernels scatter and Triton builds it. impl: 'c' (CPU), 'triton'
     (CUDA, or CPU in Triton's interpreter), None = by device. check_values: check the maps'
     values (a device sync on CUDA); None = on CPU only. The C kernels check nbr's range always
     (it keeps their reads in bounds).
