@@ -14,6 +14,7 @@ import torch
 
 from sparse_mae.models.geometry import GRN_EPS, LN_EPS
 from sparse_mae_kernels.ops import rows_dwconv as dw
+from sparse_mae_kernels.ops import rows_gather_conv as gc
 from sparse_mae_kernels.ops import rows_grn as grn
 from sparse_mae_kernels.ops import rows_layernorm as ln
 from sparse_mae_kernels.ops import rows_residual as res
@@ -60,6 +61,8 @@ def test_cpu_without_interpreter_refuses_with_a_pointer_to_the_reference(monkeyp
         ln.rows_layernorm(x, torch.ones(2), torch.zeros(2), LN_EPS, impl="triton")
     with pytest.raises(RuntimeError, match="reference"):
         res.rows_residual(x, x, impl="triton")
+    with pytest.raises(RuntimeError, match="reference"):
+        gc.rows_gather_conv(x, nbr[:, :9], torch.randn(4, 2, 3, 3), impl="triton")
 
 
 @needs_triton

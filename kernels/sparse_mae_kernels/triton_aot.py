@@ -32,6 +32,7 @@ def _variants():
     """(kernel, signature, constexprs) for every launch configuration of the ops' launchers."""
     from sparse_mae_kernels.ops import rows_dwconv as dw
     from sparse_mae_kernels.ops import rows_dwconv_layernorm as dwln
+    from sparse_mae_kernels.ops import rows_gather_conv as gc
     from sparse_mae_kernels.ops import rows_grn as grn
     from sparse_mae_kernels.ops import rows_layernorm as ln
     from sparse_mae_kernels.ops import rows_residual as res
@@ -83,6 +84,19 @@ def _variants():
                 "N": "i32", "C": "i32", "MODE": "constexpr", "HAS_BIAS": "constexpr", "GELU": "constexpr",
                 "BLOCK_M": "constexpr", "BLOCK_C": "constexpr",
             }, {"MODE": mode, "HAS_BIAS": has_bias, "GELU": gelu, "BLOCK_M": grn.SEGMENT_BLOCK_M, "BLOCK_C": bc}
+    for feat, (bn, bk) in itertools.product(FEATURES, zip(_block_cs(gc.GATHER_CONV_MAX_BLOCK_N),
+                                                           _block_cs(gc.GATHER_CONV_MAX_BLOCK_K))):
+        consts = {"BLOCK_M": BLOCK_M, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_FP32": False}
+        yield gc.gather_conv_kernel, {
+            "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "w_ptr": f"*{feat}", "out_ptr": f"*{feat}", "M": "i32", "K": "i32",
+            "C_IN": "i32", "C_OUT": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+            "DOT_FP32": "constexpr",
+        }, consts
+        yield gc.gather_conv_weight_grad_kernel, {
+            "x_ptr": f"*{feat}", "nbr_ptr": "*i32", "g_ptr": f"*{feat}", "gw_ptr": "*fp32", "M": "i32", "K": "i32",
+            "C_IN": "i32", "C_OUT": "i32", "rows_per_chunk": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+            "BLOCK_K": "constexpr", "DOT_FP32": "constexpr",
+        }, consts
     # the residual: stream x and branch y of one dtype, or an fp32 stream with a low-precision branch
     pairs = [(f, f) for f in FEATURES] + [("fp32", "bf16"), ("fp32", "fp16")]
     for (x, y), has_bias, has_scale, bc in itertools.product(pairs, (True, False), (True, False),

@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 
 from sparse_mae_kernels import cpu_build
 from sparse_mae_kernels.common import check_rows, compute_dtype, pick_impl, ready_impl
-from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, tl, triton
+from sparse_mae_kernels.triton_runtime import BLOCK_M, TARGET_PROGRAMS, block_c, cdiv, interpreter_active, tl, triton
 
 GATHER_CONV_MAX_BLOCK_N = 64  # output channels per Triton program
 GATHER_CONV_MAX_BLOCK_K = 32  # input channels per tl.dot step
@@ -283,6 +283,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_FP32: tl.constexpr,  # see dot_in_fp32
     ):
         """out[m, n] = sum_k sum_i x[nbr[m, k], i] * w[k * C_IN + i, n]: gathered rows of x fed
         straight to tl.dot, one (BLOCK_M, BLOCK_N) tile of out per program, float32 accumulator."""
@@ -303,6 +304,8 @@ if triton is not None:
                 w_rows = (k * C_IN + chans).to(tl.int64)
                 b = tl.load(w_ptr + w_rows[:, None] * C_OUT + cols[None, :], mask=chan_ok[:, None] & col_ok[None, :],
                             other=0.0)
+                if DOT_FP32:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision="ieee")  # fp32 features: no TF32 rounding
         out = out_ptr + rows.to(tl.int64)[:, None] * C_OUT + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
@@ -321,6 +324,7 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        DOT_FP32: tl.constexpr,  # see dot_in_fp32
     ):
         """gw[k * C_IN + i, n] = sum over the chunk's rows m of x[nbr[m, k], i] * g[m, n].
 
@@ -346,9 +350,19 @@ if triton is not None:
                         other=0.0)  # (BLOCK_K, BLOCK_M): the columns, transposed
             g = tl.load(g_ptr + rows64[:, None] * C_OUT + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                         other=0.0)
+            if DOT_FP32:
+                a, g = a.to(tl.float32), g.to(tl.float32)
             acc = tl.dot(a, g, acc, input_precision="ieee")
         w_rows = (chunk * K * C_IN + k * C_IN + chans).to(tl.int64)
         tl.store(gw_ptr + w_rows[:, None] * C_OUT + cols[None, :], acc, mask=chan_ok[:, None] & col_ok[None, :])
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """Whether the kernels upcast tl.dot's operands to float32: only for bfloat16 in Triton's CPU
+    interpreter, whose dot multiplies bfloat16's raw bits as integers (Triton 3.x, create_dot).
+    The same numbers: products of bfloat16 values are exact in float32, and the compiled bf16
+    dot accumulates in float32 too."""
+    return dtype == torch.bfloat16 and interpreter_active()
 
 
 def triton_blocks(c_in: int, c_out: int) -> tuple[int, int]:
@@ -366,6 +380,7 @@ def triton_forward(x, nbr, w_matrix):
     bn, bk = triton_blocks(c_in, c_out)
     gather_conv_kernel[(cdiv(m_out, BLOCK_M), cdiv(c_out, bn))](
         x, nbr, w_matrix, out, m_out, taps, c_in, c_out, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk,
+        DOT_FP32=dot_in_fp32(x.dtype),
     )
     return out
 
@@ -391,6 +406,7 @@ def triton_weight_grad(x, nbr, grad):
     partial = torch.empty(chunks, taps * c_in, c_out, dtype=torch.float32, device=x.device)
     gather_conv_weight_grad_kernel[(taps * cdiv(c_in, bk), cdiv(c_out, bn), chunks)](
         x, nbr, grad, partial, m_out, taps, c_in, c_out, rows_per_chunk, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk,
+        DOT_FP32=dot_in_fp32(x.dtype),
     )
     return partial.sum(0)
 
