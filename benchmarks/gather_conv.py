@@ -35,9 +35,10 @@ from sparse_mae.bench.timing import time_calls
 from sparse_mae.models.geometry import visible_count
 
 PATCH_GRID = 7  # 224 px / 32 px patches
-# (name, input grid, C_in, C_out, kernel, stride): ResNet-50's convs with a spatial kernel
+# (name, input grid, C_in, C_out, kernel, stride): ResNet-50's convs that read neighbours or
+# stride (its stride-1 1x1 convs are plain matmuls on the rows)
 LAYERS = (
-    ("stem 7x7 s2", 112 * 2, 3, 64, 7, 2),
+    ("stem 7x7 s2", 224, 3, 64, 7, 2),  # on the pixels: no input gradient
     ("layer1 3x3", 56, 64, 64, 3, 1),
     ("layer2 3x3 s2", 56, 128, 128, 3, 2),
     ("layer2 3x3", 28, 128, 128, 3, 1),
@@ -63,9 +64,10 @@ def random_mask(batch: int, ratio: float, seed: int = 0) -> torch.Tensor:
     return mask.view(batch, PATCH_GRID, PATCH_GRID)
 
 
-def fwd_bwd(fn, inputs, backward: bool):
-    """A closure running fn(*inputs), and its backward with a fixed upstream gradient."""
-    leaves = [t.detach().clone().requires_grad_(backward) for t in inputs]
+def fwd_bwd(fn, inputs, backward: bool, input_grad: bool = True):
+    """A closure running fn(*inputs), and its backward with a fixed upstream gradient (for the
+    first input only when input_grad)."""
+    leaves = [t.detach().clone().requires_grad_(backward and (input_grad or i > 0)) for i, t in enumerate(inputs)]
     grad_out = torch.randn_like(fn(*leaves)) if backward else None
 
     def run():
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         """Median milliseconds of fn()."""
         return 1e3 * statistics.median(time_calls(lambda _: fn(), args.warmup, args.reps, "cpu", clock))
 
-    peak = matmul_peak(args.dtype, "cpu", size=2048)["gflop_s"]
+    peak = matmul_peak(args.dtype, "cpu", size=2048, clock=clock)["gflop_s"]
     isa = "AVX-512" if cpu_build.compiled_isa()["avx512"] else "no AVX-512"
     print(f"{cpu_name()} ({isa} build), {torch.get_num_threads()} threads | gathered conv | batch {args.batch}, "
           f"224 px, mask {args.mask_ratio}, {args.dtype}, median ms of {args.reps} | matmul peak {peak:.0f} GFLOP/s")
@@ -127,8 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         weight = 0.05 * torch.randn(c_out, c_in, kernel, kernel)
         dense_x = torch.randn(args.batch, c_in, grid, grid).to(dtype).to(memory_format=torch.channels_last)
 
+        # as the engine calls it: a submanifold map's transpose is its taps flipped
+        transposed = nbr.flip(1).contiguous() if stride == 1 else None
+
         def kernel_fn(x, w):
-            return gc.rows_gather_conv(x, nbr, w, check_values=False)
+            return gc.rows_gather_conv(x, nbr, w, transposed=transposed, check_values=False)
 
         def ref_fn(x, w):
             return gc.rows_gather_conv_reference(x, nbr, w)
@@ -136,23 +141,24 @@ def main(argv: list[str] | None = None) -> int:
         def dense_fn(x, w):
             return F.conv2d(x, w.to(dtype), stride=stride, padding=kernel // 2)
 
-        times = [timed(fwd_bwd(fn, xs, backward)) for backward in (False, True)
+        input_grad = c_in != 3  # the stem reads the image
+        times = [timed(fwd_bwd(fn, xs, backward, input_grad)) for backward in (False, True)
                  for fn, xs in ((kernel_fn, [x, weight]), (ref_fn, [x, weight]), (dense_fn, [dense_x, weight]))]
         flop = 2.0 * m_out * taps * c_in * c_out
-        gflop_s = 3 * flop / times[3] / 1e6  # forward + the two gradients' GEMMs
+        gflop_s = (3 if input_grad else 2) * flop / times[3] / 1e6  # forward and the gradients' GEMMs
         print(f"{name:>19} {m_out:>6} | {times[0]:8.2f} {times[1]:8.2f} {times[2]:8.2f} | {times[3]:8.2f} "
               f"{times[4]:8.2f} {times[5]:8.2f} | {times[4] / times[3]:5.2f}x {times[5] / times[3]:7.2f}x | "
               f"{gflop_s:7.0f} {gflop_s / peak:5.0%}")
         if args.split:
-            w_matrix = gc.weight_matrix(weight, dtype)
-            w_t = gc.transposed_weight_matrix(weight, dtype)
+            w_rows = gc.weight_rows(weight, dtype)
+            w_t = gc.transposed_rows(w_rows, taps)
             cols = gc.c_gather_cols(x, nbr)
             grad = torch.randn(m_out, c_out).to(dtype)
             transposed = gc.transpose_map(nbr, m_in)
             t_gather = timed(lambda: gc.c_gather_cols(x, nbr))
-            t_gemm = timed(lambda: torch.mm(cols, w_matrix))
+            t_gemm = timed(lambda: torch.mm(cols, w_rows.t()))
             t_gather_grad = timed(lambda: gc.c_forward(grad, transposed, w_t))
-            t_scatter_grad = timed(lambda: gc.c_input_grad(grad, nbr, weight, m_in))
+            t_scatter_grad = timed(lambda: gc.c_input_grad(grad, nbr, w_rows, m_in))
             t_transpose = timed(lambda: gc.transpose_map(nbr, m_in))
             splits.append((name, t_gather, t_gemm, t_gather_grad, t_scatter_grad, t_transpose))
     if splits:

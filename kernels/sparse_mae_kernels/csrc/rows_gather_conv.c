@@ -84,3 +84,4 @@ void rows_scatter_cols(const void *cols, int cdt, const int32_t *nbr, float *gx,
   const long vectors = (C + VL - 1) / VL;
   pool_run(scatter_task, &a, threads_for(vectors, threads, 1));
 }
+

@@ -202,25 +202,31 @@ def rows_gather_conv_reference(x, nbr, weight):
 
 
 # -- weight layouts -------------------------------------------------------------------------
+# Every product is columns (M, K * C_in') @ rows^T, with rows (C_out', K * C_in') tap-major
+# (row o, column k * C_in' + i), so the weight gradient comes out as rows too. The reorders
+# are copies of the weight, which at ResNet-50's last stage (512 x 512 x 3 x 3) cost as much
+# as its GEMM: one per direction, the forward's rows kept for the backward (a cheap block
+# permute of them is the input gradient's), and no (K * C_in, C_out) layout (its way back to
+# (C_out, C_in, kh, kw) took 12 ms on one core, against 2 ms from rows).
 
 
-def weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C_out, C_in, kh, kw) -> (K * C_in, C_out): row k * C_in + i multiplies x[nbr[m, k], i]."""
-    c_out = weight.shape[0]
-    return weight.to(dtype).permute(2, 3, 1, 0).reshape(-1, c_out).contiguous()
+def weight_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(C_out, C_in, kh, kw) -> (C_out, K * C_in) in dtype: column k * C_in + i multiplies
+    x[nbr[m, k], i]."""
+    return weight.to(dtype).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
-def transposed_weight_matrix(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(C_out, C_in, kh, kw) -> (K * C_out, C_in): the weight of the input gradient's gathered
-    conv (row k * C_out + o multiplies grad_y[t[i, k], o])."""
-    c_in = weight.shape[1]
-    return weight.to(dtype).permute(2, 3, 0, 1).reshape(-1, c_in).contiguous()
+def transposed_rows(w_rows: torch.Tensor, taps: int) -> torch.Tensor:
+    """The forward's rows -> the input gradient's (C_in, K * C_out) (a transposed view of a
+    (K * C_out, C_in) copy): column k * C_out + o multiplies grad_y[t[i, k], o]."""
+    c_out, c_in = w_rows.shape[0], w_rows.shape[1] // taps
+    return w_rows.view(c_out, taps, c_in).transpose(0, 1).reshape(taps * c_out, c_in).t()
 
 
-def weight_from_matrix(matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """(K * C_in, C_out) -> (C_out, C_in, kh, kw): weight_matrix's inverse."""
+def weight_from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(C_out, K * C_in) -> (C_out, C_in, kh, kw): weight_rows' inverse."""
     c_out, c_in, kh, kw = shape
-    return matrix.view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
+    return rows.view(c_out, kh, kw, c_in).permute(0, 3, 1, 2).contiguous()
 
 
 # -- C kernels (csrc/rows_gather_conv.c) + torch GEMMs ----------------------------------------
@@ -241,29 +247,29 @@ def c_gather_cols(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     return cols
 
 
-def c_forward(x, nbr, w_matrix):
-    """y (M_out, C_out) = columns(x) @ w_matrix, in x's dtype (oneDNN accumulates in float32)."""
-    return torch.mm(c_gather_cols(x, nbr), w_matrix)
+def c_forward(x, nbr, w_rows):
+    """y (M_out, C_out) = columns(x) @ w_rows^T, in x's dtype (oneDNN accumulates in float32)."""
+    return torch.mm(c_gather_cols(x, nbr), w_rows.t())
 
 
-def c_input_grad(grad, nbr, weight, m_in):
+def c_input_grad(grad, nbr, w_rows, m_in):
     """grad x (M_in, C_in) without a transposed map: the columns' gradient grad @ w^T, summed
     back into rows by the C scatter (float32 sums, deterministic), in grad's dtype."""
     m_out, taps = nbr.shape
-    c_in = weight.shape[1]
+    c_in = w_rows.shape[1] // taps
     grad_x = torch.zeros(m_in, c_in)
     if m_out and c_in and grad_x.numel():
-        grad_cols = torch.mm(grad, weight_matrix(weight, grad.dtype).t())  # (M_out, K * C_in)
+        grad_cols = torch.mm(grad, w_rows)  # (M_out, K * C_in)
         cpu_build.function(*C_SCATTER)(cpu_build.ptr(grad_cols), cpu_build.dtype_code(grad_cols), cpu_build.ptr(nbr),
                                        cpu_build.ptr(grad_x), m_out, taps, c_in, cpu_build.threads())
     return grad_x.to(grad.dtype)
 
 
 def c_weight_grad(x, nbr, grad):
-    """(K * C_in, C_out) = columns(x)^T @ grad, float32. In bfloat16 / float16 the GEMM
+    """(C_out, K * C_in) = grad^T @ columns(x), float32. In bfloat16 / float16 the GEMM
     accumulates in float32 and rounds its result once (what a dense conv's weight gradient
     under autocast does); a float32 GEMM on upcast inputs costs twice the time."""
-    return torch.mm(c_gather_cols(x, nbr).t(), grad).float()
+    return torch.mm(grad.t(), c_gather_cols(x, nbr)).float()
 
 
 # -- Triton kernels ------------------------------------------------------------------------
@@ -274,7 +280,7 @@ if triton is not None:
     def gather_conv_kernel(
         x_ptr,  # (M_in, C_IN) features
         nbr_ptr,  # (M, K) int32 rows of x per tap, -1 = absent
-        w_ptr,  # (K * C_IN, C_OUT) weight matrix, x's dtype
+        w_ptr,  # (C_OUT, K * C_IN) weight rows (weight_rows), x's dtype
         out_ptr,  # (M, C_OUT)
         M,
         K,
@@ -285,7 +291,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr,  # see dot_in_fp32
     ):
-        """out[m, n] = sum_k sum_i x[nbr[m, k], i] * w[k * C_IN + i, n]: gathered rows of x fed
+        """out[m, n] = sum_k sum_i x[nbr[m, k], i] * w[n, k * C_IN + i]: gathered rows of x fed
         straight to tl.dot, one (BLOCK_M, BLOCK_N) tile of out per program, float32 accumulator."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -301,9 +307,8 @@ if triton is not None:
                 chan_ok = chans < C_IN
                 a = tl.load(x_ptr + src[:, None] * C_IN + chans[None, :], mask=present[:, None] & chan_ok[None, :],
                             other=0.0)
-                w_rows = (k * C_IN + chans).to(tl.int64)
-                b = tl.load(w_ptr + w_rows[:, None] * C_OUT + cols[None, :], mask=chan_ok[:, None] & col_ok[None, :],
-                            other=0.0)
+                b = tl.load(w_ptr + cols.to(tl.int64)[None, :] * (K * C_IN) + (k * C_IN + chans)[:, None],
+                            mask=chan_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
                 if DOT_FP32:
                     a, b = a.to(tl.float32), b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision="ieee")  # fp32 features: no TF32 rounding
@@ -315,7 +320,7 @@ if triton is not None:
         x_ptr,  # (M_in, C_IN) forward input
         nbr_ptr,  # (M, K) int32
         g_ptr,  # (M, C_OUT) gradient of the output
-        gw_ptr,  # (chunks, K * C_IN, C_OUT) fp32 partial weight gradients, one slab per row chunk
+        gw_ptr,  # (chunks, C_OUT, K * C_IN) fp32 partial weight gradients, one slab per row chunk
         M,
         K,
         C_IN,
@@ -326,7 +331,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         DOT_FP32: tl.constexpr,  # see dot_in_fp32
     ):
-        """gw[k * C_IN + i, n] = sum over the chunk's rows m of x[nbr[m, k], i] * g[m, n].
+        """gw[n, k * C_IN + i] = sum over the chunk's rows m of x[nbr[m, k], i] * g[m, n].
 
         Program (tap k and a block of input channels, a block of output channels, a chunk of
         rows) owns its slab: no atomics, deterministic; the launcher sums the few slabs."""
@@ -353,8 +358,9 @@ if triton is not None:
             if DOT_FP32:
                 a, g = a.to(tl.float32), g.to(tl.float32)
             acc = tl.dot(a, g, acc, input_precision="ieee")
-        w_rows = (chunk * K * C_IN + k * C_IN + chans).to(tl.int64)
-        tl.store(gw_ptr + w_rows[:, None] * C_OUT + cols[None, :], acc, mask=chan_ok[:, None] & col_ok[None, :])
+        slab = gw_ptr + chunk.to(tl.int64) * C_OUT * K * C_IN
+        tl.store(slab + cols.to(tl.int64)[None, :] * (K * C_IN) + (k * C_IN + chans)[:, None], acc,
+                 mask=chan_ok[:, None] & col_ok[None, :])
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -370,40 +376,41 @@ def triton_blocks(c_in: int, c_out: int) -> tuple[int, int]:
     return block_c(c_out, GATHER_CONV_MAX_BLOCK_N), block_c(c_in, GATHER_CONV_MAX_BLOCK_K)
 
 
-def triton_forward(x, nbr, w_matrix):
+def triton_forward(x, nbr, w_rows):
     """y (M_out, C_out) = the gathered conv, in x's dtype."""
     m_out, taps = nbr.shape
-    c_in, c_out = x.shape[1], w_matrix.shape[1]
+    c_in, c_out = x.shape[1], w_rows.shape[0]
+    w_rows = w_rows.contiguous()  # the input gradient's rows are a transposed view
     out = torch.empty(m_out, c_out, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     bn, bk = triton_blocks(c_in, c_out)
     gather_conv_kernel[(cdiv(m_out, BLOCK_M), cdiv(c_out, bn))](
-        x, nbr, w_matrix, out, m_out, taps, c_in, c_out, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk,
+        x, nbr, w_rows, out, m_out, taps, c_in, c_out, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk,
         DOT_FP32=dot_in_fp32(x.dtype),
     )
     return out
 
 
-def triton_input_grad(grad, nbr, weight, m_in):
+def triton_input_grad(grad, nbr, w_rows, m_in):
     """grad x (M_in, C_in) without a transposed map: it is built (once per map) and gathered
     through; a scatter would need atomics."""
-    return triton_forward(grad, cached_transpose(nbr, m_in), transposed_weight_matrix(weight, grad.dtype))
+    return triton_forward(grad, cached_transpose(nbr, m_in), transposed_rows(w_rows, nbr.shape[1]))
 
 
 def triton_weight_grad(x, nbr, grad):
-    """(K * C_in, C_out) float32, deterministic."""
+    """(C_out, K * C_in) float32, deterministic."""
     m_out, taps = nbr.shape
     c_in, c_out = x.shape[1], grad.shape[1]
     if m_out == 0 or c_in == 0 or c_out == 0:
-        return torch.zeros(taps * c_in, c_out, dtype=torch.float32, device=x.device)
+        return torch.zeros(c_out, taps * c_in, dtype=torch.float32, device=x.device)
     bn, bk = triton_blocks(c_in, c_out)
     tiles = taps * cdiv(c_in, bk) * cdiv(c_out, bn)
     # enough row chunks to fill the GPU, each a whole number of row blocks
     chunks = max(1, min(cdiv(TARGET_PROGRAMS, tiles), cdiv(m_out, BLOCK_M)))
     rows_per_chunk = cdiv(cdiv(m_out, chunks), BLOCK_M) * BLOCK_M
     chunks = cdiv(m_out, rows_per_chunk)
-    partial = torch.empty(chunks, taps * c_in, c_out, dtype=torch.float32, device=x.device)
+    partial = torch.empty(chunks, c_out, taps * c_in, dtype=torch.float32, device=x.device)
     gather_conv_weight_grad_kernel[(taps * cdiv(c_in, bk), cdiv(c_out, bn), chunks)](
         x, nbr, grad, partial, m_out, taps, c_in, c_out, rows_per_chunk, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk,
         DOT_FP32=dot_in_fp32(x.dtype),
@@ -429,14 +436,15 @@ class RowsGatherConv(torch.autograd.Function):
     def forward(ctx, x, nbr, weight, transposed, impl):
         forward, _, _ = IMPLS[impl]
         xk = kernel_input(x, impl)
-        ctx.save_for_backward(xk, nbr, weight, transposed)
-        ctx.impl, ctx.x_dtype = impl, x.dtype
-        return forward(xk, nbr, weight_matrix(weight, xk.dtype)).to(x.dtype)
+        w_rows = weight_rows(weight, xk.dtype)
+        ctx.save_for_backward(xk, nbr, w_rows, transposed)  # the rows: a copy fewer in the backward
+        ctx.impl, ctx.x_dtype, ctx.weight_shape, ctx.weight_dtype = impl, x.dtype, weight.shape, weight.dtype
+        return forward(xk, nbr, w_rows).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        xk, nbr, weight, transposed = ctx.saved_tensors
+        xk, nbr, w_rows, transposed = ctx.saved_tensors
         forward, input_grad, weight_grad = IMPLS[ctx.impl]
         grad = grad_out.to(xk.dtype).contiguous()
         grad_x = grad_w = None
@@ -444,12 +452,12 @@ class RowsGatherConv(torch.autograd.Function):
             if transposed is not None:
                 # the adjoint of a gathered conv: the gathered conv of grad y through the
                 # transposed map, with the weight's channels swapped
-                grad_x = forward(grad, transposed, transposed_weight_matrix(weight, xk.dtype))
+                grad_x = forward(grad, transposed, transposed_rows(w_rows, nbr.shape[1]))
             else:
-                grad_x = input_grad(grad, nbr, weight, xk.shape[0])
+                grad_x = input_grad(grad, nbr, w_rows, xk.shape[0])
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
-            grad_w = weight_from_matrix(weight_grad(xk, nbr, grad), weight.shape).to(weight.dtype)
+            grad_w = weight_from_rows(weight_grad(xk, nbr, grad), ctx.weight_shape).to(ctx.weight_dtype)
         return grad_x, None, grad_w, None, None
 
 
