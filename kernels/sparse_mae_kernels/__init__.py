@@ -8,7 +8,8 @@ name); `sparse_mae.backends.native` is the backend that runs it.
   function and plain-torch reference; named by the layout they take: `rows_*` on packed
   rows (M, C), `tiles_*` on patch tiles (P, s, s, C) (torch ops, the fallback):
   `rows_dwconv`, `rows_dwconv_layernorm`, `rows_layernorm`, `rows_grn` (with a bias +
-  GELU prologue), `rows_residual`, `tiles_dwconv`, `tiles_grn`.
+  GELU prologue), `rows_residual`, `rows_gather_conv` (a dense-weight conv over a neighbour
+  map: the submanifold and strided convs of a sparse ResNet), `tiles_dwconv`, `tiles_grn`.
 - `csrc/`: the C sources (one per op, a shared header, the thread pool), built by
   `cpu_build` into one library on first use; `triton_runtime`: Triton where installed;
   `triton_aot`: compiles every Triton kernel for a GPU target without a GPU.
