@@ -17,7 +17,25 @@ alone, and the input gradient's two ways (gather through the transposed map then
 GEMM then a deterministic scatter-add).
 Times are medians after warm-up (wall time; CPU time of this thread with --threads 1).
 
-Measured on AMD EPYC (Zen 4, AVX-512 + bf16), 2 cores: see docs/design.md ("Gathered convolution").
+Recorded on AMD EPYC (Zen 4, AVX-512 + bf16), 2 cores shared with other jobs, so with
+--threads 1 (CPU time of this thread; wall times on both cores swung 3-5x with the other load):
+batch 8, mask 0.6, ms forward + backward (kernel / reference / dense F.conv2d), GFLOP/s of
+the kernel and its share of this core's matmul peak (bf16 199, fp32 82 GFLOP/s):
+
+    layer                bf16: kernel    ref  dense  GFLOP/s     fp32: kernel    ref  dense  GFLOP/s
+    stem 7x7 s2                  19.8   47.8   24.3   74 37%           36.0   54.6   44.6   41 50%
+    layer1 3x3 56x56x64          19.4   54.8   30.7  111 56%           44.4   48.5   57.6   48 59%
+    layer2 3x3 s2 ->28x28x128    18.1   45.7   32.3  119 60%           32.9   36.3   67.9   65 80%
+    layer2 3x3 28x28x128         15.2   30.6   28.5  142 71%           38.5   38.8   64.7   56 69%
+    layer2 down 1x1 s2 ->512     15.9   35.4   33.4  120 61%           32.4   28.8   60.6   59 72%
+    layer3 3x3 14x14x256         16.2   28.9   27.4  133 67%           33.8   39.9   58.9   64 78%
+    layer4 3x3 7x7x512           21.4   39.7   37.0  101 51%           33.9   32.4   73.6   63 78%
+
+In bf16 the kernel is 1.6-2.1x faster than dense outside the stem (1.2x there; the FLOP
+bound at mask 0.6, 19 of 49 patches kept, is 2.6x) and 1.8-2.8x faster than the reference
+(which computes in fp32); in fp32 1.2-2.2x faster than dense and 0.9-1.5x the reference
+(the same gather and one GEMM, in torch). --split: the gather is 1-14% of gather + GEMM
+outside the stem (48% there: rows of 3 channels).
 """
 from __future__ import annotations
 

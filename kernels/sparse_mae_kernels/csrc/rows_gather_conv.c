@@ -3,17 +3,19 @@
  *
  *   nbr (M_out, K) int32: the row of x read at tap k for output row m, -1 where absent
  *   gather (im2col)  cols[m, k*C + c] = x[nbr[m, k], c], zeros where absent
+ *   scatter (col2im) gx[nbr[m, k], c] += cols[m, k*C + c]
  *
- * The convolution is then one GEMM on the columns (torch.mm, oneDNN: y = cols @ w), and so
- * are both gradients (grad x: the gather of grad y through the transposed map, then a GEMM;
- * grad w: cols^T @ grad y); the Python side says why each is done that way.
+ * The convolution is one GEMM on the gathered columns (torch.mm, oneDNN), and so is each
+ * gradient; the input gradient either gathers grad y through the transposed map or
+ * scatters the columns' gradient back (the Python side says when and why).
  *
- * Why only the gather in C: the GEMM is 90-97% of a gathered conv's time at ResNet shapes,
- * and oneDNN's GEMM (AVX-512, bf16 dot products) is faster than a fused gather-GEMM written
- * here could be (benchmarks/gather_conv.py measures the split). The gather is a copy, so
- * any element type goes through unchanged (bf16 stays bf16: no conversion pass): each
- * (row, tap) is one contiguous copy of C elements, which the C library does with the
- * widest vector moves of the CPU. Rows are split evenly over the pool's threads. */
+ * Why only the gather in C: the GEMM is 86-99% of gather + GEMM at ResNet-50's 3x3 and
+ * strided 1x1 shapes (benchmarks/gather_conv.py --split), so fusing the gather into a GEMM
+ * of our own could win at most the rest, against oneDNN's (AVX-512, bf16 dot products).
+ * The gather is a copy, so any element type goes through unchanged (bf16 stays bf16: no
+ * conversion pass): each (row, tap) is one contiguous copy of C elements, which the C
+ * library does with the widest vector moves of the CPU. Rows are split evenly over the
+ * pool's threads. */
 #include <string.h>
 
 #include "common.h"

@@ -14,9 +14,10 @@ site coordinates.
 
 How it runs:
 - C (CPU): a C gather writes the columns (M_out, K * C_in) (im2col, csrc/rows_gather_conv.c),
-  then one torch GEMM (oneDNN) gives y. The gather is 1-9% of the forward at ResNet-50's
-  shapes (benchmarks/gather_conv.py --split), so a gather fused into a GEMM of our own could
-  win at most that, against oneDNN's GEMM: not done. Backward, two more GEMMs:
+  then one torch GEMM (oneDNN) gives y. The gather is 1-14% of gather + GEMM at ResNet-50's
+  3x3 and strided 1x1 shapes (benchmarks/gather_conv.py --split; half at the 3-channel
+  stem, which runs once), so a gather fused into a GEMM of our own could win at most that,
+  against oneDNN's GEMM (AVX-512, bf16 dot products): not done. Backward, two more GEMMs:
   - grad weight = columns^T @ grad y, the columns gathered again (keeping them from the
     forward would hold K times x's memory until the backward);
   - grad x, two ways, both deterministic and without atomics. With `transposed` given (the
@@ -24,10 +25,10 @@ How it runs:
     grad y through it, with the weight's channels swapped; every element one float32 sum in
     the GEMM. Otherwise (strided maps): the columns' gradient grad y @ w^T (one GEMM), summed
     back into rows by a C scatter whose threads own channel slices. Measured at batch 8,
-    mask 0.6, bf16, 1 thread: through the transpose 4.0 / 3.7 ms vs the scatter 5.0 / 4.2 ms
+    mask 0.6, bf16, 1 thread: through the transpose 4.4 / 4.1 ms vs the scatter 5.4 / 4.7 ms
     at 28x28x128 / 14x14x256 3x3 stride 1; on strided maps the transpose has 4x the rows, 3/4
-    of its taps absent, and costs 15.8 / 13.3 ms vs 5.6 / 4.8 ms for the scatter (3x3 and
-    1x1 stride 2), and building it (1-2 ms) would eat the submanifold gain.
+    of its taps absent, and costs 16.2 / 14.5 ms vs 5.5 / 5.1 ms for the scatter (3x3 and
+    1x1 stride 2), and building it (1-5 ms) would eat the submanifold gain.
 - Triton (CUDA): the gather fused into the GEMM (tiles of gathered rows fed to tl.dot), the
   same three products; grad x always through the transposed map (built once per map and
   kept on it when not given), as a scatter would need atomics on a GPU.
