@@ -301,3 +301,18 @@ def test_non_contiguous_inputs_are_made_contiguous(impl):
     assert not x.is_contiguous() and not weight.is_contiguous()
     assert_close(rows_gather_conv(x, nbr, weight, impl=name),
                  rows_gather_conv_reference(x.contiguous(), nbr, weight.contiguous()), torch.float32, "output")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_resnet_sized_layouts(dtype):
+    """ResNet-50-like sizes on a real patch layout (many row tiles, weight-gradient chunks and
+    channel blocks): layer1's submanifold 3x3 and layer2's 3x3 stride 2."""
+    mask = random_patch_mask(4, 7, 7, ratio=0.6, seed=11)
+    fine, coarse = patch_aligned_sites(mask, 8), patch_aligned_sites(mask, 4)
+    for coords_out, coords_in, stride, c_in, c_out in ((fine, fine, 1, 64, 64), (coarse, fine, 2, 128, 128)):
+        nbr = gather_conv_map(coords_out, coords_in, 3, stride).cuda()
+        x = features(coords_in.shape[0], c_in, dtype, "cuda", seed=c_in)
+        weight = conv_weight(c_out, c_in, 3, "cuda", seed=c_out)
+        compare_with_reference(lambda x, w: rows_gather_conv(x, nbr, w, impl="triton"),
+                               lambda x, w: rows_gather_conv_reference(x, nbr, w), [x, weight], dtype, ["x", "weight"])

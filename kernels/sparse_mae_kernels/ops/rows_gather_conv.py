@@ -60,12 +60,12 @@ def check_map_range(nbr: torch.Tensor, m_in: int, name: str = "nbr") -> None:
     """Rows in [-1, m_in): keeps the kernels' reads in bounds. Checked once per version of the
     map (a ResNet stage passes one map to all its blocks; an in-place write bumps the version)."""
     key = (nbr._version, m_in)
-    if getattr(nbr, "_sparse_mae_range_checked", None) == key:
+    if getattr(nbr, "_sparse_mae_gather_range_checked", None) == key:
         return
     if nbr.numel() and (int(nbr.min()) < -1 or int(nbr.max()) >= m_in):
         raise ValueError(f"{name} values must be rows of x in [0, {m_in}) or -1 for an absent site, "
                          f"got values in [{int(nbr.min())}, {int(nbr.max())}]")
-    nbr._sparse_mae_range_checked = key
+    nbr._sparse_mae_gather_range_checked = key
 
 
 def check_map(nbr, m_out: int | None, taps: int, device: torch.device, name: str = "nbr") -> None:
