@@ -67,7 +67,7 @@ def test_an_unknown_path_is_a_clear_reason():
 def test_the_c_kernels_match_their_references_on_another_path(isa):
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton",
-         "tests/test_kernels_c.py", "tests/test_kernels_rows.py"],
+         "tests/test_kernels_c.py", "tests/test_kernels_rows.py", "tests/test_kernels_gather_conv.py"],
         env=child_env(isa), capture_output=True, text=True, cwd=ROOT)
     tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
     assert proc.returncode == 0, tail
