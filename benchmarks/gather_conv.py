@@ -175,17 +175,22 @@ def main(argv: list[str] | None = None) -> int:
             transposed = gc.transpose_map(nbr, m_in)
             t_gather = timed(lambda: gc.c_gather_cols(x, nbr))
             t_gemm = timed(lambda: torch.mm(cols, w_rows.t()))
+            fused = w_rows.numel() * w_rows.element_size() <= gc.FUSED_MAX_WEIGHT_BYTES[dtype]
+            t_forward = timed(lambda: gc.c_forward(x, nbr, w_rows))  # the fused kernel where it is used
             t_gather_grad = timed(lambda: gc.c_forward(grad, transposed, w_t))
             t_scatter_grad = timed(lambda: gc.c_input_grad(grad, nbr, w_rows, m_in))
             t_transpose = timed(lambda: gc.transpose_map(nbr, m_in))
-            splits.append((name, t_gather, t_gemm, t_gather_grad, t_scatter_grad, t_transpose))
+            splits.append((name, t_gather, t_gemm, t_forward if fused else None, t_gather_grad, t_scatter_grad,
+                           t_transpose))
     if splits:
-        print("\nforward split, and grad x two ways (ms): gather through the transposed map + GEMM, "
-              "vs GEMM + deterministic scatter-add; building the transposed map (once per map)")
-        print(f"{'layer':>19} | {'gather':>7} {'GEMM':>7} {'gather%':>7} | {'grad x gather':>13} {'scatter':>8} | "
-              f"{'transpose':>9}")
-        for name, t_gather, t_gemm, t_gg, t_sg, t_tr in splits:
-            print(f"{name:>19} | {t_gather:7.2f} {t_gemm:7.2f} {t_gather / (t_gather + t_gemm):7.0%} | "
+        print("\nforward split (ms): the C gather and oneDNN's GEMM, vs the fused gather-GEMM (where the weight is "
+              "small enough for it); grad x two ways: gather through the transposed map + GEMM, vs GEMM + "
+              "deterministic scatter-add; building the transposed map (once per map)")
+        print(f"{'layer':>19} | {'gather':>7} {'GEMM':>7} {'gather%':>7} {'fused':>7} | {'grad x gather':>13} "
+              f"{'scatter':>8} | {'transpose':>9}")
+        for name, t_gather, t_gemm, t_fused, t_gg, t_sg, t_tr in splits:
+            fused = f"{t_fused:7.2f}" if t_fused is not None else f"{'-':>7}"
+            print(f"{name:>19} | {t_gather:7.2f} {t_gemm:7.2f} {t_gather / (t_gather + t_gemm):7.0%} {fused} | "
                   f"{t_gg:13.2f} {t_sg:8.2f} | {t_tr:9.2f}")
     return 0
 

@@ -316,3 +316,23 @@ def test_cuda_resnet_sized_layouts(dtype):
         weight = conv_weight(c_out, c_in, 3, "cuda", seed=c_out)
         compare_with_reference(lambda x, w: rows_gather_conv(x, nbr, w, impl="triton"),
                                lambda x, w: rows_gather_conv_reference(x, nbr, w), [x, weight], dtype, ["x", "weight"])
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_c_forwards_match_the_reference(monkeypatch, dtype):
+    """The C forward runs the fused gather-GEMM for a small weight (every case above, where this
+    build has it) and the gather + oneDNN's GEMM for a large one: the latter forced here."""
+    from sparse_mae_kernels.ops import rows_gather_conv as gc
+
+    for fused_max in (gc.FUSED_MAX_WEIGHT_BYTES, dict.fromkeys(gc.FUSED_MAX_WEIGHT_BYTES, 0)):
+        monkeypatch.setattr(gc, "FUSED_MAX_WEIGHT_BYTES", fused_max)
+        for conv in CONVS:
+            _, coords_in, nbr, kernel, stride, _, _ = conv_case(conv, seed=12)
+            transposed = nbr.flip(1) if stride == 1 else None
+            for c_in, c_out in channel_pairs("c"):
+                x = features(coords_in.shape[0], c_in, dtype, "cpu", seed=c_in)
+                weight = conv_weight(c_out, c_in, kernel, "cpu", seed=c_out)
+                compare_with_reference(lambda x, w: rows_gather_conv(x, nbr, w, transposed=transposed),
+                                       lambda x, w: rows_gather_conv_reference(x, nbr, w), [x, weight], dtype,
+                                       ["x", "weight"])

@@ -13,11 +13,12 @@ stride-2 stem), whose map reads the finer level's rows. `gather_conv_map` builds
 site coordinates.
 
 How it runs:
-- C (CPU): a C gather writes the columns (M_out, K * C_in) (im2col, csrc/rows_gather_conv.c),
-  then one torch GEMM (oneDNN) gives y. The gather is 1-14% of gather + GEMM at ResNet-50's
-  3x3 and strided 1x1 shapes (benchmarks/gather_conv.py --split; half at the 3-channel
-  stem, which runs once), so a gather fused into a GEMM of our own could win at most that,
-  against oneDNN's GEMM (AVX-512, bf16 dot products): not done. Backward, two more GEMMs:
+- C (CPU): for a small weight (FUSED_MAX_WEIGHT_BYTES) a fused gather-GEMM in C reads the
+  gathered rows in place (AVX-512, bf16 dot products): faster than oneDNN at the stem and
+  the first stage, where oneDNN's GEMM is narrow (64 output channels). Otherwise a C gather
+  writes the columns (M_out, K * C_in) (im2col, csrc/rows_gather_conv.c) and one torch GEMM
+  (oneDNN) gives y; the gather is 1-14% of that at ResNet-50's later shapes
+  (benchmarks/gather_conv.py --split). Backward, two more products:
   - grad weight = columns^T @ grad y, the columns gathered again (keeping them from the
     forward would hold K times x's memory until the backward);
   - grad x, two ways, both deterministic and without atomics. With `transposed` given (the
@@ -235,6 +236,14 @@ def weight_from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 _P, _L, _I = cpu_build.PTR, cpu_build.LONG, cpu_build.INT
 C_GATHER = ("rows_gather_cols", [_P, _P, _P, _L, _L, _L, _L, _I])
 C_SCATTER = ("rows_scatter_cols", [_P, _I, _P, _P, _L, _L, _L, _I])
+C_FUSED = ("rows_gather_conv_fused", [_P, _I, _P, _P, _P, _P, _L, _L, _L, _L, _I], _I)
+# The fused gather-GEMM streams the weight once per 6 output rows, so it pays only while the
+# weight stays in the core's L2 (1 MB on Zen 4). Measured on one core at ResNet-50's shapes
+# (csrc/rows_gather_conv.c has the numbers): in float32 it beats gather + oneDNN up to
+# 28x28x128 (590 KB), ties at the 1x1 stride-2 downsample, loses beyond; in bfloat16, whose
+# oneDNN GEMM is closer to ours, it wins at the stem and 56x56x64 (74 KB), ties at
+# 28x28x128 and loses ~15% at the 256 -> 512 downsample (256 KB).
+FUSED_MAX_WEIGHT_BYTES = {torch.float32: 1 << 20, torch.bfloat16: 1 << 17}
 
 
 def c_gather_cols(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
@@ -248,8 +257,32 @@ def c_gather_cols(x: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
     return cols
 
 
+def fused_weight(w_rows: torch.Tensor, taps: int) -> torch.Tensor:
+    """Rows (C_out, K * C_in) -> the fused kernel's packing: float32 (K, C_in, Op), bfloat16
+    (K, ceil(C_in / 2), Op, 2) pairs of input channels; Op = C_out rounded up to 32, zeros."""
+    c_out, c_in = w_rows.shape[0], w_rows.shape[1] // taps
+    pair = 2 if w_rows.dtype == torch.bfloat16 else 1
+    c_pad, o_pad = -(-c_in // pair) * pair, -(-c_out // 32) * 32
+    packed = w_rows.new_zeros(taps, c_pad, o_pad)
+    packed[:, :c_in, :c_out] = w_rows.reshape(c_out, taps, c_in).permute(1, 2, 0)
+    if pair == 1:
+        return packed
+    return packed.view(taps, c_pad // 2, 2, o_pad).transpose(2, 3).contiguous()
+
+
 def c_forward(x, nbr, w_rows):
-    """y (M_out, C_out) = columns(x) @ w_rows^T, in x's dtype (oneDNN accumulates in float32)."""
+    """y (M_out, C_out) = columns(x) @ w_rows^T in x's dtype, float32 sums: the fused kernel for
+    a small weight where this build has it, else the C gather and oneDNN's GEMM."""
+    m_out, taps = nbr.shape
+    c_out = w_rows.shape[0]
+    if m_out and c_out and w_rows.numel() * w_rows.element_size() <= FUSED_MAX_WEIGHT_BYTES[x.dtype]:
+        y = torch.empty(m_out, c_out, dtype=x.dtype)
+        packed, zero_row = fused_weight(w_rows, taps), x.new_zeros(x.shape[1])  # alive through the call
+        ran = cpu_build.function(*C_FUSED)(
+            cpu_build.ptr(x), cpu_build.dtype_code(x), cpu_build.ptr(nbr), cpu_build.ptr(packed),
+            cpu_build.ptr(zero_row), cpu_build.ptr(y), m_out, taps, x.shape[1], c_out, cpu_build.threads())
+        if ran:
+            return y
     return torch.mm(c_gather_cols(x, nbr), w_rows.t())
 
 
