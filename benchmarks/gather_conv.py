@@ -17,25 +17,27 @@ alone, and the input gradient's two ways (gather through the transposed map then
 GEMM then a deterministic scatter-add).
 Times are medians after warm-up (wall time; CPU time of this thread with --threads 1).
 
-Recorded on AMD EPYC (Zen 4, AVX-512 + bf16), 2 cores shared with other jobs, so with
---threads 1 (CPU time of this thread; wall times on both cores swung 3-5x with the other load):
-batch 8, mask 0.6, ms forward + backward (kernel / reference / dense F.conv2d), GFLOP/s of
-the kernel and its share of this core's matmul peak (bf16 199, fp32 82 GFLOP/s):
+Recorded on AMD EPYC (Zen 4, AVX-512 + bf16), 2 cores shared with other jobs (load 7-11), so
+with --threads 1 (CPU time of this thread; wall times on both cores swung 3-5x with the other
+load): batch 8, mask 0.6, ms forward + backward (kernel / reference / dense F.conv2d), the
+kernel's GFLOP/s and share of the matmul peak measured in the same run (bf16 ~195; fp32 74,
+itself slowed by the load: shares over 100% say so):
 
     layer                bf16: kernel    ref  dense  GFLOP/s     fp32: kernel    ref  dense  GFLOP/s
-    stem 7x7 s2                  19.8   47.8   24.3   74 37%           36.0   54.6   44.6   41 50%
-    layer1 3x3 56x56x64          19.4   54.8   30.7  111 56%           44.4   48.5   57.6   48 59%
-    layer2 3x3 s2 ->28x28x128    18.1   45.7   32.3  119 60%           32.9   36.3   67.9   65 80%
-    layer2 3x3 28x28x128         15.2   30.6   28.5  142 71%           38.5   38.8   64.7   56 69%
-    layer2 down 1x1 s2 ->512     15.9   35.4   33.4  120 61%           32.4   28.8   60.6   59 72%
-    layer3 3x3 14x14x256         16.2   28.9   27.4  133 67%           33.8   39.9   58.9   64 78%
-    layer4 3x3 7x7x512           21.4   39.7   37.0  101 51%           33.9   32.4   73.6   63 78%
+    stem 7x7 s2                  16.6   53.6   26.1   88 46%           29.6   44.1   45.8   50  67%
+    layer1 3x3 56x56x64          16.3   49.3   27.5  132 69%           30.3   53.1   56.8   71  96%
+    layer2 3x3 s2 ->28x28x128    16.0   34.1   31.4  134 70%           36.1   32.2   63.1   60  81%
+    layer2 3x3 28x28x128         14.6   32.2   26.2  147 77%           24.3   30.5   56.3   88 120%
+    layer2 down 1x1 s2 ->512     12.7   28.0   29.4  151 78%           24.3   26.8   58.3   79 107%
+    layer3 3x3 14x14x256         14.0   28.4   29.6  154 80%           28.9   35.2   56.8   75 101%
+    layer4 3x3 7x7x512           18.5   41.8   36.3  116 60%           31.0   30.0   68.4   69  94%
 
-In bf16 the kernel is 1.6-2.1x faster than dense outside the stem (1.2x there; the FLOP
-bound at mask 0.6, 19 of 49 patches kept, is 2.6x) and 1.8-2.8x faster than the reference
-(which computes in fp32); in fp32 1.2-2.2x faster than dense and 0.9-1.5x the reference
-(the same gather and one GEMM, in torch). --split: the gather is 1-14% of gather + GEMM
-outside the stem (48% there: rows of 3 channels).
+In bf16 the kernel is 1.6-2.3x faster than dense (the FLOP bound at mask 0.6, 19 of 49
+patches kept, is 2.6x) and 2.0-3.2x faster than the reference (which computes in fp32); in
+fp32 1.6-2.4x faster than dense and 0.9-1.8x the reference (the same gather and GEMM, in
+torch, where the fused kernel is not used). --split: the fused gather-GEMM (stem, layer1; in
+fp32 also layer2) against gather + oneDNN, and the gather's share of the latter (1-14%
+outside the stem, about half there: rows of 3 channels).
 """
 from __future__ import annotations
 
