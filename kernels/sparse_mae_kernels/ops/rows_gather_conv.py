@@ -502,10 +502,10 @@ def rows_gather_conv(x, nbr, weight, *, transposed=None, impl: str | None = None
 
     transposed: the map's transpose (M_in, K) (transpose_map), where the caller has it for
     free: a submanifold map's is nbr.flip(1). The input gradient then gathers through it
-    (faster on CPU for stride 1); else the C kernels scatter and Triton builds it. impl: 'c' (CPU), 'triton'
-    (CUDA, or CPU in Triton's interpreter), None = by device. check_values: check the maps'
-    values (a device sync on CUDA); None = on CPU only. The C kernels check nbr's range always
-    (it keeps their reads in bounds).
+    (faster on CPU at stride 1); else the C kernels scatter and Triton builds it.
+    impl: 'c' (CPU), 'triton' (CUDA, or CPU in Triton's interpreter), None = by device.
+    check_values: check the maps' values (a device sync on CUDA); None = on CPU only. The C
+    kernels check nbr's range always (it keeps their reads in bounds).
     """
     x, nbr, weight, transposed = check_gather_conv(x, nbr, weight, transposed, check_values)
     impl = pick_impl(impl, x.device)
