@@ -19,7 +19,8 @@ from sparse_mae.data import prepare as prepare_module
 from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform, decode_reduced
 from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, write_idx
 from sparse_mae.data.prepare import PrepareOptions, prepare, prepare_fashion_mnist
-from sparse_mae.data.shards import ShardDataset, ShardReader
+from sparse_mae.data.dataset import SeededDataset
+from sparse_mae.data.shards import ShardReader, ShardSource
 from sparse_mae.data.transforms import EvalTransform, TrainTransform, model_input, to_normalized_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_interrupted_prepare_continues_keeping_verified_shards_and_ends_like_a_s
 
 # -- damaged shards -----------------------------------------------------------------------------
 
-def served(ds: ShardDataset) -> list[dict]:
+def served(ds: SeededDataset) -> list[dict]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         items = [ds[(i, i)] for i in range(len(ds))] + [ds[(i, i)] for i in range(len(ds))]
@@ -163,16 +164,16 @@ def test_damaged_shard_costs_only_its_bad_samples_counted_named_once_never_a_wro
     bad = {2, 9, 23}
 
     decode = lambda data, seed: torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)  # noqa: E731
-    ds = ShardDataset(out, decode, labelled=True)
+    ds = SeededDataset(ShardSource(out, labelled=True), decode)
     items, messages = served(ds)
+    good = {j: (decode(data, 0), label) for j, (label, data) in enumerate(truth) if j not in bad}
     for i, item in enumerate(items):
         i %= len(ds)
-        expected = i
-        while expected in bad:
-            expected = (expected + 1) % len(ds)
-        assert item["skipped"] == (expected - i) % len(ds), i
-        label, data = truth[expected]
-        assert torch.equal(item["image"], decode(data, 0)) and item["label"] == label, i
+        assert item["skipped"] == (i in bad) and item["index"] == i, i
+        # a damaged sample's stand-in is a good sample with its own label, never a wrong image
+        matches = [j for j, (image, label) in good.items()
+                   if torch.equal(item["image"], image) and item["label"] == label]
+        assert matches == [i] if i not in bad else len(matches) == 1, i
     assert len(messages) == 3  # each damaged sample named once, though read twice
     assert any("shard-00000 sample 2" in m and "checksum" in m for m in messages)
     assert any("shard-00001 sample 1" in m and "checksum" in m for m in messages)
@@ -184,7 +185,7 @@ def test_missing_index_loses_only_that_shard_and_not_a_shard_folder_is_a_clear_e
     out = tmp_path / "shards"
     prepare(labelled_src, out, PrepareOptions(shard_size=8))
     (out / "shard-00001.index.npy").write_bytes(b"\x93NUMPY garbage")
-    ds = ShardDataset(out, lambda data, seed: len(data))
+    ds = SeededDataset(ShardSource(out), lambda data, seed: len(data))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         skipped = [ds[(i, i)]["skipped"] for i in range(len(ds))]
@@ -440,7 +441,7 @@ def test_shards_train_split_without_augmentation_is_centre_cropped(tmp_path, lab
     cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=64", "model=debug"])
     plain, _ = build_split(cfg.data, "train", augment=False)
     assert torch.equal(plain[(0, 1)]["image"], plain[(0, 2)]["image"])
-    assert torch.equal(plain[(0, 1)]["image"], FastEvalTransform(64)(plain.reader.read(0)[1]))
+    assert torch.equal(plain[(0, 1)]["image"], FastEvalTransform(64)(plain.source.reader.read(0)[1]))
     augmented, _ = build_split(cfg.data, "train")
     assert not torch.equal(augmented[(0, 1)]["image"], augmented[(0, 2)]["image"])
 
