@@ -592,3 +592,112 @@ def test_pretrain_reads_fashion_mnist_train_shards(tmp_path, fmnist_shards):
 
     result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", fmnist_shards / "train", max_steps=3)))
     assert result.steps == 3 and all(np.isfinite(result.losses)) and result.checkpoint.exists()
+
+
+# -- every split checked before the first step; each damaged sample counted once ----------------
+
+@pytest.fixture(scope="module")
+def labelled_shards(tmp_path_factory, labelled_src) -> Path:
+    """root/train and root/val, each 24 labelled images in 3 shards of 8."""
+    root = tmp_path_factory.mktemp("labelled_shards")
+    for split in ("train", "val"):
+        prepare(labelled_src, root / split, PrepareOptions(short_side=72, shard_size=8))
+    return root
+
+
+def damage_split(folder: Path, how: str) -> None:
+    if how == "deleted":
+        (folder / "shard-00001.data").unlink()
+    elif how == "truncated":
+        with open(folder / "shard-00001.data", "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+    else:  # a manifest with 0 samples
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["shards"] = []
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "empty"])
+def test_a_damaged_val_split_exits_2_before_the_first_step(tmp_path, labelled_shards, capsys, monkeypatch, how):
+    """It used to train the first epoch and stop at the evaluation (exit 1, or silently short)."""
+    import sys
+
+    from sparse_mae.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(labelled_shards, root)
+    damage_split(root / "val", how)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # a Hydra app ends through sys.exit
+        main(["finetune", "finetune/data@data=shards", f"data.root={root}", "data.size=64", "data.num_workers=0",
+              "model=debug", "device=cpu", "logger=none", "logger.progress=false", "batch_size=8", "max_steps=2",
+              f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert f"{root / 'val'}" in err and ("prepare" in err or "shard-00001" in err), err
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))  # nothing trained, nothing to lose
+
+
+def test_a_damaged_knn_root_exits_2_before_the_first_step(tmp_path, labelled_shards, capsys, monkeypatch):
+    """The monitor's splits used to be read first at its first cadence (1000 steps by default)."""
+    import sys
+
+    from sparse_mae.cli import main
+    from tests.test_pretrain import debug_overrides
+
+    root = tmp_path / "knn"
+    shutil.copytree(labelled_shards, root)
+    damage_split(root / "val", "deleted")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", *debug_overrides(tmp_path / "run", max_steps=2), "knn.enabled=true", f"knn.root={root}",
+              "knn.num_train=16", "knn.num_val=8"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "shard-00001.data is missing" in err and f"{root / 'val'}" in err, err
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_each_damaged_sample_counts_once_and_its_stand_in_is_drawn_from_its_seed(tmp_path, labelled_shards):
+    """A run of 8 damaged samples: counted 8 (not 8 + 7 + ... + 1 = 36 rows walked), and the
+    good sample after the run is not served 9 times in a pass."""
+    from collections import Counter
+
+    from sparse_mae.apps.finetune import compose_config as ft_config
+    from sparse_mae.data.build import labelled_split
+
+    root = tmp_path / "data"
+    shutil.copytree(labelled_shards, root)
+    for sample in range(8):  # all of shard 1: global samples 8..15
+        flip_sample_byte(root / "train", "shard-00001", sample)
+    cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=64", "model=debug"])
+    ds, _ = labelled_split(cfg.data, "train", augment=False)  # centre crops: an image names its sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = [ds[(i, 1000 + i)] for i in range(len(ds))]
+        again = ds[(9, 1009)]
+        other_seeds = [ds[(9, seed)]["image"] for seed in range(10)]
+    assert sum(int(it["skipped"]) for it in items) == 8
+    assert [int(it["skipped"]) for it in items] == [0] * 8 + [1] * 8 + [0] * 8
+    good = [it["image"] for it in items[:8] + items[16:]]
+    served = Counter(next(j for j, g in enumerate(good) if torch.equal(it["image"], g)) for it in items)
+    assert max(served.values()) <= 3, served  # the next-index rule served one sample 9 times
+    assert torch.equal(again["image"], items[9]["image"])  # the same seed, the same stand-in (exact resume)
+    assert len({bytes(x.flatten().numpy()) for x in other_seeds}) >= 3  # other seeds, other stand-ins
+
+
+def test_pretrain_counts_each_damaged_sample_once_over_epochs(tmp_path, pretrain_shards):
+    from sparse_mae.apps.pretrain import compose_config, run_pretrain
+
+    root = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, root)
+    flip_sample_byte(root, "shard-00001", 4)
+    flip_sample_byte(root, "shard-00001", 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", root, max_steps=8, epochs=2)))
+    assert result.steps == 8 and result.skipped_files == 2  # two epochs met them twice: still 2 samples
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_files"] == 2
