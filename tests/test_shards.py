@@ -701,3 +701,27 @@ def test_pretrain_counts_each_damaged_sample_once_over_epochs(tmp_path, pretrain
     assert result.steps == 8 and result.skipped_files == 2  # two epochs met them twice: still 2 samples
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["skipped_files"] == 2
+
+
+def test_evaluation_reports_damaged_samples_not_rows_walked(tmp_path, labelled_shards):
+    """`eval` reported 171 unreadable files for a 24-image split: the rows walked to a good one."""
+    from torch.utils.data import DataLoader
+
+    from sparse_mae import create_model
+    from sparse_mae.apps.finetune import compose_config as ft_config
+    from sparse_mae.data.build import labelled_split
+    from sparse_mae.data.gpu_decode import collate
+    from sparse_mae.train.evaluation import evaluate_classifier
+
+    root = tmp_path / "data"
+    shutil.copytree(labelled_shards, root)
+    for sample in range(3):
+        flip_sample_byte(root / "val", "shard-00000", sample)
+    cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=32", "model=debug"])
+    val, classes = labelled_split(cfg.data, "val")
+    model = create_model("convnextv2_debug", num_classes=len(classes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = evaluate_classifier(model, DataLoader(val, batch_size=8, collate_fn=collate), len(classes),
+                                     torch.device("cpu"))
+    assert (result["skipped"], result["count"]) == (3, 21)

@@ -125,7 +125,6 @@ class Counters:
     step: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
-    skipped_files: int = 0  # len(damaged)
     damaged: list[int] = field(default_factory=list)  # damaged samples met by any rank up to the last save (sorted)
     window_loss: float = 0.0  # the logging window not yet written
     window_steps: int = 0
@@ -318,12 +317,12 @@ class _Engine:
             self._loop()
             if resume_path is not None and self.counters.step == start:
                 self.logger.write(f"nothing to do: the checkpoint is already at step {start} of {self.run_steps}")
-            self.logger.summary(task.summary() | {"skipped_files": self.counters.skipped_files,
+            self.logger.summary(task.summary() | {"skipped_files": len(self.counters.damaged),
                                                   "nonfinite_steps": self.counters.nonfinite_steps})
         finally:
             self.logger.close()
         return RunResult(run_dir=self.dir.path, checkpoint=self.last_checkpoint, metrics=self.dir.metrics,
-                         steps=self.counters.step, losses=self.losses, skipped_files=self.counters.skipped_files,
+                         steps=self.counters.step, losses=self.losses, skipped_files=len(self.counters.damaged),
                          nonfinite_steps=self.counters.nonfinite_steps), task
 
     def _load(self, path: Path, main_state: dict | None, model, task: TrainTask) -> None:
@@ -504,7 +503,7 @@ class _Engine:
         else:
             rng = [rng]
         if di.is_main:
-            engine = {**vars(c), "damaged": damaged, "skipped_files": len(damaged)}
+            engine = {**vars(c), "damaged": damaged}
             state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "step": c.step, "epoch": c.step // self.steps_per_epoch, "rng": rng,
                      "world_size": di.world_size, "config": self.config_yaml, "run_id": self.run_id,
@@ -512,6 +511,6 @@ class _Engine:
             self.last_checkpoint = save_checkpoint(self.dir.checkpoints, c.step, state, self.config_yaml,
                                                    keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
         self.saved_step = c.step
-        c.damaged, c.skipped_files = damaged, len(damaged)
+        c.damaged = damaged
         self.damaged_here.clear()
         barrier()
