@@ -118,7 +118,7 @@ class SeededDataset(Dataset):
         if len(self._warned) <= MAX_NAMED_DAMAGED:
             warnings.warn(f"skipping unreadable {self.source.name(index)}: {why}", stacklevel=2)
         if len(self._warned) == MAX_NAMED_DAMAGED:
-            warnings.warn(f"more damaged samples are skipped without a warning each (counted in skipped_files)",
+            warnings.warn("more damaged samples are skipped without a warning each (counted in skipped_files)",
                           stacklevel=2)
 
     def decode_on_cpu(self, index: int, seed: int) -> tuple[object, int | None, bool]:
