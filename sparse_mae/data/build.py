@@ -36,7 +36,9 @@ def knn_splits(data_cfg: DictConfig, knn_cfg: DictConfig) -> tuple[SeededDataset
     or from the pretraining data's own labels. Decoded on the loader's cores whatever
     data.decode says (the monitor reads a few hundred images in the training process)."""
     if knn_cfg.root is not None:
-        name = "shards" if (Path(knn_cfg.root) / "train" / "manifest.json").is_file() else "imagefolder"
+        from sparse_mae.data.shards import MANIFEST
+
+        name = "shards" if (Path(knn_cfg.root) / "train" / MANIFEST).is_file() else "imagefolder"
         bank = split_dataset(data_cfg, "train", augment=False, name=name, root=knn_cfg.root, gpu=False)
         query = split_dataset(data_cfg, "val", bank.classes, augment=False, name=name, root=knn_cfg.root, gpu=False)
     elif data_cfg.name == "builtin":  # the pretraining images are drawn from data.seed; queries from seed + 1

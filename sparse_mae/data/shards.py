@@ -194,7 +194,7 @@ class ShardSource:
         return f"the {len(self)} samples of the shard folder {self.reader.root}"
 
     def name(self, i: int) -> str:
-        return f"sample {self.reader.name(i)} of {self.reader.root}"
+        return f"{self.reader.name(i)} of {self.reader.root}"
 
     def read(self, i: int) -> tuple[bytes, int] | str:
         got = self.reader.read(i)
