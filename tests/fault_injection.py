@@ -157,15 +157,15 @@ def slow_down_or_fail_evaluations(delay: float, fail_nth: int | None, started_ma
 
     seen = {"evaluations": 0}
     for module in (evaluation, features):
-        real_decode = module.decode_batch
+        real_to_model = module.to_model
 
-        def decode_batch(batch, *args, _real=real_decode, **kwargs):
+        def to_model(batch, *args, _real=real_to_model, **kwargs):
             if started_marker and not os.path.exists(started_marker):
                 open(started_marker, "w").close()
             time.sleep(delay)
             return _real(batch, *args, **kwargs)
 
-        module.decode_batch = decode_batch
+        module.to_model = to_model
     if fail_nth is not None:
         real_evaluate = evaluation.evaluate_classifier
 

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from sparse_mae.data.builtin import BuiltinDataset
-from sparse_mae.data.imagefolder import ImageFolderDataset, count_unreadable, find_images
+from sparse_mae.data.builtin import BuiltinSource
+from sparse_mae.data.dataset import SeededDataset
+from sparse_mae.data.imagefolder import count_unreadable, find_images, image_folder, labelled_image_folder
 from sparse_mae.data.transforms import EvalTransform, TrainTransform, random_resized_crop_box
 from sparse_mae.train.sampler import ResumableDistributedSampler
 
@@ -56,7 +57,7 @@ def test_finds_images_recursively_and_sets_aside_zero_byte_files(tmp_path):
 
 def test_every_mode_and_size_gives_an_rgb_crop(tmp_path):
     write_image_tree(tmp_path, bad=False)
-    ds = ImageFolderDataset(tmp_path, TrainTransform(SIZE))
+    ds = SeededDataset(image_folder(tmp_path), TrainTransform(SIZE))
     for i in range(len(ds)):
         item = ds[(i, 123 + i)]
         assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float32
@@ -66,7 +67,7 @@ def test_every_mode_and_size_gives_an_rgb_crop(tmp_path):
 
 def test_bad_files_are_skipped_and_counted_in_workers(tmp_path):
     counts = write_image_tree(tmp_path)
-    ds = ImageFolderDataset(tmp_path, TrainTransform(SIZE))
+    ds = SeededDataset(image_folder(tmp_path), TrainTransform(SIZE))
     assert len(ds.empty_files) == counts["empty"]
     sampler = ResumableDistributedSampler(ds, shuffle=False)
     loader = DataLoader(ds, batch_size=2, sampler=sampler, num_workers=2)
@@ -77,29 +78,31 @@ def test_bad_files_are_skipped_and_counted_in_workers(tmp_path):
     assert int(sum(b["skipped"].sum() for b in batches)) == counts["corrupt"]
 
 
-def test_unreadable_file_is_replaced_by_the_next_good_one_with_a_warning(tmp_path):
+def test_unreadable_file_is_replaced_by_a_good_one_drawn_from_its_seed_with_a_warning(tmp_path):
     write_image_tree(tmp_path)
-    ds = ImageFolderDataset(tmp_path, TrainTransform(SIZE))
-    bad = next(i for i, p in enumerate(ds.files) if p.name == "corrupt.jpg")
+    ds = SeededDataset(image_folder(tmp_path), TrainTransform(SIZE))
+    bad = next(i for i, p in enumerate(ds.source.files) if p.name == "corrupt.jpg")
     with pytest.warns(UserWarning, match="skipping unreadable image .*corrupt.jpg"):
         item = ds[(bad, 5)]
-    assert item["skipped"] == 1
-    assert torch.equal(item["image"], ds[(bad + 1, 5)]["image"])
+    assert item["skipped"] == 1 and item["index"] == bad
+    # a good file with the item's own crop: the same one for the same seed (exact resume)
+    assert any(torch.equal(item["image"], ds[(j, 5)]["image"]) for j in range(len(ds)) if j != bad)
+    assert torch.equal(ds[(bad, 5)]["image"], item["image"])
 
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ImageFolderDataset(tmp_path / "missing", TrainTransform(SIZE))
+        SeededDataset(image_folder(tmp_path / "missing"), TrainTransform(SIZE))
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="holds no readable images"):
-        ImageFolderDataset(tmp_path, TrainTransform(SIZE))
+        SeededDataset(image_folder(tmp_path), TrainTransform(SIZE))
     (tmp_path / "zero.jpg").write_bytes(b"")
     with pytest.raises(ValueError, match="1 zero-byte"):
-        ImageFolderDataset(tmp_path, TrainTransform(SIZE))
+        SeededDataset(image_folder(tmp_path), TrainTransform(SIZE))
     (tmp_path / "file.png").write_bytes(b"x")
     with pytest.raises(NotADirectoryError):
-        ImageFolderDataset(tmp_path / "file.png", TrainTransform(SIZE))
+        SeededDataset(image_folder(tmp_path / "file.png"), TrainTransform(SIZE))
 
 
 def _tiny_png(path) -> None:
@@ -142,12 +145,10 @@ def test_symlinked_folder_outside_root_is_followed_and_scanned_once(tmp_path):
 
 def test_labelled_image_folder_with_a_symlink_loop_lists_each_image_once(tmp_path):
     """eval / finetune's class folders go through the same scan."""
-    from sparse_mae.data.imagefolder import LabelledImageFolderDataset
-
     for cls in ("cat", "dog"):
         _tiny_png(tmp_path / cls / f"{cls}.png")
     (tmp_path / "cat" / "again").symlink_to(".", target_is_directory=True)
-    ds = LabelledImageFolderDataset(tmp_path, EvalTransform(32))
+    ds = labelled_image_folder(tmp_path)
     assert ds.classes == ["cat", "dog"]
     assert sorted((p.name, label) for p, label in ds.samples) == [("cat.png", 0), ("dog.png", 1)]
 
@@ -191,12 +192,12 @@ def test_imagenet_normalisation():
 
 
 def test_builtin_dataset_matches_the_contract():
-    ds = BuiltinDataset(10, 48, TrainTransform(32))
+    ds = SeededDataset(BuiltinSource(10, 48), TrainTransform(32))
     item = ds[(3, 99)]
     assert item["image"].shape == (3, 32, 32) and item["label"] == 3 and item["seed"] == 99
     assert torch.equal(ds[(3, 99)]["image"], item["image"])
     with pytest.raises(ValueError, match="num_images"):
-        BuiltinDataset(0, 48, TrainTransform(32))
+        BuiltinSource(0, 48)
 
 
 def test_sampler_shards_and_resumes():

@@ -20,7 +20,8 @@ from sparse_mae.data import gpu_decode
 from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform, train_crop
 from sparse_mae.data.gpu_decode import JpegCrop, collate, crop_resize, decode_batch, pil_decode
 from sparse_mae.data.prepare import PrepareOptions, prepare
-from sparse_mae.data.shards import ShardDataset
+from sparse_mae.data.dataset import SeededDataset
+from sparse_mae.data.shards import ShardSource
 from sparse_mae.data.transforms import model_input, random_resized_crop_box
 
 # Mean absolute difference, in grey levels (0-255), allowed between the GPU path's pixels and
@@ -47,9 +48,9 @@ def shard_root(tmp_path_factory) -> Path:
     return out
 
 
-def gpu_dataset(root: Path, size: int = 64, **kw) -> ShardDataset:
+def gpu_dataset(root: Path, size: int = 64, **kw) -> SeededDataset:
     cpu = FastTrainTransform(size)
-    return ShardDataset(root, JpegCrop(cpu), cpu_transform=cpu, **kw)
+    return SeededDataset(ShardSource(root, **kw), JpegCrop(cpu), cpu_transform=cpu)
 
 
 def grey_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -162,7 +163,7 @@ def test_crop_resize_of_the_whole_image_at_its_own_size_is_the_image():
 # -- byte items through a DataLoader --------------------------------------------------------------
 
 def test_byte_items_through_a_dataloader_with_two_workers_match_the_cpu_path(shard_root):
-    gpu_ds, cpu_ds = gpu_dataset(shard_root), ShardDataset(shard_root, FastTrainTransform(64))
+    gpu_ds, cpu_ds = gpu_dataset(shard_root), SeededDataset(ShardSource(shard_root), FastTrainTransform(64))
     items = [(i, 100 + i) for i in range(len(cpu_ds))]
     loader = DataLoader(gpu_ds, batch_size=4, sampler=items, num_workers=2, collate_fn=collate)
     seen = 0
@@ -184,8 +185,9 @@ def test_a_sample_the_gpu_refuses_goes_through_the_cpu_path_and_an_undecodable_o
     write_jpegs(src, 6, 96, 72, labelled=True)
     root = tmp_path / "shards"
     prepare(src, root, PrepareOptions(shard_size=10))
-    ds = ShardDataset(root, JpegCrop(FastTrainTransform(48)), labelled=True, cpu_transform=FastTrainTransform(48))
-    cpu_ds = ShardDataset(root, FastTrainTransform(48), labelled=True)
+    ds = SeededDataset(ShardSource(root, labelled=True), JpegCrop(FastTrainTransform(48)),
+                       cpu_transform=FastTrainTransform(48))
+    cpu_ds = SeededDataset(ShardSource(root, labelled=True), FastTrainTransform(48))
 
     def refuses_sample_1(jpegs, device):
         images = pil_decode(jpegs, device)
@@ -197,7 +199,7 @@ def test_a_sample_the_gpu_refuses_goes_through_the_cpu_path_and_an_undecodable_o
     assert batch["skipped"].tolist() == [0, 0, 0] and batch["label"][1] == cpu_ds[(1, 1)]["label"]
 
     # bytes that pass the checksum but no decoder reads: skipped and counted as data.decode=cpu does
-    unreadable = ds.reader.read(1)[1]
+    unreadable = ds.source.reader.read(1)[1]
 
     def pillow_fails_on_sample_1(data, seed, real=FastTrainTransform(48)):
         if data == unreadable:
@@ -221,8 +223,8 @@ def test_nvjpeg_decode_and_augment_of_a_shard_folder_equals_the_cpu_path(shard_r
     device = torch.device("cuda")
     gpu_decode.require_gpu_decode()
     for make in (lambda: FastTrainTransform(64), lambda: FastEvalTransform(64)):
-        gpu_ds = ShardDataset(shard_root, JpegCrop(make()), cpu_transform=make())
-        cpu_ds = ShardDataset(shard_root, make())
+        gpu_ds = SeededDataset(ShardSource(shard_root), JpegCrop(make()), cpu_transform=make())
+        cpu_ds = SeededDataset(ShardSource(shard_root), make())
         items = [(i, 7 + i) for i in range(len(cpu_ds))]
         loader = DataLoader(gpu_ds, batch_size=6, sampler=items, num_workers=2, collate_fn=collate)
         for start, batch in zip(range(0, len(items), 6), loader):

@@ -184,16 +184,15 @@ def test_resume_with_a_changed_run_defining_key_is_refused_and_others_warned(tmp
 def test_an_empty_class_folder_in_training_data_is_refused_not_a_class(tmp_path):
     from PIL import Image
 
-    from sparse_mae.data.imagefolder import LabelledImageFolderDataset
-    from sparse_mae.data.transforms import EvalTransform
+    from sparse_mae.data.imagefolder import labelled_image_folder
 
     for name in ("cat", "dog"):
         (tmp_path / name).mkdir()
         Image.new("RGB", (40, 40)).save(tmp_path / name / "a.png")
     (tmp_path / "empty_class").mkdir()
     with pytest.raises(ValueError, match=r"class folder .*empty_class has no images: it would be class 2 of 3"):
-        LabelledImageFolderDataset(tmp_path, EvalTransform(32))
-    val = LabelledImageFolderDataset(tmp_path, EvalTransform(32), classes=["cat", "dog", "empty_class"])
+        labelled_image_folder(tmp_path)
+    val = labelled_image_folder(tmp_path, classes=["cat", "dog", "empty_class"])
     assert len(val) == 2  # a validation split may lack a class
 
 
@@ -272,14 +271,15 @@ def test_an_output_dir_that_is_a_file_or_read_only_is_named_before_hydra_logs(tm
 def test_a_folder_of_only_bad_files_is_one_clear_error_and_few_warnings(tmp_path):
     import warnings
 
-    from sparse_mae.data.imagefolder import MAX_NAMED_BAD_FILES, ImageFolderDataset
+    from sparse_mae.data.dataset import MAX_NAMED_DAMAGED, SeededDataset
+    from sparse_mae.data.imagefolder import image_folder
     from sparse_mae.data.transforms import TrainTransform
 
     for i in range(200):
         (tmp_path / f"{i:03d}.jpg").write_bytes(b"not a jpeg")
-    ds = ImageFolderDataset(tmp_path, TrainTransform(32))
+    ds = SeededDataset(image_folder(tmp_path), TrainTransform(32))
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with pytest.raises(ValueError, match=r"none of the 200 image files .* can be decoded.*imagefolder"):
             ds[(0, 0)]
-    assert len(seen) == MAX_NAMED_BAD_FILES + 1, [str(w.message) for w in seen][:8]
+    assert len(seen) == MAX_NAMED_DAMAGED + 1, [str(w.message) for w in seen][:8]

@@ -19,7 +19,8 @@ from sparse_mae.data import prepare as prepare_module
 from sparse_mae.data.decode import FastEvalTransform, FastTrainTransform, decode_reduced
 from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, write_idx
 from sparse_mae.data.prepare import PrepareOptions, prepare, prepare_fashion_mnist
-from sparse_mae.data.shards import ShardDataset, ShardReader
+from sparse_mae.data.dataset import SeededDataset
+from sparse_mae.data.shards import ShardReader, ShardSource
 from sparse_mae.data.transforms import EvalTransform, TrainTransform, model_input, to_normalized_tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_interrupted_prepare_continues_keeping_verified_shards_and_ends_like_a_s
 
 # -- damaged shards -----------------------------------------------------------------------------
 
-def served(ds: ShardDataset) -> list[dict]:
+def served(ds: SeededDataset) -> list[dict]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         items = [ds[(i, i)] for i in range(len(ds))] + [ds[(i, i)] for i in range(len(ds))]
@@ -163,16 +164,16 @@ def test_damaged_shard_costs_only_its_bad_samples_counted_named_once_never_a_wro
     bad = {2, 9, 23}
 
     decode = lambda data, seed: torch.from_numpy(np.array(Image.open(io.BytesIO(data)))).permute(2, 0, 1)  # noqa: E731
-    ds = ShardDataset(out, decode, labelled=True)
+    ds = SeededDataset(ShardSource(out, labelled=True), decode)
     items, messages = served(ds)
+    good = {j: (decode(data, 0), label) for j, (label, data) in enumerate(truth) if j not in bad}
     for i, item in enumerate(items):
         i %= len(ds)
-        expected = i
-        while expected in bad:
-            expected = (expected + 1) % len(ds)
-        assert item["skipped"] == (expected - i) % len(ds), i
-        label, data = truth[expected]
-        assert torch.equal(item["image"], decode(data, 0)) and item["label"] == label, i
+        assert item["skipped"] == (i in bad) and item["index"] == i, i
+        # a damaged sample's stand-in is a good sample with its own label, never a wrong image
+        matches = [j for j, (image, label) in good.items()
+                   if torch.equal(item["image"], image) and item["label"] == label]
+        assert matches == [i] if i not in bad else len(matches) == 1, i
     assert len(messages) == 3  # each damaged sample named once, though read twice
     assert any("shard-00000 sample 2" in m and "checksum" in m for m in messages)
     assert any("shard-00001 sample 1" in m and "checksum" in m for m in messages)
@@ -184,7 +185,7 @@ def test_missing_index_loses_only_that_shard_and_not_a_shard_folder_is_a_clear_e
     out = tmp_path / "shards"
     prepare(labelled_src, out, PrepareOptions(shard_size=8))
     (out / "shard-00001.index.npy").write_bytes(b"\x93NUMPY garbage")
-    ds = ShardDataset(out, lambda data, seed: len(data))
+    ds = SeededDataset(ShardSource(out), lambda data, seed: len(data))
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         skipped = [ds[(i, i)]["skipped"] for i in range(len(ds))]
@@ -440,7 +441,7 @@ def test_shards_train_split_without_augmentation_is_centre_cropped(tmp_path, lab
     cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=64", "model=debug"])
     plain, _ = build_split(cfg.data, "train", augment=False)
     assert torch.equal(plain[(0, 1)]["image"], plain[(0, 2)]["image"])
-    assert torch.equal(plain[(0, 1)]["image"], FastEvalTransform(64)(plain.reader.read(0)[1]))
+    assert torch.equal(plain[(0, 1)]["image"], FastEvalTransform(64)(plain.source.reader.read(0)[1]))
     augmented, _ = build_split(cfg.data, "train")
     assert not torch.equal(augmented[(0, 1)]["image"], augmented[(0, 2)]["image"])
 
@@ -591,3 +592,136 @@ def test_pretrain_reads_fashion_mnist_train_shards(tmp_path, fmnist_shards):
 
     result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", fmnist_shards / "train", max_steps=3)))
     assert result.steps == 3 and all(np.isfinite(result.losses)) and result.checkpoint.exists()
+
+
+# -- every split checked before the first step; each damaged sample counted once ----------------
+
+@pytest.fixture(scope="module")
+def labelled_shards(tmp_path_factory, labelled_src) -> Path:
+    """root/train and root/val, each 24 labelled images in 3 shards of 8."""
+    root = tmp_path_factory.mktemp("labelled_shards")
+    for split in ("train", "val"):
+        prepare(labelled_src, root / split, PrepareOptions(short_side=72, shard_size=8))
+    return root
+
+
+def damage_split(folder: Path, how: str) -> None:
+    if how == "deleted":
+        (folder / "shard-00001.data").unlink()
+    elif how == "truncated":
+        with open(folder / "shard-00001.data", "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+    else:  # a manifest with 0 samples
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["shards"] = []
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("how", ["deleted", "truncated", "empty"])
+def test_a_damaged_val_split_exits_2_before_the_first_step(tmp_path, labelled_shards, capsys, monkeypatch, how):
+    """It used to train the first epoch and stop at the evaluation (exit 1, or silently short)."""
+    import sys
+
+    from sparse_mae.cli import main
+
+    root = tmp_path / "data"
+    shutil.copytree(labelled_shards, root)
+    damage_split(root / "val", how)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # a Hydra app ends through sys.exit
+        main(["finetune", "finetune/data@data=shards", f"data.root={root}", "data.size=64", "data.num_workers=0",
+              "model=debug", "device=cpu", "logger=none", "logger.progress=false", "batch_size=8", "max_steps=2",
+              f"output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert f"{root / 'val'}" in err and ("prepare" in err or "shard-00001" in err), err
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))  # nothing trained, nothing to lose
+
+
+def test_a_damaged_knn_root_exits_2_before_the_first_step(tmp_path, labelled_shards, capsys, monkeypatch):
+    """The monitor's splits used to be read first at its first cadence (1000 steps by default)."""
+    import sys
+
+    from sparse_mae.cli import main
+    from tests.test_pretrain import debug_overrides
+
+    root = tmp_path / "knn"
+    shutil.copytree(labelled_shards, root)
+    damage_split(root / "val", "deleted")
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", *debug_overrides(tmp_path / "run", max_steps=2), "knn.enabled=true", f"knn.root={root}",
+              "knn.num_train=16", "knn.num_val=8"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert "shard-00001.data is missing" in err and f"{root / 'val'}" in err, err
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_each_damaged_sample_counts_once_and_its_stand_in_is_drawn_from_its_seed(tmp_path, labelled_shards):
+    """A run of 8 damaged samples: counted 8 (not 8 + 7 + ... + 1 = 36 rows walked), and the
+    good sample after the run is not served 9 times in a pass."""
+    from collections import Counter
+
+    from sparse_mae.apps.finetune import compose_config as ft_config
+    from sparse_mae.data.build import labelled_split
+
+    root = tmp_path / "data"
+    shutil.copytree(labelled_shards, root)
+    for sample in range(8):  # all of shard 1: global samples 8..15
+        flip_sample_byte(root / "train", "shard-00001", sample)
+    cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=64", "model=debug"])
+    ds, _ = labelled_split(cfg.data, "train", augment=False)  # centre crops: an image names its sample
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        items = [ds[(i, 1000 + i)] for i in range(len(ds))]
+        again = ds[(9, 1009)]
+        other_seeds = [ds[(9, seed)]["image"] for seed in range(10)]
+    assert sum(int(it["skipped"]) for it in items) == 8
+    assert [int(it["skipped"]) for it in items] == [0] * 8 + [1] * 8 + [0] * 8
+    good = [it["image"] for it in items[:8] + items[16:]]
+    served = Counter(next(j for j, g in enumerate(good) if torch.equal(it["image"], g)) for it in items)
+    assert max(served.values()) <= 3, served  # the next-index rule served one sample 9 times
+    assert torch.equal(again["image"], items[9]["image"])  # the same seed, the same stand-in (exact resume)
+    assert len({bytes(x.flatten().numpy()) for x in other_seeds}) >= 3  # other seeds, other stand-ins
+
+
+def test_pretrain_counts_each_damaged_sample_once_over_epochs(tmp_path, pretrain_shards):
+    from sparse_mae.apps.pretrain import compose_config, run_pretrain
+
+    root = tmp_path / "shards"
+    shutil.copytree(pretrain_shards, root)
+    flip_sample_byte(root, "shard-00001", 4)
+    flip_sample_byte(root, "shard-00001", 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = run_pretrain(compose_config(shard_overrides(tmp_path / "run", root, max_steps=8, epochs=2)))
+    assert result.steps == 8 and result.skipped_files == 2  # two epochs met them twice: still 2 samples
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["skipped_files"] == 2
+
+
+def test_evaluation_reports_damaged_samples_not_rows_walked(tmp_path, labelled_shards):
+    """`eval` reported 171 unreadable files for a 24-image split: the rows walked to a good one."""
+    from torch.utils.data import DataLoader
+
+    from sparse_mae import create_model
+    from sparse_mae.apps.finetune import compose_config as ft_config
+    from sparse_mae.data.build import labelled_split
+    from sparse_mae.data.gpu_decode import collate
+    from sparse_mae.train.evaluation import evaluate_classifier
+
+    root = tmp_path / "data"
+    shutil.copytree(labelled_shards, root)
+    for sample in range(3):
+        flip_sample_byte(root / "val", "shard-00000", sample)
+    cfg = ft_config(["finetune/data@data=shards", f"data.root={root}", "data.size=32", "model=debug"])
+    val, classes = labelled_split(cfg.data, "val")
+    model = create_model("convnextv2_debug", num_classes=len(classes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = evaluate_classifier(model, DataLoader(val, batch_size=8, collate_fn=collate), len(classes),
+                                     torch.device("cpu"))
+    assert (result["skipped"], result["count"]) == (3, 21)

@@ -42,7 +42,8 @@ from sparse_mae.apps.finetune import run_finetune
 from sparse_mae.apps.pretrain import compose_config as pretrain_config
 from sparse_mae.apps.pretrain import run_pretrain
 from sparse_mae.bench.report import cpu_name
-from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, FashionMnistDataset, labelled_fraction
+from sparse_mae.data.dataset import SeededDataset
+from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, FashionMnistSource, labelled_fraction
 from sparse_mae.data.transforms import EvalTransform
 from sparse_mae import create_model
 from sparse_mae.probe.classify import knn_classify, linear_probe
@@ -85,7 +86,7 @@ def step_seconds(metrics: Path, batch: int) -> float:
 
 
 def embed_split(encoder, head, source: FashionMnist, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dataset = FashionMnistDataset(source, EvalTransform(SIZE))
+    dataset = SeededDataset(FashionMnistSource(source), EvalTransform(SIZE))
     with torch.no_grad():
         return embed(encoder, head, batches_of(dataset, list(range(count)), 128), torch.device("cpu"))
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, interruptible, tool_main
 from sparse_mae.data.build import labelled_split
-from sparse_mae.data.gpu_decode import collate
+from sparse_mae.data.loader import make_loader
 from sparse_mae.train.evaluation import confusion_png, evaluate_classifier
 from sparse_mae.train.signals import StopRequest, ignore_in_worker
 
@@ -55,8 +54,8 @@ def run_eval(cfg: DictConfig, stop: StopRequest | None = None) -> dict:
     if len(classes) != model.num_classes:
         raise ValueError(f"the model has {model.num_classes} classes, the val data {len(classes)}; "
                          f"evaluate on the data it was fine-tuned on")
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
-                        worker_init_fn=ignore_in_worker(stop.signals if stop else []))
+    loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.data.num_workers, device=device,
+                         worker_init_fn=ignore_in_worker(stop.signals if stop else []))
     result = evaluate_classifier(model.to(device), loader, len(classes), device, stop=stop)
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).parent
     png = confusion_png(result["confusion"], classes, out / "confusion_matrix.png",
@@ -72,7 +71,7 @@ def _run_and_print(cfg: DictConfig, stop: StopRequest) -> int:
     summary = run_eval(cfg, stop)
     print(f"{summary['checkpoint']} ({summary['weights']} weights) on {summary['count']} val images: "
           f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  loss {summary['loss']:.4f}"
-          + (f"  ({summary['skipped']} unreadable files left out)" if summary["skipped"] else ""))
+          + (f"  ({summary['skipped']} damaged samples left out)" if summary["skipped"] else ""))
     print(f"confusion matrix: {summary['png']}")
     return 0
 

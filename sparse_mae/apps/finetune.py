@@ -18,11 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.data.build import labelled_split
-from sparse_mae.data.gpu_decode import collate
+from sparse_mae.data.loader import make_loader
 from sparse_mae.build import create_model
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.ema import ModelEma
@@ -73,13 +72,8 @@ class FinetuneTask(TrainTask):
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None
         self.source = "random init"
         self.evals: list[dict] = []
-        # its own generator: iterating must not draw from the global RNG (drop path), or
-        # evaluating would change the training stream and a resumed run would diverge
-        # its workers ignore the stop signals, as the training loader's: a scheduler signals every
-        # process, and a worker killed by it would fail the evaluation instead of stopping it
-        self.val_loader = DataLoader(self.val_set, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers,
-                                     collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-                                     worker_init_fn=ignore_in_worker(parse_signals(cfg.stop_signals)))
+        self.val_loader = make_loader(self.val_set, cfg.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                                      worker_init_fn=ignore_in_worker(parse_signals(cfg.stop_signals)))
         self.metadata = {"variant": str(cfg.model.variant), "num_classes": self.num_classes, "classes": self.classes,
                          "pretrained": str(cfg.pretrained) if cfg.pretrained else None, "kind": "classifier"}
 

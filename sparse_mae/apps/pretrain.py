@@ -16,8 +16,7 @@ from omegaconf import DictConfig
 from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.backends import resolve_backend
 from sparse_mae.data.build import pretrain_dataset
-from sparse_mae.data.gpu_decode import collate, decode_batch
-from sparse_mae.data.transforms import model_input
+from sparse_mae.data.loader import to_model
 from sparse_mae.build import create_model
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
@@ -106,9 +105,7 @@ class PretrainTask(TrainTask):
             if n == 0:
                 return
             seeds = [cfg.seed * 7919 + i for i in range(n)]
-            batch = decode_batch(collate([self.dataset[(i, s)] for i, s in enumerate(seeds)]), self.device,
-                                 self.dataset)  # data.decode=gpu: decoded here, on the device
-            imgs = model_input(batch["image"].to(self.device))
+            imgs = to_model([self.dataset[(i, s)] for i, s in enumerate(seeds)], self.device, self.dataset)["image"]
             self._recon_batch = imgs, masks_from_seeds(torch.tensor(seeds), self.num_patches, cfg.mask_ratio).to(
                 self.device)
         imgs, mask = self._recon_batch

@@ -11,13 +11,11 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader
 
 from sparse_mae.apps.app import compose, interruptible, tool_main
 from sparse_mae.data.build import labelled_split
-from sparse_mae.data.gpu_decode import collate
+from sparse_mae.data.loader import make_loader
 from sparse_mae.io import atomic_write_text
 from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import embed, load_encoder
@@ -43,9 +41,8 @@ def run_probe(cfg: DictConfig, stop: StopRequest | None = None) -> dict:
     val_set, _ = labelled_split(cfg.data, "val", classes)
 
     def features(dataset):
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(cfg.seed),
-                            worker_init_fn=ignore_in_worker(stop.signals if stop else []))
+        loader = make_loader(dataset, cfg.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed, device=device,
+                             worker_init_fn=ignore_in_worker(stop.signals if stop else []))
         return embed(encoder, head, loader, device, amp, stop)
 
     train_x, train_y = features(train_set)

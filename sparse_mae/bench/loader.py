@@ -1,9 +1,9 @@
 """`sparse-mae bench bench=loader`: what feeds the step.
 
 1. Decode + augment per core: the folder path (PIL decode of the file, RandomResizedCrop,
-   flip, normalise: ImageFolderDataset + TrainTransform) against the shard path (reduced
-   DCT decode of the prepared JPEG, crop before resize, uint8: ShardDataset +
-   FastTrainTransform), one thread in this process, on generated photo-like JPEGs of each
+   flip, normalise: an image-folder source + TrainTransform) against the shard path (reduced
+   DCT decode of the prepared JPEG, crop before resize, uint8: a ShardSource +
+   FastTrainTransform), each through the one SeededDataset, one thread in this process, on generated photo-like JPEGs of each
    size; images per CPU-second of this process (= per core).
 2. End to end: `sparse-mae pretrain data=shards` (one loader worker) images/s, beside the
    bench step's images/s at the same model, batch, size and dtype, in the same run.
@@ -41,9 +41,10 @@ def per_core_rate(dataset, count: int, repeats: int) -> float:
 def measure_decode(root: Path, sizes: list[tuple[int, int]], count: int, crop: int, repeats: int, log) -> list[dict]:
     from sparse_mae.bench.images import write_jpegs
     from sparse_mae.data.decode import FastTrainTransform
-    from sparse_mae.data.imagefolder import ImageFolderDataset
+    from sparse_mae.data.dataset import SeededDataset
+    from sparse_mae.data.imagefolder import image_folder
     from sparse_mae.data.prepare import PrepareOptions, prepare
-    from sparse_mae.data.shards import ShardDataset
+    from sparse_mae.data.shards import ShardSource
     from sparse_mae.data.transforms import TrainTransform
 
     rows = []
@@ -59,8 +60,8 @@ def measure_decode(root: Path, sizes: list[tuple[int, int]], count: int, crop: i
                 (folder / "done").write_text("")
             if not (shards / "manifest.json").exists():
                 prepare(folder, shards, PrepareOptions(shard_size=max(1, count // 4)), workers=1)
-            folder_rate = per_core_rate(ImageFolderDataset(folder, TrainTransform(crop)), count, repeats)
-            shard_rate = per_core_rate(ShardDataset(shards, FastTrainTransform(crop)), count, repeats)
+            folder_rate = per_core_rate(SeededDataset(image_folder(folder), TrainTransform(crop)), count, repeats)
+            shard_rate = per_core_rate(SeededDataset(ShardSource(shards), FastTrainTransform(crop)), count, repeats)
             rows.append({"jpeg": f"{width}x{height}", "crop": crop, "folder_img_s_core": folder_rate,
                          "shards_img_s_core": shard_rate, "speedup": shard_rate / folder_rate})
             log(f"{width}x{height}: folder {folder_rate:.1f} img/s/core, shards {shard_rate:.1f} img/s/core "

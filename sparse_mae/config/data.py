@@ -22,7 +22,9 @@ class DataConfig:
     size: int = opt(224, f"crop fed to the model, a multiple of {PATCH} (the patch size)", PATCH_MULTIPLE)
     scale: list[float] = opt([0.2, 1.0], "RandomResizedCrop area range (pretraining recipe)", AREA_RANGE)
     hflip: float = opt(0.5, "probability of a horizontal flip", PROBABILITY)
-    num_workers: int = opt(2, "DataLoader worker processes", NON_NEGATIVE)
+    num_workers: Optional[int] = opt(None, "DataLoader worker processes; null: one per core this process may use "
+                                           "(its CPU affinity), less one for training (sparse_mae/data/loader.py)",
+                                     NON_NEGATIVE)
 
 
 @dataclass
@@ -36,7 +38,6 @@ class DrawnImages:
 @dataclass
 class FolderImages:
     root: str = opt(MISSING, "the folder of images (required)")
-    num_workers: int = opt(8, "DataLoader worker processes (decoding files wants more than drawing)", NON_NEGATIVE)
 
 
 @dataclass
@@ -74,8 +75,6 @@ class LabelledImageFolderData(FinetuneCrop, FolderImages, DataConfig):
 @dataclass
 class ShardImages:
     root: str = opt(MISSING, "a shard folder written by `sparse-mae prepare` (required)")
-    num_workers: int = opt(4, "DataLoader worker processes (decoding reduced JPEGs wants fewer than files)",
-                           NON_NEGATIVE)
     decode: str = opt("cpu", "cpu: the loader's workers decode and augment (libjpeg at reduced size); gpu: the "
                              "workers only read the JPEG bytes and draw the crops, the training GPU decodes (nvjpeg "
                              "through torchvision) and augments; needs CUDA and torchvision (docs/data.md)",
@@ -104,8 +103,6 @@ class FashionMnistImages:
     root: str = opt(FASHION_MNIST_ROOT, "folder of the four idx files, .gz or not (Debian: apt-get install "
                                         "dataset-fashion-mnist)")
     size: int = opt(128, "28px padded to 32, then upsampled 4x: 4x4 patches (docs/fashion-mnist/README.md)")
-    num_workers: int = opt(1, "DataLoader worker processes (the images are in memory; the model needs the cores)",
-                           NON_NEGATIVE)
 
 
 @dataclass

@@ -63,25 +63,33 @@ def builtin_batch(n: int, size: int = 64, seed: int = 0, start: int = 0) -> tupl
     return torch.stack([im for im, _ in items]), torch.tensor([lb for _, lb in items])
 
 
-class BuiltinDataset(torch.utils.data.Dataset):
-    """`num_images` procedural images (drawn at `draw_size`) as a Dataset, for `data=builtin`.
+class BuiltinSource:
+    """`num_images` procedural images (drawn at `draw_size` from `seed`) as a source of
+    sparse_mae.data.dataset, for `data=builtin`: drawn, so never damaged."""
 
-    Items are requested as `(index, seed)` (see sparse_mae.train.sampler) and returned as
-    `{"image": transform(PIL image, seed), "label": int, "seed": int, "skipped": 0}`, the same
-    contract as the image-folder dataset.
-    """
+    REPAIR = "(drawn images cannot be damaged)"
 
-    def __init__(self, num_images: int, draw_size: int, transform, seed: int = 0):
+    def __init__(self, num_images: int, draw_size: int, seed: int = 0):
         if num_images <= 0:
             raise ValueError(f"data.num_images must be > 0, got {num_images}")
         if draw_size <= 0:
             raise ValueError(f"data.draw_size must be > 0, got {draw_size}")
-        self.num_images, self.draw_size, self.transform, self.seed = num_images, draw_size, transform, seed
+        self.num_images, self.draw_size, self.seed = num_images, draw_size, seed
+        self.classes = list(CLASSES)
+        self.empty_files: list = []
 
     def __len__(self) -> int:
         return self.num_images
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        img, label = draw_image(index, self.draw_size, self.seed)
-        return {"image": self.transform(tensor_to_pil(img), seed), "label": label, "seed": seed, "skipped": 0}
+    def describe(self) -> str:
+        return f"the {self.num_images} built-in images"
+
+    def name(self, i: int) -> str:
+        return f"built-in image {i} (seed {self.seed})"
+
+    def read(self, i: int):
+        img, label = draw_image(i, self.draw_size, self.seed)
+        return tensor_to_pil(img), label
+
+    def check(self) -> None:
+        """Drawn on demand: nothing to check."""

@@ -12,7 +12,7 @@ elements in C order. Images are 28x28 grey, 0 = background.
 
 `FashionMnist` is the source (random access, labels, grey -> 3 equal channels, optional
 upsampling), meant for every consumer: the data options of pretrain / finetune / probe
-(`FashionMnistDataset` below) and the shard writer (sparse_mae/data/prepare.py stores
+(`FashionMnistSource` below) and the shard writer (sparse_mae/data/prepare.py stores
 `padded(i)` losslessly). docs/fashion-mnist/README.md explains why the apps feed 128px (pad 28 -> 32 with background, then 4x).
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
 
 from sparse_mae.io import atomic_write_bytes
 
@@ -156,25 +155,35 @@ def labelled_fraction(labels: np.ndarray, fraction: float, seed: int) -> np.ndar
     return np.sort(np.concatenate(keep))
 
 
-class FashionMnistDataset(Dataset):
-    """Fashion-MNIST for the apps: items requested as `(index, seed)` (see train.sampler) ->
-    `{"image": transform(32px RGB image, seed), "label", "seed", "skipped": 0}`, the contract of
-    the other data sets. The transform does the upsampling (crop and resize in one step)."""
+class FashionMnistSource:
+    """A FashionMnist split as a source of sparse_mae.data.dataset: `read(i)` -> (32px RGB
+    image, label); the transform does the upsampling (crop and resize in one step)."""
 
-    def __init__(self, source: FashionMnist, transform):
-        self.source, self.transform = source, transform
+    REPAIR = f"reinstall the files ({INSTALL_HINT})"
+
+    def __init__(self, split: FashionMnist):
+        self.split = split
         self.classes = list(CLASSES)
+        self.empty_files: list = []
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.split)
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        return {"image": self.transform(self.source.rgb(index), seed), "label": int(self.source.labels[index]),
-                "seed": seed, "skipped": 0}
+    def describe(self) -> str:
+        return f"the {len(self.split)} Fashion-MNIST {self.split.split} images in {self.split.root}"
+
+    def name(self, i: int) -> str:
+        return f"Fashion-MNIST {self.split.split} image {i} in {self.split.root}"
+
+    def read(self, i: int):
+        return self.split.rgb(i), int(self.split.labels[i])
+
+    def check(self) -> None:
+        if len(self.split) == 0:
+            raise ValueError(f"{self.describe()}: no images; {self.REPAIR}")
 
 
-def fashion_mnist_split(data_cfg, split: str, transform) -> FashionMnistDataset:
+def fashion_mnist_split(data_cfg, split: str) -> FashionMnistSource:
     """The Fashion-MNIST data option of the apps: split 'pretrain' (the first data.num_images
     training images), 'train' (a class-balanced data.label_fraction of them, from
     data.label_seed) or 'val' (the first data.num_val test images). Ranges: config's schema."""
@@ -182,11 +191,11 @@ def fashion_mnist_split(data_cfg, split: str, transform) -> FashionMnistDataset:
         source = FashionMnist(data_cfg.root, "test")
         if data_cfg.get("num_val") is not None:
             source = FashionMnist(data_cfg.root, "test", indices=np.arange(min(data_cfg.num_val, len(source))))
-        return FashionMnistDataset(source, transform)
+        return FashionMnistSource(source)
     source = FashionMnist(data_cfg.root, "train")
     if split == "pretrain" and data_cfg.get("num_images") is not None:
         source.images, source.labels = source.images[:data_cfg.num_images], source.labels[:data_cfg.num_images]
     elif split == "train" and data_cfg.get("label_fraction", 1.0) < 1.0:
         keep = labelled_fraction(source.labels, data_cfg.label_fraction, data_cfg.label_seed)
         source.images, source.labels = source.images[keep], source.labels[keep]
-    return FashionMnistDataset(source, transform)
+    return FashionMnistSource(source)

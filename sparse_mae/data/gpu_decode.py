@@ -2,24 +2,24 @@
 
 What runs where:
 
-- the DataLoader's workers (ShardDataset with a `JpegCrop` transform) read a sample's bytes and
-  verify its checksum (a damaged sample is skipped and counted as with data.decode=cpu), read
+- the DataLoader's workers (SeededDataset of a ShardSource with a `JpegCrop` transform) read a
+  sample's bytes and verify its checksum (a damaged sample is skipped and counted as with data.decode=cpu), read
   the JPEG header for the image size, and draw the crop box and flip from the sample's seed
   with the same functions as the CPU path (decode.train_crop, transforms.centre_crop_box). An
   item is {"jpeg": uint8 (bytes,), "box": float64 (4,), "flip": bool, "size" (of the crop),
   "index", "seed", "skipped"} (+ "label"); `collate` keeps the byte tensors as a list (they differ in length).
-- the training process (`decode_batch`, called by the engine and the evaluation loops)
+- the training process (`decode_batch`, called by sparse_mae.data.loader.to_model)
   decodes the batch's JPEGs in one nvjpeg call onto the device, cuts each image's box,
   resizes it to size x size (bicubic with antialias: torch's port of Pillow's resampling),
   flips it, and stacks uint8 (N, 3, size, size); transforms.model_input then normalises it
   exactly as for data.decode=cpu.
 
 A sample nvjpeg refuses is decoded by the CPU path for that one sample
-(ShardDataset.decode_on_cpu): its bytes passed the checksum, so they are what `prepare` wrote
+(SeededDataset.decode_on_cpu): its bytes passed the checksum, so they are what `prepare` wrote
 (Pillow's baseline JPEGs), which Pillow reads; nvjpeg refuses a few valid kinds of JPEG, so
 skipping them would drop good images. The CPU path keeps the image with the same crop, keeps
 the batch the sampler chose, and skips-and-counts exactly as data.decode=cpu when Pillow
-cannot decode it either (the next good sample with its label, "skipped" > 0).
+cannot decode it either (a replacement drawn from the sample's seed, with its label, "skipped" 1).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def decode_batch(batch: dict, device: torch.device, dataset, decode: Decoder | N
     Batches of decoded images (data.decode=cpu) pass unchanged. For data.decode=gpu batches
     the JPEGs are decoded by `decode` (default nvjpeg on `device`, a CUDA device), cropped,
     resized and flipped there; a sample `decode` refuses goes through the dataset's CPU path,
-    which may replace it by the next good sample and then updates its "label" and "skipped"."""
+    which may replace it (drawn from its seed, as the worker draws) and then updates its "label" and "skipped"."""
     if "jpeg" not in batch:
         return batch
     if decode is None:
@@ -124,9 +124,9 @@ def decode_batch(batch: dict, device: torch.device, dataset, decode: Decoder | N
     out = []
     for i, image in enumerate(images):
         if image is None:
-            image, label, skipped = dataset.decode_on_cpu(int(batch["index"][i]), int(batch["seed"][i]))
+            image, label, replaced = dataset.decode_on_cpu(int(batch["index"][i]), int(batch["seed"][i]))
             out.append(image.to(device))
-            batch["skipped"][i] += skipped
+            batch["skipped"][i] = int(replaced)
             if label is not None:
                 batch["label"][i] = label
             continue

@@ -2,20 +2,18 @@
 (fine-tuning and evaluation).
 
 Bad files never crash a run (pretraining, fine-tuning or evaluation): zero-byte files are
-set aside when the folder is scanned; a file that fails to decode is replaced by the next
-good image in the list (deterministic, so exact resume still holds), a warning names it
-once per worker, and each sample carries the number of files skipped to produce it, so
-the training loop counts them and evaluation leaves the replacements out.
+set aside when the folder is scanned; a file that fails to decode is skipped, replaced and
+counted by the one damaged-sample policy of sparse_mae.data.dataset.
 """
 from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from PIL import Image, ImageOps
+
+from sparse_mae.data.dataset import DECODE_ERRORS
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -99,102 +97,79 @@ def as_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-MAX_NAMED_BAD_FILES = 5  # per process: a folder of thousands of bad files printed thousands of warnings
+class ImageFilesSource:
+    """A list of image files (with a label each, or none) as a source of
+    sparse_mae.data.dataset: `read(i)` -> (RGB image, label) or why file i cannot be decoded."""
 
+    REPAIR = "check the folder with `python -m sparse_mae.data.imagefolder <folder>` or point data.root at the images"
 
-class ImageFilesDataset(Dataset):
-    """A list of image files read under one bad-file policy, shared by every app's data: a
-    file that fails to decode is replaced by the next readable file of the list
-    (deterministic, so exact resume still holds), a warning names it once per process, and
-    the item's "skipped" says how many files were passed over to produce it."""
-
-    def __init__(self, root: str | os.PathLike, files: list[Path], transform):
-        self.root = Path(root)
-        self.files = files
-        self.transform = transform
-        self._warned: set[Path] = set()
+    def __init__(self, root: str | os.PathLike, files: list[Path], labels: list[int] | None = None,
+                 classes: list[str] | None = None, empty_files: list[Path] | None = None):
+        self.root, self.files, self.labels, self.classes = Path(root), files, labels, classes
+        self.empty_files = empty_files or []
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def read(self, index: int) -> tuple[Image.Image, int, int]:
-        """-> (RGB image, index of the file actually read, files skipped to reach it)."""
-        for skipped in range(len(self.files)):
-            at = (index + skipped) % len(self.files)
-            path = self.files[at]
-            try:
-                return load_rgb(path), at, skipped
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                if path not in self._warned:
-                    self._warned.add(path)
-                    if len(self._warned) <= MAX_NAMED_BAD_FILES:
-                        warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", stacklevel=1)
-                    if len(self._warned) == MAX_NAMED_BAD_FILES:
-                        warnings.warn(f"more unreadable images under {self.root} are skipped without a warning "
-                                      f"each (counted in skipped_files)", stacklevel=1)
-        raise ValueError(f"none of the {len(self.files)} image files under {self.root} can be decoded (the first: "
-                         f"{self.files[0]}); check the folder with `python -m sparse_mae.data.imagefolder "
-                         f"{self.root}` or point data.root at the images")
+    def describe(self) -> str:
+        return f"the {len(self.files)} image files under {self.root}"
 
+    def name(self, i: int) -> str:
+        return f"image {self.files[i]}"
 
-class ImageFolderDataset(ImageFilesDataset):
-    """Every image under `root` (no labels). Items are requested as `(index, seed)` (see
-    train.sampler) and returned as `{"image": (3, size, size) float, "seed", "skipped"}`."""
+    def read(self, i: int) -> tuple[Image.Image, int] | str:
+        try:
+            image = load_rgb(self.files[i])
+        except DECODE_ERRORS as e:
+            return f"{type(e).__name__}: {e}"
+        return image, (self.labels[i] if self.labels is not None else -1)
 
-    def __init__(self, root: str | os.PathLike, transform):
-        files, self.empty_files = find_images(root)
-        super().__init__(root, files, transform)
-
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        img, _, skipped = self.read(index)
-        return {"image": self.transform(img, seed), "seed": seed, "skipped": skipped}
-
-
-class LabelledImageFolderDataset(ImageFilesDataset):
-    """root/<class>/**/*.jpg -> {"image", "label", "seed", "skipped"}; classes sorted by name
-    (or given, so val uses train's class indices). A replaced unreadable file brings its
-    replacement's label along."""
-
-    def __init__(self, root: str | os.PathLike, transform, classes: list[str] | None = None):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root} does not exist; data.root needs train/ and val/ sub-folders "
-                                    f"of class folders (root/train/<class>/*.jpg)")
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        self.classes = list(classes) if classes is not None else found
-        extra = sorted(set(found) - set(self.classes))
-        if extra:
-            raise ValueError(f"{root} has class folders {extra} that the training split lacks")
-        if not self.classes:
-            raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/*.jpg)")
-        files, self.labels, self.empty_files = [], [], []
-        for label, name in enumerate(self.classes):
-            if (root / name).is_dir():
-                try:
-                    found_files, empty = find_images(root / name)
-                except ValueError:  # a class folder without images
-                    if classes is None:  # the training split defines the classes: one that cannot be learnt
-                        raise ValueError(
-                            f"class folder {root / name} has no images: it would be class {label} of "
-                            f"{len(self.classes)}, one the model never sees. Add images or remove the folder"
-                        ) from None
-                    continue  # val may lack a class
-                files += found_files
-                self.labels += [label] * len(found_files)
-                self.empty_files += empty
-        if not files:
-            raise ValueError(f"no images under {root}/<class>/")
-        super().__init__(root, files, transform)
+    def check(self) -> None:
+        """Opening the folder checked it (files found; class folders agree): nothing left to check."""
 
     @property
     def samples(self) -> list[tuple[Path, int]]:
-        return list(zip(self.files, self.labels))
+        return list(zip(self.files, self.labels or []))
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        img, at, skipped = self.read(index)
-        return {"image": self.transform(img, seed), "label": self.labels[at], "seed": seed, "skipped": skipped}
+
+def image_folder(root: str | os.PathLike) -> ImageFilesSource:
+    """Every image under `root`, unlabelled."""
+    files, empty = find_images(root)
+    return ImageFilesSource(root, files, empty_files=empty)
+
+
+def labelled_image_folder(root: str | os.PathLike, classes: list[str] | None = None) -> ImageFilesSource:
+    """root/<class>/**/*.jpg; classes sorted by name, or given (so val uses train's class indices)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist; data.root needs train/ and val/ sub-folders "
+                                f"of class folders (root/train/<class>/*.jpg)")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    defines_classes = classes is None  # the training split: each class must have images
+    classes = list(classes) if classes is not None else found
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise ValueError(f"{root} has class folders {extra} that the training split lacks")
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders (expected {root}/<class>/*.jpg)")
+    files, labels, empty_files = [], [], []
+    for label, name in enumerate(classes):
+        if (root / name).is_dir():
+            try:
+                found_files, empty = find_images(root / name)
+            except ValueError:  # a class folder without images
+                if defines_classes:  # a class that cannot be learnt
+                    raise ValueError(
+                        f"class folder {root / name} has no images: it would be class {label} of "
+                        f"{len(classes)}, one the model never sees. Add images or remove the folder"
+                    ) from None
+                continue  # val may lack a class
+            files += found_files
+            labels += [label] * len(found_files)
+            empty_files += empty
+    if not files:
+        raise ValueError(f"no images under {root}/<class>/")
+    return ImageFilesSource(root, files, labels, classes, empty_files)
 
 
 def count_unreadable(files: list[Path]) -> int:

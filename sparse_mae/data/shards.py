@@ -18,22 +18,21 @@ resume work unchanged) and a per-sample checksum (so a damaged shard costs only 
 samples and never serves a wrong image or label). Tar-based indexes (webdataset's `wids`)
 have random access but only tar-header checksums, nothing over the contents.
 
-A sample whose bytes are out of the data file (truncated shard), whose checksum does not
-match (flipped byte, damaged index) or that fails to decode is replaced by the next good
-sample (deterministic, as sparse_mae.data.imagefolder does with unreadable files), named in
-a warning once per process, and counted in the item's "skipped".
+A shard whose files are missing or shorter than its index says is refused when the split is
+opened (`ShardSource.check`, before the first step). A sample whose checksum does not match
+(flipped byte, damaged index), whose bytes are out of the data file (cut short while the run
+reads it) or that fails to decode is skipped, replaced and counted by the one damaged-sample
+policy of sparse_mae.data.dataset.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import warnings
 from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import Dataset
 
 FORMAT = "sparse-mae-shards"
 VERSION = 1
@@ -164,24 +163,18 @@ class ShardReader:
         return {**self.__dict__, "_files": {}}
 
 
-class ShardDataset(Dataset):
-    """The samples of a shard folder under one bad-sample policy (as ImageFilesDataset): items
-    are requested as (index, seed) and returned as {"image": uint8 (3, size, size), "seed",
-    "skipped"} (+ "label" when `labelled`); `transform(jpeg bytes, seed)` makes the image
-    (sparse_mae.data.decode).
+class ShardSource:
+    """A shard folder as a source of sparse_mae.data.dataset: `read(i)` -> (JPEG or PNG bytes,
+    label) or why sample i is damaged. `labelled`: the split must have labels, numbered as
+    `classes` (the training split's, so val uses its class indices) or as its own."""
 
-    With data.decode=gpu the transform returns a dict instead (sparse_mae.data.gpu_decode:
-    the bytes, crop box and flip), which goes into the item with the sample's "index"; then
-    `cpu_transform` is the CPU path, used for a sample the GPU cannot decode."""
+    REPAIR = "copy the shard folder again, or run `sparse-mae prepare` again with the same src and out"
 
-    def __init__(self, root: str | os.PathLike, transform, labelled: bool = False, classes: list[str] | None = None,
-                 cpu_transform=None):
+    def __init__(self, root: str | os.PathLike, labelled: bool = False, classes: list[str] | None = None):
         self.reader = ShardReader(root)
-        self.transform = transform
-        self.cpu_transform = cpu_transform
         self.labelled = labelled
         self.empty_files: list = []
-        self._warned: set[int] = set()
+        self.classes: list[str] | None = None
         self.label_map = None
         if labelled:
             own = self.reader.classes
@@ -197,40 +190,40 @@ class ShardDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def read(self, index: int, seed: int, transform=None):
-        """-> (transformed image, label, samples skipped to reach it)."""
-        from PIL import Image, UnidentifiedImageError
+    def describe(self) -> str:
+        return f"the {len(self)} samples of the shard folder {self.reader.root}"
 
-        transform = transform or self.transform
-        n = len(self.reader)
-        for skipped in range(n):
-            at = (index + skipped) % n
-            got = self.reader.read(at)
-            if not isinstance(got, str):
-                label, data = got
-                try:
-                    return transform(data, seed), label, skipped
-                except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-                    got = f"undecodable: {type(e).__name__}: {e}"
-            if at not in self._warned:
-                self._warned.add(at)
-                warnings.warn(f"skipping damaged sample {self.reader.name(at)} of {self.reader.root}: {got}",
-                              stacklevel=1)
-        raise RuntimeError(f"no sample of {self.reader.root} could be read ({n} tried)")
+    def name(self, i: int) -> str:
+        return f"{self.reader.name(i)} of {self.reader.root}"
 
-    def __getitem__(self, item):
-        index, seed = item if isinstance(item, tuple) else (item, item)
-        image, label, skipped = self.read(index, seed)
-        if isinstance(image, dict):  # data.decode=gpu: decoded later, on the device
-            out = {**image, "index": (index + skipped) % len(self.reader), "seed": seed, "skipped": skipped}
-        else:
-            out = {"image": image, "seed": seed, "skipped": skipped}
-        if self.labelled:
-            out["label"] = int(self.label_map[label])
-        return out
+    def read(self, i: int) -> tuple[bytes, int] | str:
+        got = self.reader.read(i)
+        if isinstance(got, str):
+            return got
+        label, data = got
+        return data, (int(self.label_map[label]) if self.label_map is not None else -1)
 
-    def decode_on_cpu(self, index: int, seed: int) -> tuple[object, int | None, int]:
-        """The CPU path for sample `index` (data.decode=gpu's fallback): (uint8 image, label or
-        None, samples skipped to reach one that decodes), with the same seed-drawn crop."""
-        image, label, skipped = self.read(index, seed, self.cpu_transform)
-        return image, (int(self.label_map[label]) if self.labelled else None), skipped
+    def check(self) -> None:
+        """Every shard's files there and as long as its index says: a missing or cut-short file
+        is a copy that did not finish, refused at start-up rather than met at the first
+        evaluation. (Damaged bytes inside a file are found when read: skipped and counted.)"""
+        root, problems = self.reader.root, []
+        for shard, (name, rows) in enumerate(zip(self.reader.shards, self.reader.indexes)):
+            count = int(self.reader.starts[shard + 1] - self.reader.starts[shard])
+            if rows is None:
+                problems.append(f"{name}.index.npy is missing or damaged")
+                continue
+            needed = int((rows["offset"] + rows["length"]).max()) if count else 0
+            try:
+                size = (root / f"{name}.data").stat().st_size
+            except OSError:
+                problems.append(f"{name}.data is missing")
+                continue
+            if size < needed:
+                problems.append(f"{name}.data is cut short ({size} of {needed} bytes)")
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise ValueError(f"the shard folder {root} is incomplete: {shown}. {self.REPAIR[0].upper()}"
+                             f"{self.REPAIR[1:]}")
+        if len(self) == 0:
+            raise ValueError(f"the shard folder {root} holds no samples; prepare it from a folder with images")

@@ -9,8 +9,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from sparse_mae.data.gpu_decode import decode_batch
-from sparse_mae.data.transforms import model_input
+from sparse_mae.data.loader import to_model
 from sparse_mae.models.convnextv2 import LN_EPS, ConvNeXtV2, build_convnextv2
 from sparse_mae.train.signals import StopRequest, until_stopped
 
@@ -55,34 +54,31 @@ def load_encoder(path: str | None, variant: str, fmt: str = "auto", seed: int = 
 @torch.no_grad()
 def embed(encoder: torch.nn.Module, head: FeatureHead, batches: Iterable[dict], device: torch.device,
           amp: bool = False, stop: StopRequest | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (features (N, C) float32 on CPU, labels (N,) long). Items standing in for an
-    unreadable file ("skipped" > 0) are left out. The caller sets eval mode. A stop signal
+    """-> (features (N, C) float32 on CPU, labels (N,) long). Items standing in for a
+    damaged sample ("skipped") are left out. The caller sets eval mode. A stop signal
     (`stop`) abandons it at the next batch (PhaseAbandoned)."""
     feats, labels = [], []
     dataset = getattr(batches, "dataset", None)  # a DataLoader's: data.decode=gpu falls back through it
     for batch in until_stopped(batches, stop, "embedding"):
-        batch = decode_batch(batch, device, dataset)  # data.decode=gpu: decoded here, on the device
+        batch = to_model(batch, device, dataset)
         keep = batch["skipped"] == 0
         if not keep.any():
             continue
-        imgs = model_input(batch["image"][keep.to(batch["image"].device)].to(device))  # shards give uint8
+        keep = keep.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x = encoder.forward_features(imgs)
+            x = encoder.forward_features(batch["image"][keep])
         feats.append(head.to(device)(x).cpu())
-        labels.append(torch.as_tensor(batch["label"])[keep].long().cpu())
+        labels.append(batch["label"][keep].long().cpu())
     if not feats:
         raise ValueError("no images to embed (the split is empty, or every file in it is unreadable)")
     return torch.cat(feats), torch.cat(labels)
 
 
 def batches_of(dataset, indices: list[int], batch_size: int):
-    """The items `indices` of `dataset`, collated in batches, in this process (no DataLoader:
-    a DataLoader draws its base seed from the global RNG unless given a generator)."""
+    """The items `indices` of `dataset`, in lists of `batch_size` read in this process (no
+    DataLoader workers: the kNN monitor reads a few hundred images between training steps)."""
     for start in range(0, len(indices), batch_size):
-        items = [dataset[i] for i in indices[start:start + batch_size]]
-        yield {"image": torch.stack([it["image"] for it in items]),
-               "label": torch.tensor([int(it["label"]) for it in items]),
-               "skipped": torch.tensor([int(it["skipped"]) for it in items])}
+        yield [dataset[i] for i in indices[start:start + batch_size]]
 
 
 def evenly_spaced(length: int, count: int) -> list[int]:

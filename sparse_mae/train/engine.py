@@ -30,16 +30,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
 from sparse_mae.config import check_output_dir, validate
-from sparse_mae.data.gpu_decode import collate, decode_batch
-from sparse_mae.data.transforms import model_input
+from sparse_mae.data.loader import make_loader, to_model
 from sparse_mae.io import atomic_write_bytes
 from sparse_mae.train.checkpoint import find_latest, save_checkpoint
 from sparse_mae.train.distributed import (
     DistInfo,
-    all_reduce_sum,
     any_rank,
     barrier,
     broadcast_from_main,
@@ -117,7 +114,7 @@ class RunResult:
     metrics: Path
     steps: int
     losses: list[float] = field(default_factory=list)  # mean loss of every step taken here (None: skipped)
-    skipped_files: int = 0  # unreadable image files met, over the whole run
+    skipped_files: int = 0  # damaged samples met (each once), over the whole run
     nonfinite_steps: int = 0  # steps skipped for a non-finite loss or gradient norm, over the whole run
 
 
@@ -128,7 +125,7 @@ class Counters:
     step: int = 0
     nonfinite_steps: int = 0
     nonfinite_in_a_row: int = 0
-    skipped_files: int = 0  # all ranks, up to the last save
+    damaged: list[int] = field(default_factory=list)  # damaged samples met by any rank up to the last save (sorted)
     window_loss: float = 0.0  # the logging window not yet written
     window_steps: int = 0
     hooks_pending: bool = False  # the task's after_step hooks of `step` were abandoned or failed: run them first
@@ -232,7 +229,7 @@ class _Engine:
     losses: list[float | None]  # every step taken in this process (None: skipped)
     last_checkpoint: Path | None  # written by this process
     saved_step: int
-    skipped_here: torch.Tensor  # unreadable files met by this rank since the last save
+    damaged_here: set[int]  # damaged samples met by this rank since the last save
     window_start: float  # the logging window's start (perf_counter) and step
     window_start_step: int
 
@@ -320,12 +317,12 @@ class _Engine:
             self._loop()
             if resume_path is not None and self.counters.step == start:
                 self.logger.write(f"nothing to do: the checkpoint is already at step {start} of {self.run_steps}")
-            self.logger.summary(task.summary() | {"skipped_files": self.counters.skipped_files,
+            self.logger.summary(task.summary() | {"skipped_files": len(self.counters.damaged),
                                                   "nonfinite_steps": self.counters.nonfinite_steps})
         finally:
             self.logger.close()
         return RunResult(run_dir=self.dir.path, checkpoint=self.last_checkpoint, metrics=self.dir.metrics,
-                         steps=self.counters.step, losses=self.losses, skipped_files=self.counters.skipped_files,
+                         steps=self.counters.step, losses=self.losses, skipped_files=len(self.counters.damaged),
                          nonfinite_steps=self.counters.nonfinite_steps), task
 
     def _load(self, path: Path, main_state: dict | None, model, task: TrainTask) -> None:
@@ -355,16 +352,12 @@ class _Engine:
         self.losses: list[float] = []
         self.last_checkpoint = None
         self.saved_step = c.step  # a resumed run's checkpoint, or nothing to save at step 0
-        self.skipped_here = torch.zeros((), dtype=torch.long)  # this rank, since the last save
+        self.damaged_here = set()  # this rank, since the last save
         self.window_start = time.perf_counter()
         self.window_start_step = c.step
-        loader = DataLoader(self.task.dataset, batch_size=cfg.batch_size, sampler=self.sampler, drop_last=True,
-                            num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-                            pin_memory=di.device.type == "cuda", collate_fn=collate,
-                            # its own generator: starting an epoch must not draw from the global RNG
-                            # (that would make the global stream depend on where a run was resumed)
-                            generator=torch.Generator().manual_seed(cfg.seed),
-                            worker_init_fn=ignore_in_worker(self.stop.signals))
+        loader = make_loader(self.task.dataset, cfg.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                             sampler=self.sampler, drop_last=True, device=di.device, persistent=True,
+                             worker_init_fn=ignore_in_worker(self.stop.signals))
         if self.stop.agreed(di.enabled, di.device):  # a signal during set-up: stop before the first step
             self._stop_on_signal()
         if c.hooks_pending:  # the checkpoint's own step: its evaluation (or pictures) did not finish
@@ -465,22 +458,24 @@ class _Engine:
         self.losses.append(step_loss)
 
     def _micro_batches(self, batches):
-        """The loader's next batches on the device, counting the unreadable files they stand for."""
+        """The loader's next batches on the device, noting the damaged samples they stand in for."""
         while True:
-            # data.decode=gpu: the JPEGs are decoded here, on the device (a sample the GPU refuses
-            # goes through the CPU path and may add to "skipped"); other batches pass unchanged
-            batch = decode_batch(next(batches), self.di.device, self.task.dataset)
-            self.skipped_here += batch["skipped"].sum()
-            batch = {k: v.to(self.di.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                     for k, v in batch.items()}
-            batch["image"] = model_input(batch["image"])  # uint8 batches are normalised here, on the device
+            batch = to_model(next(batches), self.di.device, self.task.dataset)
+            self.damaged_here.update(batch["index"][batch["skipped"] > 0].tolist())
             yield batch
 
     def _on_disk(self) -> Path | None:
         return find_latest(self.dir.checkpoints)
 
-    def _skipped_total(self) -> int:
-        return self.counters.skipped_files + int(all_reduce_sum(self.skipped_here))
+    def _damaged_total(self) -> list[int]:
+        """Every rank: the damaged samples met by any rank over the whole run, each once (an
+        epoch meets them again, and 17 damaged samples are 17, not 17 per epoch)."""
+        mine = sorted(self.damaged_here)
+        gathered = [mine]
+        if self.di.enabled:
+            gathered = [None] * self.di.world_size
+            dist.all_gather_object(gathered, mine)
+        return sorted(set(self.counters.damaged).union(*gathered))
 
     def _log(self) -> None:
         c = self.counters
@@ -490,7 +485,7 @@ class _Engine:
                   "loss": c.window_loss / c.window_steps if c.window_steps else math.nan,
                   "lr": max(g["lr"] for g in self.optimizer.param_groups),
                   "img_per_s": steps_timed * self.effective_batch / max(elapsed, 1e-9),
-                  "skipped_files": self._skipped_total(), "nonfinite_steps": c.nonfinite_steps}
+                  "skipped_files": len(self._damaged_total()), "nonfinite_steps": c.nonfinite_steps}
         self.logger.log(record, c.step)
         self.logger.progress(0, loss=record["loss"], lr=record["lr"], img_s=round(record["img_per_s"], 1))
         c.window_loss, c.window_steps = 0.0, 0
@@ -499,7 +494,7 @@ class _Engine:
     def _save(self) -> None:
         """Every rank takes part (RNG states and counters are gathered); rank 0 writes."""
         di, c = self.di, self.counters
-        total_skipped = self._skipped_total()
+        damaged = self._damaged_total()
         rng = capture_rng_state()
         if di.enabled:  # every rank's RNG goes into rank 0's checkpoint
             gathered = [None] * di.world_size
@@ -508,7 +503,7 @@ class _Engine:
         else:
             rng = [rng]
         if di.is_main:
-            engine = {**vars(c), "skipped_files": total_skipped}
+            engine = {**vars(c), "damaged": damaged}
             state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "step": c.step, "epoch": c.step // self.steps_per_epoch, "rng": rng,
                      "world_size": di.world_size, "config": self.config_yaml, "run_id": self.run_id,
@@ -516,6 +511,6 @@ class _Engine:
             self.last_checkpoint = save_checkpoint(self.dir.checkpoints, c.step, state, self.config_yaml,
                                                    keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
         self.saved_step = c.step
-        c.skipped_files = total_skipped
-        self.skipped_here.zero_()
+        c.damaged = damaged
+        self.damaged_here.clear()
         barrier()

@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from sparse_mae.data.gpu_decode import decode_batch
-from sparse_mae.data.transforms import model_input
+from sparse_mae.data.loader import to_model
 from sparse_mae.train.signals import StopRequest, until_stopped
 
 
@@ -24,8 +23,8 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device: torch.device,
                         amp: bool = False, stop: StopRequest | None = None) -> dict:
     """-> {"top1", "top5", "loss", "count", "skipped", "confusion" (num_classes x num_classes, rows =
-    truth)}. Items that stand in for an unreadable file ("skipped" > 0) are left out, so
-    every readable image counts once and an unreadable one not at all. A stop signal
+    truth)}. Items that stand in for a damaged sample ("skipped") are left out, so every
+    readable image counts once and a damaged one not at all ("skipped": how many). A stop signal
     (`stop`) abandons it at the next batch (PhaseAbandoned)."""
     was_training = model.training
     model.eval()
@@ -33,13 +32,13 @@ def evaluate_classifier(model: torch.nn.Module, loader, num_classes: int, device
     correct1 = correct5 = skipped = 0
     loss_sum, count = 0.0, 0
     for batch in until_stopped(loader, stop, "evaluation"):
-        batch = decode_batch(batch, device, getattr(loader, "dataset", None))  # data.decode=gpu: decoded here, on the device
+        batch = to_model(batch, device, getattr(loader, "dataset", None))
         keep = batch["skipped"] == 0
-        skipped += int(batch["skipped"].sum())
+        skipped += int((~keep).sum())
         if not keep.any():
             continue
-        keep_on = keep.to(batch["image"].device)
-        imgs, labels = model_input(batch["image"][keep_on].to(device)), batch["label"][keep].to(device)
+        keep = keep.to(device)
+        imgs, labels = batch["image"][keep], batch["label"][keep]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = model(imgs)
         logits = logits.float()
