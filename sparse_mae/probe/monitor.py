@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from sparse_mae.data.shards import MANIFEST
+from sparse_mae.data.manifest import MANIFEST
 from sparse_mae.probe.classify import knn_classify
 from sparse_mae.probe.features import FeatureHead, batches_of, embed, evenly_spaced
 from sparse_mae.train.rng import capture_rng_state, restore_rng_state
