@@ -62,11 +62,11 @@ class ShardMismatch(Exception):
 
 
 def prepare_again(root: Path, source: object = None) -> str:
-    """The fix for a damaged record: a continued prepare verifies each shard and writes the
-    records again, keeping what verifies."""
-    src = source if isinstance(source, str) else "<its source>"
-    return (f"run `sparse-mae prepare src={src} out={root}` again (it keeps every shard that verifies and "
-            f"writes the records again), or restore the folder from a good copy")
+    """The fix for a damaged record: the prepare that wrote the folder, run again, verifies
+    each shard, builds again what does not verify and writes the records again."""
+    src = f" (its source: {source})" if isinstance(source, str) else ""
+    return (f"run the `sparse-mae prepare` command that wrote {root} again{src}: it keeps every shard that "
+            f"verifies and writes the records again; or restore the folder from a good copy")
 
 
 def data_set_fingerprint(manifest: dict) -> str:

@@ -25,8 +25,8 @@ index against the manifest's record of it: a shard whose index differs (another
 preparation's, edited, damaged, missing) is left out, named in a warning, never read. Then a
 sample whose bytes are out of the data file (truncated shard), whose checksum does not match
 (flipped byte, index rows forged to match the manifest) or that fails to decode is replaced
-by the next good sample (deterministic, as sparse_mae.data.imagefolder does with unreadable files), named in
-a warning once per process, and counted in the item's "skipped".
+by the next good sample (deterministic, as sparse_mae.data.imagefolder does with unreadable
+files), named in a warning once per process, and counted in the item's "skipped".
 """
 from __future__ import annotations
 
