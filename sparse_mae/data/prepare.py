@@ -16,10 +16,11 @@ source object is small, so jobs carry it, not the images). The work is cut into 
 `shard_size` items (the plan, whose fingerprint covers the options and the item list: names
 and labels), built in parallel processes. Each item's bytes are hashed as they are read for
 encoding (no second pass), and each shard's record holds the SHA-256 over its items' labels
-and digests (`sources_sha256`). A shard is committed by renaming its files into place and
-writing its `.done.json` last. A run started again with the same command (after an
-interruption, or later) keeps a committed shard only when its files verify against its record,
-the record is of this plan and its sources still hash to `sources_sha256`; it builds the rest,
+and digests (`sources_sha256`) and over the options and its items' names and labels
+(`items_sha256`). A shard is committed by renaming its files into place and writing its
+`.done.json` last. A run started again with the same command (after an interruption, or
+later) keeps a committed shard only when its files verify against its record, the record is
+of the same items and options and its sources still hash to `sources_sha256`; it builds the rest,
 so a source file rewritten under its name has its shard built again, and a shard of another
 preparation is never kept. Items that cannot be read are listed (manifest.json,
 unreadable.txt) and skipped. File names are stored escaped (sparse_mae/data/filenames.py).
