@@ -4,6 +4,7 @@ source or above it is not followed, by prepare's walk or the image-folder reader
 one label."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -70,6 +71,8 @@ def test_a_prepare_with_a_non_utf8_name_runs_from_the_cli(tmp_path, capsys, monk
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "3 images in 1 shards" in captured.out and "1 unreadable" in captured.out
+    fingerprint = json.loads((tmp_path / "out" / "manifest.json").read_text())["fingerprint"]
+    assert f"; fingerprint {fingerprint[:16]}" in captured.out  # the data set's identity, shown
     assert "\\xfe\\n.jpg" in (tmp_path / "out" / "unreadable.txt").read_text()
 
 
