@@ -305,6 +305,21 @@ def test_no_shard_that_matches_the_manifest_is_an_error_naming_the_fix(tmp_path,
             ShardReader(root)
 
 
+def test_a_version_1_folder_is_read_with_the_fingerprint_of_its_content(tmp_path, shards_a):
+    """Folders prepared before the fingerprint existed: the same content, the same identity."""
+    root = copy_of(shards_a, tmp_path)
+    current = json.loads((root / "manifest.json").read_text())
+
+    def as_version_1(m):
+        m.update(version=1)
+        m.pop("fingerprint")
+        for record in m["shards"]:
+            record.pop("sources_sha256")
+    edit_manifest(root, as_version_1)
+    reader = ShardReader(root)
+    assert reader.manifest["fingerprint"] == current["fingerprint"] and len(reader) == 24
+
+
 def test_a_bad_manifest_exits_2_from_an_app(tmp_path, shards_a, capsys, monkeypatch):
     import sys
 
