@@ -200,9 +200,11 @@ def parse_index(data: bytes, count: int) -> np.ndarray:
     the header is checked before any row is made (a header may claim any shape)."""
     f = io.BytesIO(data)
     try:
-        major, _ = np.lib.format.read_magic(f)
-        read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran_order, dtype = read_header(f)
+        version = np.lib.format.read_magic(f)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f".npy version {version}")
+        shape, fortran_order, dtype = read_header[version](f)
     except (ValueError, SyntaxError, EOFError) as e:
         raise ShardMismatch(f"its index is not a readable .npy file ({e})") from None
     if dtype != INDEX_DTYPE or fortran_order or len(shape) != 1:
