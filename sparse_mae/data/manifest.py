@@ -83,8 +83,10 @@ def _whole(value: object, field: str, low: int = 0, high: int = MAX_BYTES) -> st
     """None if `value` is an int in [low, high] (a bool is not), else what is wrong."""
     if type(value) is not int:
         return f"{field} is {value!r}, not a whole number"
-    if not low <= value <= high:
-        return f"{field} is {value}, outside [{low}, {high}]"
+    if value < low:
+        return f"{field} is {value}, expected at least {low}"
+    if value > high:
+        return f"{field} is {value}, expected at most {high}"
     return None
 
 
