@@ -158,6 +158,10 @@ def test_damaged_shard_costs_only_its_bad_samples_counted_named_once_never_a_wro
     idx1 = np.load(out / "shard-00001.index.npy")
     idx1[1]["label"] = (idx1[1]["label"] + 1) % 8
     np.save(out / "shard-00001.index.npy", idx1)
+    # an edited index differs from the manifest's record of it, which leaves out the whole shard
+    # (below); with the manifest edited to agree, the sample's checksum, which covers its label, tells
+    recorded = (out / "manifest.json").read_text()
+    record_index_in_manifest(out, "shard-00001")
     rows2 = np.load(out / "shard-00002.index.npy")
     with open(out / "shard-00002.data", "r+b") as f:
         f.truncate(int(rows2[-1]["offset"]) + 10)
@@ -180,16 +184,33 @@ def test_damaged_shard_costs_only_its_bad_samples_counted_named_once_never_a_wro
     assert any("shard-00002 sample 7" in m and "truncated" in m for m in messages)
     assert all("img_" in m for m in messages)  # the source file is named
 
+    (out / "manifest.json").write_text(recorded)  # the manifest as prepared: shard 1's index is not its own
+    with pytest.warns(UserWarning, match="shard-00001 .*does not match the manifest's record"):
+        ds = SeededDataset(ShardSource(out, labelled=True), decode)
+    assert len(ds) == 16 and ds.source.reader.skipped_shards == ["shard-00001"]
+
+
+def record_index_in_manifest(root: Path, shard: str) -> None:
+    """Make root's manifest agree with the shard's (edited) index: its digest and the fingerprint."""
+    from sparse_mae.data.manifest import data_set_fingerprint
+    from sparse_mae.io import sha256_of
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    for record in manifest["shards"]:
+        if record["name"] == shard:
+            record["index_sha256"] = sha256_of(root / f"{shard}.index.npy")
+    manifest["fingerprint"] = data_set_fingerprint(manifest)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
 
 def test_missing_index_loses_only_that_shard_and_not_a_shard_folder_is_a_clear_error(tmp_path, labelled_src):
     out = tmp_path / "shards"
     prepare(labelled_src, out, PrepareOptions(shard_size=8))
     (out / "shard-00001.index.npy").write_bytes(b"\x93NUMPY garbage")
-    ds = SeededDataset(ShardSource(out), lambda data, seed: len(data))
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        skipped = [ds[(i, i)]["skipped"] for i in range(len(ds))]
-    assert sum(s > 0 for s in skipped) == 8 and skipped[:8] == [0] * 8 and skipped[16:] == [0] * 8
+    with pytest.warns(UserWarning, match="shard-00001 .*its 8 samples are left out"):
+        ds = SeededDataset(ShardSource(out), lambda data, seed: len(data))
+    assert len(ds) == 16 and ds.source.reader.skipped_shards == ["shard-00001"]  # left out at the open, by name
+    assert [ds[(i, i)]["skipped"] for i in range(len(ds))] == [0] * 16  # shards 0 and 2, each sample served
     with pytest.raises(FileNotFoundError, match="sparse-mae prepare src="):
         ShardReader(labelled_src)
     (tmp_path / "layout" / "train").mkdir(parents=True)
@@ -656,7 +677,7 @@ def test_a_damaged_knn_root_exits_2_before_the_first_step(tmp_path, labelled_sha
               "knn.num_train=16", "knn.num_val=8"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2, err
-    assert "shard-00001.data is missing" in err and f"{root / 'val'}" in err, err
+    assert "shard-00001.data cannot be read" in err and f"{root / 'val'}" in err, err
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 

@@ -27,6 +27,9 @@ from sparse_mae.train.rundir import RunDirectory
 from sparse_mae.train.signals import DEFAULT_STOP_SIGNALS, EXIT_INTERRUPTED, parse_signals, take_pending_signal
 
 
+FINGERPRINT_SHOWN = 16  # hex digits of the data set's fingerprint printed (64 bits: enough to tell data sets apart)
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     return compose("prepare", overrides)
 
@@ -135,7 +138,9 @@ def write_shards(cfg: DictConfig) -> dict[str, dict]:
         classes = manifest["classes"]
         print(f"{where}: {manifest['samples']} images in {len(manifest['shards'])} shards"
               + (f", {len(classes)} classes" if classes else ", no labels")
-              + (f"; {bad} unreadable file(s) skipped, listed in {os.path.join(where, 'unreadable.txt')}" if bad else ""))
+              + (f"; {bad} unreadable file(s) skipped, listed in {os.path.join(where, 'unreadable.txt')}" if bad else "")
+              # the data set's identity (its content; docs/data.md): the same wherever the folder lies
+              + f"; fingerprint {manifest['fingerprint'][:FINGERPRINT_SHOWN]}")
     if fmnist:  # the shards hold 32px images; the apps' Fashion-MNIST size is not the shards' default
         size = f"data.size={FashionMnistImages.size}"
         print(f"Fashion-MNIST at 32px, lossless: finetune / probe with finetune/data@data=shards data.root={cfg.out} "

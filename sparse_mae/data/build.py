@@ -36,7 +36,7 @@ def knn_splits(data_cfg: DictConfig, knn_cfg: DictConfig) -> tuple[SeededDataset
     or from the pretraining data's own labels. Decoded on the loader's cores whatever
     data.decode says (the monitor reads a few hundred images in the training process)."""
     if knn_cfg.root is not None:
-        from sparse_mae.data.shards import MANIFEST
+        from sparse_mae.data.manifest import MANIFEST
 
         name = "shards" if (Path(knn_cfg.root) / "train" / MANIFEST).is_file() else "imagefolder"
         bank = split_dataset(data_cfg, "train", augment=False, name=name, root=knn_cfg.root, gpu=False)

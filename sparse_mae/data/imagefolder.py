@@ -14,6 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from sparse_mae.data.dataset import DECODE_ERRORS
+from sparse_mae.data.filenames import printable_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -27,41 +28,65 @@ def _folder_id(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def walk_each_folder_once(root: Path):
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def leads_back(path: str, tree: str) -> bool:
+    """Whether `path` is a symlink to a place inside the real folder `tree` (reached there under
+    its own name already) or above it (a folder that holds the tree)."""
+    if not os.path.islink(path):
+        return False
+    real = os.path.realpath(path)
+    return _within(real, tree) or _within(tree, real)
+
+
+def walk_each_folder_once(root: Path, tree: Path | None = None):
     """os.walk that follows symlinked folders but enters each real folder once.
 
     Plain `os.walk(followlinks=True)` goes round a symlink loop (`a -> ..`) until the path
     gets too long, listing every file again on each lap. Here a folder already entered, or
-    already queued under another name, is skipped. Sub-folders are taken in name order, so
+    already queued under another name, is skipped, and so is a symlink into `tree` (the whole
+    source, `root` by default; its folders are walked under their own names, so a class
+    folder never takes another's images) or above it. Sub-folders are taken in name order, so
     which of two names for one folder is kept (the first) does not depend on the file system.
     """
+    if tree is not None and leads_back(str(root), os.path.realpath(tree)):  # a class folder that is another's
+        return
+    tree = os.path.realpath(tree if tree is not None else root)
     seen = {_folder_id(str(root))}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
         keep = []
         for name in dirnames:
-            folder = _folder_id(os.path.join(dirpath, name))
-            if folder is not None and folder not in seen:
+            path = os.path.join(dirpath, name)
+            folder = _folder_id(path)
+            if folder is not None and folder not in seen and not leads_back(path, tree):
                 seen.add(folder)
                 keep.append(name)
         dirnames[:] = keep  # os.walk descends only into what is left here
         yield dirpath, filenames
 
 
-def find_images(root: str | os.PathLike) -> tuple[list[Path], list[Path]]:
+def find_images(root: str | os.PathLike, tree: str | os.PathLike | None = None) -> tuple[list[Path], list[Path]]:
     """-> (image files sorted by path, zero-byte image files). Follows symlinked folders,
-    each real folder once, so a symlink loop neither hangs the scan nor repeats files."""
+    each real folder once, so a symlink loop neither hangs the scan nor repeats files; a
+    symlink back into `tree` (the source `root` is part of: a class folder's parent) or above
+    it is not followed, nor a symlinked image of the tree (listed under its own name)."""
     root = Path(root).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"data.root={root} does not exist; point data.root at a folder of images "
                                 f"(or use data=builtin for the built-in images)")
     if not root.is_dir():
         raise NotADirectoryError(f"data.root={root} is not a folder")
+    real_tree = os.path.realpath(tree if tree is not None else root)
     files, empty = [], []
-    for dirpath, names in walk_each_folder_once(root):
+    for dirpath, names in walk_each_folder_once(root, tree):
         for name in names:
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 p = Path(dirpath) / name
+                if leads_back(str(p), real_tree) and os.path.realpath(p).lower().endswith(IMAGE_EXTENSIONS):
+                    continue
                 try:
                     (files if p.stat().st_size > 0 else empty).append(p)
                 except OSError:  # a dangling symlink
@@ -115,7 +140,7 @@ class ImageFilesSource:
         return f"the {len(self.files)} image files under {self.root}"
 
     def name(self, i: int) -> str:
-        return f"image {self.files[i]}"
+        return f"image {printable_name(self.files[i])}"
 
     def read(self, i: int) -> tuple[Image.Image, int] | str:
         try:
@@ -144,7 +169,8 @@ def labelled_image_folder(root: str | os.PathLike, classes: list[str] | None = N
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist; data.root needs train/ and val/ sub-folders "
                                 f"of class folders (root/train/<class>/*.jpg)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    real_root = os.path.realpath(root)  # a symlink to another class folder (or above) is not a class
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not leads_back(str(p), real_root))
     defines_classes = classes is None  # the training split: each class must have images
     classes = list(classes) if classes is not None else found
     extra = sorted(set(found) - set(classes))
@@ -156,7 +182,7 @@ def labelled_image_folder(root: str | os.PathLike, classes: list[str] | None = N
     for label, name in enumerate(classes):
         if (root / name).is_dir():
             try:
-                found_files, empty = find_images(root / name)
+                found_files, empty = find_images(root / name, tree=root)
             except ValueError:  # a class folder without images
                 if defines_classes:  # a class that cannot be learnt
                     raise ValueError(

@@ -10,13 +10,20 @@ prepare` is the command (sparse_mae/apps/prepare.py). Two sources, one shard bui
   a lossless grey PNG, so shard pixels equal the idx pixels; the fine-tuning layout out/train
   (the 60,000 training images) and out/val (the 10,000 test images), labelled.
 
-A source gives its items in a fixed order with their labels (`scan`, in the main process) and
-turns one item into image bytes (`encode`, in a worker; a source object is small, so jobs
-carry it, not the images). The work is cut into shards of `shard_size` items (the plan),
-built in parallel processes. A shard is committed by renaming its files into place and
-writing its `.done.json` last; a run that is interrupted and started again with the same
-command keeps every committed shard whose files verify against its record and builds the
-rest. Items that cannot be read are listed (manifest.json, unreadable.txt) and skipped.
+A source gives its items in a fixed order with their labels (`scan`, in the main process),
+reads one item's bytes (`read`) and turns them into image bytes (`encode`, in a worker; a
+source object is small, so jobs carry it, not the images). The work is cut into shards of
+`shard_size` items (the plan, whose fingerprint covers the options and the item list: names
+and labels), built in parallel processes. Each item's bytes are hashed as they are read for
+encoding (no second pass), and each shard's record holds the SHA-256 over its items' labels
+and digests (`sources_sha256`) and over the options and its items' names and labels
+(`items_sha256`). A shard is committed by renaming its files into place and writing its
+`.done.json` last. A run started again with the same command (after an interruption, or
+later) keeps a committed shard only when its files verify against its record, the record is
+of the same items and options and its sources still hash to `sources_sha256`; it builds the rest,
+so a source file rewritten under its name has its shard built again, and a shard of another
+preparation is never kept. Items that cannot be read are listed (manifest.json,
+unreadable.txt) and skipped. File names are stored escaped (sparse_mae/data/filenames.py).
 
 Stopping: whatever exception leaves the build (a stop signal turned into one by the app, a
 full disk, a failed shard), the pool's workers are killed at once instead of finishing
@@ -44,14 +51,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sparse_mae.data import fashion_mnist
-from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, find_images, upright_rgb
-from sparse_mae.data.shards import FORMAT, INDEX_DTYPE, MANIFEST, VERSION, sample_checksum, shard_name
+from sparse_mae.data.filenames import printable_name
+from sparse_mae.data.imagefolder import IMAGE_EXTENSIONS, find_images, leads_back, upright_rgb
+from sparse_mae.data.manifest import (FORMAT, INDEX_DTYPE, MANIFEST, PLAN, VERSION, ShardMismatch, check_shard,
+                                      data_set_fingerprint, read_commit_record, read_plan, shard_name)
+from sparse_mae.data.shards import sample_checksum
 from sparse_mae.io import FALLBACK_LOCK_NAME, LOCK_NAME, TEMP_PREFIX, atomic_write_bytes, sha256_of
 
-PLAN = "prepare.json"
 LOCK_FILES = {LOCK_NAME, FALLBACK_LOCK_NAME}  # the app's lock on out: not another work's files
 FASHION_MNIST_SPLITS = {"train": "train", "val": "test"}  # shard folder -> idx split (the test split is val)
 
@@ -67,10 +76,10 @@ class PrepareOptions:
 class Scan:
     """What a source holds, listed in the main process."""
 
-    items: list  # (item, label) in shard order; `item` is what encode() and name() take (small, picklable)
+    items: list  # (item, label) in shard order; `item` is what read(), encode() and name() take (small, picklable)
     classes: list[str] | None  # class names (labelled), or None
     options: dict  # how the images are stored: the manifest's "options"
-    fingerprint: str  # changes when the source, its item list or the options change
+    fingerprint: str  # the plan's: changes when the item list (names, labels) or the options change
     skipped: list[str] = field(default_factory=list)  # "name\twhy" of items left out before encoding
 
 
@@ -80,7 +89,8 @@ def scan_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None, li
     src = Path(src).expanduser()
     if not src.is_dir():
         find_images(src)  # its clear error for a missing path or a file
-    top = sorted(p for p in src.iterdir() if p.is_dir())
+    real_src = os.path.realpath(src)  # a symlink back into the source or above it is not a class
+    top = sorted(p for p in src.iterdir() if p.is_dir() and not leads_back(str(p), real_src))
     own = [p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)]
     if not top or own:
         files, empty = find_images(src)
@@ -88,7 +98,7 @@ def scan_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None, li
     classes, samples, empty = [], [], []
     for folder in top:
         try:
-            found, zero = find_images(folder)
+            found, zero = find_images(folder, tree=src)
         except ValueError:  # a class folder without images
             continue
         classes.append(folder.name)
@@ -99,9 +109,13 @@ def scan_source(src: Path) -> tuple[list[tuple[Path, int]], list[str] | None, li
     return samples, classes, empty
 
 
-def encode(path: Path, options: PrepareOptions) -> bytes:
-    """One source file -> JPEG bytes at the bounded size (raises on an unreadable file)."""
-    with Image.open(path) as img:
+def encode(raw: bytes, options: PrepareOptions) -> bytes:
+    """One source file's bytes -> JPEG bytes at the bounded size (raises on an unreadable image)."""
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError:  # (its own message names the memory buffer, another each run)
+        raise UnidentifiedImageError("cannot identify the image format") from None
+    with img:
         if img.format == "JPEG" and options.short_side:  # DCT-scaled decode: most photos shrink anyway
             k = options.short_side / min(img.size)
             img.draft("RGB", (math.ceil(img.width * k), math.ceil(img.height * k)))
@@ -123,17 +137,26 @@ class FolderSource:
     root: Path
     options: PrepareOptions
 
+    def stored_as(self) -> dict:
+        """How the images are stored: the manifest's options."""
+        return vars(self.options)
+
     def scan(self) -> Scan:
         samples, classes, empty = scan_source(self.root)
         items = [(str(p), label) for p, label in samples]
-        fingerprint = hashlib.sha256(json.dumps([vars(self.options), items]).encode()).hexdigest()
-        return Scan(items, classes, vars(self.options), fingerprint, [f"{p}\tzero-byte file" for p in empty])
+        fingerprint = hashlib.sha256(json.dumps([self.stored_as(), items]).encode()).hexdigest()
+        return Scan(items, classes, self.stored_as(), fingerprint,
+                    [f"{printable_name(p)}\tzero-byte file" for p in empty])
 
-    def encode(self, item: str) -> bytes:
-        return encode(Path(item), self.options)
+    def read(self, item: str) -> bytes:
+        with open(item, "rb") as f:
+            return f.read()
+
+    def encode(self, item: str, raw: bytes) -> bytes:
+        return encode(raw, self.options)
 
     def name(self, item: str) -> str:
-        return item
+        return printable_name(item)
 
 
 _LOADED: dict[tuple[str, str], fashion_mnist.FashionMnist] = {}
@@ -159,18 +182,25 @@ class FashionMnistSource:
     shard_size: int
     images_file: str  # the idx file's name, for each sample's name
 
+    def stored_as(self) -> dict:
+        """How the images are stored: the manifest's options."""
+        return {"encoding": "png", "pixels": f"grey {fashion_mnist.SIDE}x{fashion_mnist.SIDE} padded with "
+                f"background to {fashion_mnist.PADDED}x{fashion_mnist.PADDED}, lossless",
+                "split": self.split, "shard_size": self.shard_size}
+
     def scan(self) -> Scan:
         data = loaded_split(self.root, self.split)
-        options = {"encoding": "png", "pixels": f"grey {fashion_mnist.SIDE}x{fashion_mnist.SIDE} padded with "
-                   f"background to {fashion_mnist.PADDED}x{fashion_mnist.PADDED}, lossless",
-                   "split": self.split, "shard_size": self.shard_size}
+        options = self.stored_as()
         content = hashlib.sha256(data.images.tobytes())
         content.update(data.labels.tobytes())  # the pixels and labels, not where the files lie
         fingerprint = hashlib.sha256(json.dumps([options, content.hexdigest()]).encode()).hexdigest()
         return Scan([(i, int(label)) for i, label in enumerate(data.labels)], list(fashion_mnist.CLASSES), options,
                     fingerprint)
 
-    def encode(self, item: int) -> bytes:
+    def read(self, item: int) -> bytes:
+        return loaded_split(self.root, self.split).images[item].tobytes()  # the pixels encode() pads
+
+    def encode(self, item: int, raw: bytes) -> bytes:
         out = io.BytesIO()
         Image.fromarray(loaded_split(self.root, self.split).padded(item), mode="L").save(out, "PNG")
         return out.getvalue()
@@ -179,17 +209,50 @@ class FashionMnistSource:
         return f"{self.images_file}[{item}]"
 
 
+class SourceDigest:
+    """SHA-256 over a shard's sources in order: each item's label and the SHA-256 of its
+    bytes, or a mark for an item whose file could not be read. One definition for the
+    build (fed as it reads) and for the check of a committed shard (which reads again)."""
+
+    UNREADABLE = bytes(32)
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def add(self, label: int, raw: bytes | None) -> None:
+        self._sha.update(int(label).to_bytes(4, "little", signed=True))
+        self._sha.update(self.UNREADABLE if raw is None else hashlib.sha256(raw).digest())
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+
+def items_sha256(samples: list[tuple[object, int]], source) -> str:
+    """What a shard is built from, by name: SHA-256 over the source's options and the shard's
+    items' names and labels (its part of the plan)."""
+    return hashlib.sha256(json.dumps([source.stored_as(), [[source.name(item), label] for item, label in samples]])
+                          .encode()).hexdigest()
+
+
 def build_shard(out: Path, index: int, samples: list[tuple[object, int]], source) -> dict:
     """Write one shard (data, index, names; then its .done.json) -> its record."""
     name = shard_name(index)
     rows, names, unreadable = [], [], []
+    sources = SourceDigest()
 
     def write_samples(f) -> None:
         for item, label in samples:
             try:
-                data = source.encode(item)
+                raw = source.read(item)
+            except OSError as e:
+                sources.add(label, None)
+                unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e.strerror or e}")
+                continue
+            sources.add(label, raw)  # hashed here, while its bytes are in memory for the encode
+            try:
+                data = source.encode(item, raw)
             except Exception as e:  # noqa: BLE001 - any failure to read a file lists it; the run goes on
-                unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {e}")
+                unreadable.append(f"{source.name(item)}\t{type(e).__name__}: {one_line(str(e))}")
                 continue
             rows.append((f.tell(), len(data), label, sample_checksum(label, data)))
             names.append(source.name(item))
@@ -201,30 +264,51 @@ def build_shard(out: Path, index: int, samples: list[tuple[object, int]], source
     atomic_write_bytes(out / f"{name}.index.npy", lambda f: np.save(f, index_rows, allow_pickle=False))
     atomic_write_bytes(out / f"{name}.names.txt", lambda f: f.write("".join(n + "\n" for n in names).encode()))
     record = {"name": name, "count": len(rows), "data_bytes": (out / f"{name}.data").stat().st_size,
-              "index_sha256": sha256_of(out / f"{name}.index.npy"), "unreadable": unreadable}
+              "index_sha256": sha256_of(out / f"{name}.index.npy"), "sources_sha256": sources.hexdigest(),
+              "items_sha256": items_sha256(samples, source), "unreadable": unreadable}
     atomic_write_bytes(out / f"{name}.done.json", lambda f: f.write(json.dumps(record).encode()))
     return record
 
 
-def committed_shard(out: Path, index: int) -> dict | None:
-    """The record of a shard built earlier whose files still verify (sizes, index digest and
-    every sample's checksum), else None (it is built again)."""
-    name = shard_name(index)
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+SOURCES_CHANGED = "its source files changed since it was built"
+OTHER_ITEMS = "it was built from other files or options (another preparation's shard)"
+
+
+def committed_shard(out: Path, index: int, samples: list[tuple[object, int]], source,
+                    classes: list[str] | None) -> tuple[dict | None, str | None]:
+    """(the record of shard `index`, built earlier, None) when it can be kept: its record is of
+    these items and options, its files verify (index digest and rows, every sample's checksum)
+    and its sources hash as they did. Else (None, why it is built again; None where it was
+    never committed or is damaged, which the summary line covers)."""
+    if not (out / f"{shard_name(index)}.done.json").exists():
+        return None, None
     try:
-        record = json.loads((out / f"{name}.done.json").read_text())
-        if (out / f"{name}.data").stat().st_size != record["data_bytes"]:
-            return None
-        if sha256_of(out / f"{name}.index.npy") != record["index_sha256"]:
-            return None
-        rows = np.load(out / f"{name}.index.npy", allow_pickle=False)
-        with open(out / f"{name}.data", "rb") as f:
+        record = read_commit_record(out, index)
+        if record["items_sha256"] != items_sha256(samples, source):
+            return None, OTHER_ITEMS
+        rows, data_size = check_shard(out, record, classes)
+        if data_size != record["data_bytes"]:
+            return None, None
+        with open(out / f"{record['name']}.data", "rb") as f:
             for row in rows:
                 f.seek(int(row["offset"]))
                 if sample_checksum(int(row["label"]), f.read(int(row["length"]))) != int(row["checksum"]):
-                    return None
-        return record
-    except (OSError, ValueError, KeyError):
-        return None
+                    return None, None
+    except (ShardMismatch, OSError):
+        return None, None
+    sources = SourceDigest()
+    for item, label in samples:  # the sources again: a file rewritten under its name shows here
+        try:
+            sources.add(label, source.read(item))
+        except OSError:
+            sources.add(label, None)
+    if sources.hexdigest() != record["sources_sha256"]:
+        return None, SOURCES_CHANGED
+    return record, None
 
 
 def _build(job):
@@ -311,8 +395,8 @@ def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int,
     plan = {"source": described, "options": scan.options, "files": len(scan.items), "fingerprint": scan.fingerprint}
     out.mkdir(parents=True, exist_ok=True)
     if (out / PLAN).exists():
-        earlier = json.loads((out / PLAN).read_text())
-        if earlier.get("fingerprint") != scan.fingerprint:
+        earlier = read_plan(out)
+        if earlier["fingerprint"] != scan.fingerprint:
             raise ValueError(f"out={out} holds shards prepared from another source, file list or options "
                              f"({earlier.get('source')}, {earlier.get('options')}); choose a new out= or delete "
                              f"that folder")
@@ -324,14 +408,18 @@ def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int,
 
     chunks = [scan.items[i:i + shard_size] for i in range(0, len(scan.items), shard_size)]
     records: dict[int, dict] = {}
+    rebuilt = False
     for i in range(len(chunks)):
-        record = committed_shard(out, i)
+        record, why = committed_shard(out, i, chunks[i], source, scan.classes)
         if record is not None:
             records[i] = record
             if update:
                 update(len(chunks[i]))
+        elif why:
+            rebuilt = True
+            log(f"{shard_name(i)} is built again: {why}")
     todo = [i for i in range(len(chunks)) if i not in records]
-    if records:
+    if records or rebuilt:
         log(f"continuing: {len(records)} of {len(chunks)} shards already built and verified, {len(todo)} to build")
     jobs = [(out, i, chunks[i], source) for i in todo]
 
@@ -363,8 +451,10 @@ def build_shards(source, scan: Scan, described: str, out: Path, shard_size: int,
         raise ValueError(f"no image of {described} could be read ({len(unreadable)} unreadable files)")
     manifest = {"format": FORMAT, "version": VERSION, "complete": True, "source": described,
                 "options": scan.options, "classes": scan.classes, "samples": sum(s["count"] for s in shards),
-                "shards": [{k: s[k] for k in ("name", "count", "data_bytes", "index_sha256")} for s in shards],
+                "shards": [{k: s[k] for k in ("name", "count", "data_bytes", "index_sha256", "sources_sha256")}
+                           for s in shards],
                 "unreadable": unreadable}
+    manifest["fingerprint"] = data_set_fingerprint(manifest)
     atomic_write_bytes(out / "unreadable.txt", lambda f: f.write("".join(u + "\n" for u in unreadable).encode()))
     atomic_write_bytes(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     return manifest
@@ -379,7 +469,7 @@ def prepare(src: str | os.PathLike, out: str | os.PathLike, options: PrepareOpti
     source = FolderSource(src, options)
     scan = source.scan()
     update = progress(len(scan.items)) if progress else None
-    return build_shards(source, scan, str(src), out, options.shard_size, workers, update, log)
+    return build_shards(source, scan, printable_name(src), out, options.shard_size, workers, update, log)
 
 
 IDX_NAMES = {fashion_mnist.idx_name(split, what) for split in fashion_mnist.SPLITS for what in ("images", "labels")}
@@ -404,7 +494,7 @@ def prepare_fashion_mnist(src: str | os.PathLike, out: str | os.PathLike, option
     for split in FASHION_MNIST_SPLITS.values():  # all four files, else the error that names the fix
         for what in ("images", "labels"):
             fashion_mnist.idx_path(src, split, what)
-    besides = sorted(p.name for p in src.iterdir()
+    besides = sorted(printable_name(p.name) for p in src.iterdir()
                      if p.is_dir() or (p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS)))
     if besides:
         raise ValueError(f"src={src} holds the Fashion-MNIST idx files and also images or folders "
@@ -422,8 +512,8 @@ def prepare_fashion_mnist(src: str | os.PathLike, out: str | os.PathLike, option
     try:
         for folder, source in sources.items():
             scan = source.scan()
-            manifests[folder] = build_shards(source, scan, f"{src} (Fashion-MNIST {source.split} split)",
-                                             out / folder, options.shard_size, workers, update,
+            described = f"{printable_name(src)} (Fashion-MNIST {source.split} split)"
+            manifests[folder] = build_shards(source, scan, described, out / folder, options.shard_size, workers, update,
                                              lambda message, folder=folder: log(f"{folder}: {message}"))
     finally:
         _LOADED.clear()  # 47 MB no longer needed in this process

@@ -4,13 +4,15 @@ Written by `sparse-mae prepare` (sparse_mae/apps/prepare.py), read by `data=shar
 folder holds:
 
 - `manifest.json`: format and version, the prepare options, the class names (labelled data)
-  or null, and per shard its name, sample count, data size and the SHA-256 of its index;
+  or null, per shard its name, sample count, data size, the SHA-256 of its index and of its
+  sources, and the data set's fingerprint (its records, their checks and the identity:
+  sparse_mae/data/manifest.py);
 - `shard-NNNNN.data`: the samples' image bytes, one after the other (JPEG from image folders;
   lossless grey PNG from the Fashion-MNIST idx files: the manifest's options.encoding);
 - `shard-NNNNN.index.npy`: one row per sample: byte offset and length in the data file, the
   label (-1 unlabelled) and a 64-bit BLAKE2b checksum of (label, image bytes);
-- `shard-NNNNN.names.txt`: each sample's source (file path, or idx file[index]), read only to name a
-  damaged sample.
+- `shard-NNNNN.names.txt`: each sample's source (file path, or idx file[index]), one escaped
+  name a line (sparse_mae/data/filenames.py), read only to name a damaged sample.
 
 Why a format of our own (measured in docs/data.md): the reader needs random access by
 sample index (so the per-sample seeds, the resumable sampler, DDP sharding and the bit-exact
@@ -18,30 +20,29 @@ resume work unchanged) and a per-sample checksum (so a damaged shard costs only 
 samples and never serves a wrong image or label). Tar-based indexes (webdataset's `wids`)
 have random access but only tar-header checksums, nothing over the contents.
 
-A shard whose files are missing or shorter than its index says is refused when the split is
-opened (`ShardSource.check`, before the first step). A sample whose checksum does not match
-(flipped byte, damaged index), whose bytes are out of the data file (cut short while the run
-reads it) or that fails to decode is skipped, replaced and counted by the one damaged-sample
-policy of sparse_mae.data.dataset.
+Opening a folder checks its manifest (a fault refuses the folder, exit 2) and each shard's
+index against the manifest's record of it: a shard whose index differs (another
+preparation's, edited, damaged, missing) is left out by the reader, named in a warning, never
+read; a run refuses such a split at start-up (`ShardSource.check`, before the first step), as
+it does a shard whose data file is missing or shorter than its index says. A sample whose
+checksum does not match (flipped byte, index rows forged to match the manifest), whose bytes
+are out of the data file (cut short while the run reads it) or that fails to decode is
+skipped, replaced and counted by the one damaged-sample policy of sparse_mae.data.dataset.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import warnings
 from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
 
-FORMAT = "sparse-mae-shards"
-VERSION = 1
-MANIFEST = "manifest.json"
-INDEX_DTYPE = np.dtype([("offset", "<u8"), ("length", "<u4"), ("label", "<i4"), ("checksum", "<u8")])
+from sparse_mae.data.manifest import ManifestError, ShardMismatch, check_shard, prepare_again, read_manifest
 
 
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}"
+NEWLINE = b"\n"
 
 
 def sample_checksum(label: int, data: bytes | memoryview) -> int:
@@ -51,57 +52,38 @@ def sample_checksum(label: int, data: bytes | memoryview) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def read_manifest(root: str | os.PathLike) -> dict:
-    root = Path(root).expanduser()
-    path = root / MANIFEST
-    if not path.is_file() and (root / "prepare.json").is_file():
-        raise ValueError(f"{root} is an unfinished `sparse-mae prepare` (interrupted?): continue it with the "
-                         f"same command, then train")
-    if not path.is_file() and (root / "train" / MANIFEST).is_file():
-        raise FileNotFoundError(f"data.root={root} holds train/ and val/ shard folders (the fine-tuning layout); "
-                                f"pretraining reads one of them: data.root={root / 'train'}")
-    if not path.is_file():
-        hint = (f"; it is an image folder: use data=imagefolder, or turn it into shards with "
-                f"`sparse-mae prepare src={root} out=<shard folder>`" if root.is_dir() else "")
-        raise FileNotFoundError(f"data.root={root} has no {MANIFEST}: not a shard folder written by "
-                                f"`sparse-mae prepare`{hint}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); run `sparse-mae prepare` again with out={root} "
-                         f"(completed shards are kept)") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} manifest (format {manifest.get('format')!r}, "
-                         f"version {manifest.get('version')!r}); prepare it again with this version")
-    if not manifest.get("complete"):
-        raise ValueError(f"{root} is an unfinished `sparse-mae prepare` (interrupted?): continue it with "
-                         f"the same command, then train")
-    return manifest
-
-
-def load_index(path: Path, count: int) -> np.ndarray | None:
-    """The index rows of one shard, or None when the file is missing or not `count` rows."""
-    try:
-        rows = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return None
-    if rows.dtype != INDEX_DTYPE or rows.shape != (count,):
-        return None
-    return rows
-
-
 class ShardReader:
     """Random access to the samples of a shard folder: `read(i)` -> (label, image bytes) or an
     error string. Files are opened lazily, once per process (DataLoader workers included)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root).expanduser()
-        self.manifest = read_manifest(self.root)
-        self.shards = [s["name"] for s in self.manifest["shards"]]
-        counts = [int(s["count"]) for s in self.manifest["shards"]]
-        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.classes: list[str] | None = self.manifest.get("classes")
-        self.indexes = [load_index(self.root / f"{n}.index.npy", c) for n, c in zip(self.shards, counts)]
+        self.manifest = read_manifest(self.root)  # checked: types, ranges, inner agreement
+        self.classes: list[str] | None = self.manifest["classes"]
+        # each shard against the manifest's record of it; one that disagrees is left out by name
+        self.shards, self.indexes, self.data_sizes, self.skipped_shards = [], [], [], []
+        self.skipped_why: dict[str, str] = {}  # a left-out shard's name -> why
+        for record in self.manifest["shards"]:
+            try:
+                rows, data_size = check_shard(self.root, record, self.classes)
+            except ShardMismatch as why:
+                self.skipped_shards.append(record["name"])
+                self.skipped_why[record["name"]] = str(why)
+                warnings.warn(f"{record['name']} of {self.root}: {why}; its {record['count']} samples are left "
+                              f"out. To use them, {prepare_again(self.root, self.manifest['source'])}",
+                              stacklevel=2)
+                continue
+            if data_size != record["data_bytes"]:
+                warnings.warn(f"{record['name']}.data of {self.root} is {data_size} bytes, its record says "
+                              f"{record['data_bytes']} (truncated or replaced): its samples are checked one by "
+                              f"one as they are read", stacklevel=2)
+            self.shards.append(record["name"])
+            self.indexes.append(rows)
+            self.data_sizes.append(data_size)
+        if not self.shards:
+            raise ManifestError(f"no shard of {self.root} matches its manifest (each is named above); "
+                                f"{prepare_again(self.root, self.manifest['source'])}")
+        self.starts = np.concatenate([[0], np.cumsum([len(rows) for rows in self.indexes])]).astype(np.int64)
         self._files: dict[int, object] = {}
         self._pid = os.getpid()
 
@@ -113,13 +95,15 @@ class ShardReader:
         return shard, i - int(self.starts[shard])
 
     def name(self, i: int) -> str:
+        """Sample i as `shard-NNNNN sample K (its source)`: names.txt holds one escaped name a line
+        (sparse_mae/data/filenames.py), so a name never spans two lines."""
         shard, local = self.locate(i)
         where = f"{self.shards[shard]} sample {local}"
         try:
-            with open(self.root / f"{self.shards[shard]}.names.txt", encoding="utf-8") as f:
+            with open(self.root / f"{self.shards[shard]}.names.txt", "rb") as f:
                 for n, line in enumerate(f):
                     if n == local:
-                        return f"{where} ({line.rstrip(chr(10))})"
+                        return f"{where} ({line.rstrip(NEWLINE).decode('utf-8', 'backslashreplace')})"
         except OSError:
             pass
         return where
@@ -135,13 +119,10 @@ class ShardReader:
     def read(self, i: int) -> tuple[int, bytes] | str:
         """-> (label, bytes), or why sample i cannot be used."""
         shard, local = self.locate(i)
-        rows = self.indexes[shard]
-        if rows is None:
-            return f"the index {self.shards[shard]}.index.npy is missing or damaged"
-        row = rows[local]
+        row = self.indexes[shard][local]
         offset, length, label = int(row["offset"]), int(row["length"]), int(row["label"])
-        try:
-            data = os.pread(self._file(shard).fileno(), length, offset)
+        try:  # never more than the data file held when it was opened, whatever the row says
+            data = os.pread(self._file(shard).fileno(), min(length, max(0, self.data_sizes[shard] - offset)), offset)
         except OSError as e:
             return f"{type(e).__name__}: {e}"
         if len(data) != length:
@@ -204,21 +185,15 @@ class ShardSource:
         return data, (int(self.label_map[label]) if self.label_map is not None else -1)
 
     def check(self) -> None:
-        """Every shard's files there and as long as its index says: a missing or cut-short file
-        is a copy that did not finish, refused at start-up rather than met at the first
-        evaluation. (Damaged bytes inside a file are found when read: skipped and counted.)"""
-        root, problems = self.reader.root, []
-        for shard, (name, rows) in enumerate(zip(self.reader.shards, self.reader.indexes)):
-            count = int(self.reader.starts[shard + 1] - self.reader.starts[shard])
-            if rows is None:
-                problems.append(f"{name}.index.npy is missing or damaged")
-                continue
-            needed = int((rows["offset"] + rows["length"]).max()) if count else 0
-            try:
-                size = (root / f"{name}.data").stat().st_size
-            except OSError:
-                problems.append(f"{name}.data is missing")
-                continue
+        """Every shard the manifest lists there, matching its record, and its data file as long
+        as its index says: a shard left out (missing, another preparation's, damaged index) or
+        a cut-short file is a copy that did not finish, refused at start-up rather than met at
+        the first evaluation. (Damaged bytes inside a file are found when read: skipped and
+        counted.)"""
+        root = self.reader.root
+        problems = [f"{name} is left out: {why}" for name, why in self.reader.skipped_why.items()]
+        for name, rows, size in zip(self.reader.shards, self.reader.indexes, self.reader.data_sizes):
+            needed = int((rows["offset"] + rows["length"]).max()) if len(rows) else 0
             if size < needed:
                 problems.append(f"{name}.data is cut short ({size} of {needed} bytes)")
         if problems:
