@@ -45,7 +45,7 @@ def test_blocks_start_as_identity_branches():
     model = build_resnet("resnet_debug")
     for m in model.modules():
         if isinstance(m, (BasicBlock, Bottleneck)):
-            assert torch.count_nonzero(m.last_bn().weight) == 0
+            assert torch.count_nonzero(m.branch()[-1][1].weight) == 0
 
 
 @pytest.mark.parametrize("variant", ["resnet_debug", "resnet18"])

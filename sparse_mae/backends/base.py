@@ -1,9 +1,20 @@
 """The one small interface every encoder backend implements.
 
 A backend owns no parameters and no architecture facts (those are the model's, in
-sparse_mae/models/geometry.py; FCMAE is handed a backend object). It runs the forward of
-a dense `ConvNeXtV2` encoder (the canonical parameter layout) over the visible patches
-only, so a checkpoint from any backend loads into any other by construction.
+sparse_mae/models/geometry.py and models/resnet.py; FCMAE and SparK are handed a backend
+object). It runs the forward of a dense encoder (the canonical parameter layout) over the
+visible patches only, so a checkpoint from any backend loads into any other by
+construction. Two entry points, one per kind of pretraining model:
+
+- `encode(convnext, imgs, mask)`: FCMAE's ConvNeXt V2, the last stage's features only.
+- `encode_stages(resnet, imgs, mask)`: SparK's ResNet, the features of every stage (its
+  hierarchical decoder reads all four), each exactly zero at removed sites. BatchNorm
+  normalises over the visible sites of the whole batch (SparK's sparse BN) through
+  `batch_norm_rows`, the one place that touches a BatchNorm module, so SyncBatchNorm
+  (`nn.SyncBatchNorm.convert_sync_batchnorm(encoder)`) synchronises the visible-site
+  statistics over DDP processes in every backend.
+
+A backend that cannot run an encoder raises NotImplementedError naming the ones that can.
 """
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
+    from sparse_mae.models.resnet import ResNet
 
 # The geometry every backend shares (PATCH, STAGE_UPSAMPLE, ...) is the model's:
 # sparse_mae/models/geometry.py. The backends import the models, never the reverse.
@@ -43,6 +55,19 @@ class EncoderBackend:
         """
         raise NotImplementedError
 
+    def encode_stages(self, encoder: "ResNet", imgs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Run a ResNet encoder over the visible patches, keeping every stage.
+
+        imgs: (N, C_in, H, W), H and W multiples of 32.
+        mask: (N, H/32, W/32), 1 = removed, 0 = visible; every sample keeps >= 1 patch.
+        returns: layer1..4's outputs, [(N, encoder.stage_dims[i], H/s_i, W/s_i)] for the stage
+        grids s_i = geometry.STAGE_STRIDES = (4, 8, 16, 32), each exactly zero at removed sites.
+        In training mode the encoder's BatchNorms use (and update their running statistics
+        with) the visible sites only; in eval mode their running statistics.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not run ResNet encoders; "
+                                  f"use backend=dense_masked or backend=native")
+
     def decode_blocks(self, blocks: "Sequence[Block]", x: torch.Tensor) -> torch.Tensor:
         """Run the FCMAE decoder's ConvNeXt blocks over every site: (N, C, h, w) -> same.
         Dense work, the same numbers in every backend; by default the blocks' own forward,
@@ -70,3 +95,11 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return mask
     return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def batch_norm_rows(bn: torch.nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> torch.Tensor:
+    """A BatchNorm module over packed rows (M, C), one row per visible site: statistics over
+    the M rows (SparK's sparse BN). The module's own forward runs, on the (M, C, 1, 1) view
+    (no copy; a BatchNorm2d takes 4-d input), so its training / eval mode, momentum,
+    running-statistics update and SyncBatchNorm's all-reduce are torch's own."""
+    return bn(rows.view(*rows.shape, 1, 1)).view(rows.shape)

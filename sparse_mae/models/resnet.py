@@ -78,8 +78,10 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(in_chs, out_chs, stride)
         self.stride = stride
 
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn2
+    def branch(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU]]:
+        """(conv, BN, ReLU) of the residual branch in order, for the sparse backends; the
+        last ReLU follows the sum with the shortcut."""
+        return [(self.conv1, self.bn1, self.act1), (self.conv2, self.bn2, self.act2)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -108,8 +110,10 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(in_chs, out_chs, stride)
         self.stride = stride
 
-    def last_bn(self) -> nn.BatchNorm2d:
-        return self.bn3
+    def branch(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU]]:
+        """(conv, BN, ReLU) of the residual branch in order, for the sparse backends; the
+        last ReLU follows the sum with the shortcut."""
+        return [(self.conv1, self.bn1, self.act1), (self.conv2, self.bn2, self.act2), (self.conv3, self.bn3, self.act3)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -197,7 +201,7 @@ class ResNet(nn.Module):
         if zero_init_last:
             for m in self.modules():
                 if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_(m.last_bn().weight)
+                    nn.init.zeros_(m.branch()[-1][1].weight)
 
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """(N, in_chans, H, W) -> (N, stem_width, H/4, W/4)."""
