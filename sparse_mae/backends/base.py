@@ -10,9 +10,9 @@ construction. Two entry points, one per kind of pretraining model:
 - `encode_stages(resnet, imgs, mask)`: SparK's ResNet, the features of every stage (its
   hierarchical decoder reads all four), each exactly zero at removed sites. BatchNorm
   normalises over the visible sites of the whole batch (SparK's sparse BN) through
-  `batch_norm_rows`, the one place that touches a BatchNorm module, so SyncBatchNorm
-  (`nn.SyncBatchNorm.convert_sync_batchnorm(encoder)`) synchronises the visible-site
-  statistics over DDP processes in every backend.
+  sparse_mae/models/sparse_norm.py, the one place that runs a BatchNorm on sparse
+  features, so SyncBatchNorm (`nn.SyncBatchNorm.convert_sync_batchnorm(encoder)`)
+  synchronises the visible-site statistics over DDP processes in every backend.
 
 A backend that cannot run an encoder raises NotImplementedError naming the ones that can.
 """
@@ -96,10 +96,3 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
         return mask
     return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
 
-
-def batch_norm_rows(bn: torch.nn.modules.batchnorm._BatchNorm, rows: torch.Tensor) -> torch.Tensor:
-    """A BatchNorm module over packed rows (M, C), one row per visible site: statistics over
-    the M rows (SparK's sparse BN). The module's own forward runs, on the (M, C, 1, 1) view
-    (no copy; a BatchNorm2d takes 4-d input), so its training / eval mode, momentum,
-    running-statistics update and SyncBatchNorm's all-reduce are torch's own."""
-    return bn(rows.view(*rows.shape, 1, 1)).view(rows.shape)

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from sparse_mae.backends.base import EncoderBackend, batch_norm_rows, upsample_mask
+from sparse_mae.backends.base import EncoderBackend, upsample_mask
 from sparse_mae.models.geometry import PATCH, STAGE_UPSAMPLE
+from sparse_mae.models.sparse_norm import visible_batch_norm
 
 if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
@@ -101,13 +102,8 @@ class KeepMaps:
 
 
 def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, keeps: KeepMaps) -> torch.Tensor:
-    """SparK's SparseBatchNorm2d: the visible sites as rows, BatchNorm over them, zeros elsewhere."""
-    visible = keeps[x.shape[-2]][:, 0].bool()  # (N, h, w)
-    nhwc = x.permute(0, 2, 3, 1)
-    rows = batch_norm_rows(bn, nhwc[visible])
-    out = rows.new_zeros(*nhwc.shape[:3], rows.shape[1])
-    out[visible] = rows
-    return out.permute(0, 3, 1, 2)
+    """SparK's SparseBatchNorm2d: BatchNorm over the visible sites, zeros elsewhere."""
+    return visible_batch_norm(bn, x, keeps[x.shape[-2]][:, 0].bool())
 
 
 def masked_max_pool(pool: nn.MaxPool2d, x: torch.Tensor, keeps: KeepMaps) -> torch.Tensor:

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from sparse_mae.backends.base import batch_norm_rows
 from sparse_mae.backends.native.layout import SparseLayout
 from sparse_mae.models.geometry import PATCH
+from sparse_mae.models.sparse_norm import batch_norm_rows
 
 if TYPE_CHECKING:
     from sparse_mae.models.resnet import ResNet
