@@ -28,6 +28,12 @@ def model_name(family: str, variant: str) -> str:
     return variant if family == "resnet" else f"{family}_{variant}"
 
 
+def pretraining_model_name(variant: str) -> str:
+    """The pretraining model of an encoder variant: 'atto' -> 'fcmae_convnextv2_atto' (FCMAE),
+    'resnet50' -> 'spark_resnet50' (SparK)."""
+    return model_name("spark" if variant in RESNET_VARIANTS else "fcmae_convnextv2", variant)
+
+
 def list_models() -> list[str]:
     return [model_name(family, v) for family, (_, variants) in FAMILIES.items() for v in variants]
 
@@ -43,4 +49,4 @@ def parse_model_name(name: str) -> tuple[str, str]:
 
 
 __all__ = ["ConvNeXtV2", "FAMILIES", "FCMAE", "PRETRAINING_FAMILIES", "RESNET_VARIANTS", "ResNet", "SparK",
-           "VARIANTS", "list_models", "model_name", "parse_model_name"]
+           "VARIANTS", "list_models", "model_name", "parse_model_name", "pretraining_model_name"]

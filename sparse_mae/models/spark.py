@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # type hints only: the backends sit above the models
     from sparse_mae.backends.base import EncoderBackend
 
 UPSAMPLE_BLOCKS = round(math.log2(PATCH))  # the decoder doubles the resolution from /32 back to /1: 5 blocks
+DECODER_WIDTH_MULTIPLE = 2**UPSAMPLE_BLOCKS  # its width halves at every block
 
 
 class UNetBlock(nn.Module):
@@ -54,8 +55,8 @@ class LightDecoder(nn.Module):
 
     def __init__(self, width: int, out_chans: int):
         super().__init__()
-        if width % 2**UPSAMPLE_BLOCKS:
-            raise ValueError(f"decoder_dim={width} must be a multiple of {2 ** UPSAMPLE_BLOCKS}: the decoder halves "
+        if width % DECODER_WIDTH_MULTIPLE:
+            raise ValueError(f"decoder_dim={width} must be a multiple of {DECODER_WIDTH_MULTIPLE}: the decoder halves "
                              f"it {UPSAMPLE_BLOCKS} times (SparK: 512)")
         self.width = width
         widths = [width // 2**i for i in range(UPSAMPLE_BLOCKS + 1)]
