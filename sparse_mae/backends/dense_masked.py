@@ -4,8 +4,7 @@ spatial op and every GRN. With patch-aligned masks it equals a true sparse encod
 
 ResNets run SparK's way (arXiv 2301.03580, its encoder.py): the masked pixels are zeroed,
 every conv's output is re-masked, BatchNorm normalises the visible sites only, and the
-max-pool takes the maximum over visible sites (docs/design.md, "ResNet on the sparse
-engine")."""
+max-pool takes the maximum over visible sites (docs/design.md section 7)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -108,7 +107,7 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, keep
 
 def masked_max_pool(pool: nn.MaxPool2d, x: torch.Tensor, keeps: KeepMaps) -> torch.Tensor:
     """Max over the visible sites of each window (removed sites count as -inf, not 0), zero at
-    removed outputs. Every visible output's window holds a visible site (docs/design.md)."""
+    removed outputs. Every visible output's window holds a visible site (docs/design.md section 7)."""
     visible = keeps[x.shape[-2]].bool()
     y = pool(x.masked_fill(~visible, float("-inf")))
     return y.masked_fill(~keeps[y.shape[-2]].bool(), 0.0)

@@ -4,7 +4,7 @@ packed rows, one row per visible site, so the work is the visible fraction of th
 Rows at a grid with s sites per patch side are packed (patch, y, x) as in layout.py, patches
 sample-major; the pixels are the grid s = 32, conv1's output s = 16, the max-pool's and
 layer1's s = 8, down to layer4's s = 1. Each op maps the visible sites of one grid to the
-visible sites of the next (docs/design.md, "ResNet on the sparse engine"):
+visible sites of the next (docs/design.md section 7):
 
 - 1x1 stride-1 convs: a matmul on the rows.
 - every other conv (conv1's 7x7/2 on the pixels, the 3x3s, the strided 3x3 and the 1x1/2
