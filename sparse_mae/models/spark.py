@@ -6,9 +6,9 @@ patchify -> random_masking -> forward_encoder (any backend: the sparse ResNet's 
 -> densify (sparse BN, mask tokens, projections) -> forward_decoder (the light UNet decoder)
 -> forward_loss. Mask convention as FCMAE's: (N, L), 1 = removed, 0 = kept, L = (H/f)(W/f).
 
-The encoder runs on a backend object (`EncoderBackend.encode_stages`, docs/design.md section 7);
-the model imports no
-backend. The decoder is dense and runs here, in torch ops, the same on every backend.
+The encoder runs on a backend object (`EncoderBackend.encode_stages`, docs/design.md
+section 7); the model imports no backend. The decoder is dense and runs here, in torch ops,
+the same on every backend.
 
 Parameter names follow SparK's own (so its checkpoints map by prefix): `encoder.*` (the
 timm ResNet layout without `fc`), `densify_norms.{i}`, `mask_tokens.{i}`,
