@@ -13,6 +13,7 @@ from sparse_mae.backends import get_backend
 from sparse_mae.backends.native.resnet import ResNetLayout, rows_gather_conv
 from sparse_mae.models.geometry import PATCH, STAGE_STRIDES
 from sparse_mae.models.resnet import build_resnet
+from sparse_mae.models.sparse_norm import convert_sync_batchnorm
 from tests.equivalence import BF16_GRAD_NORM_RTOL, relative_norm
 from tests.spark_reference import reference_stages
 
@@ -122,10 +123,13 @@ def test_backends_agree_under_bf16_autocast(variant):
             assert bool(torch.isfinite(got[1][k]).all()), f"{backend} grad {k} is not finite"
 
 
-def test_sync_batch_norm_encoder_runs_on_both_backends():
-    """SyncBatchNorm (convert_sync_batchnorm) goes through the same row BatchNorm; without a
-    process group it is a BatchNorm over the visible sites, the reference's numbers."""
-    enc = nn.SyncBatchNorm.convert_sync_batchnorm(encoder_with_random_norms("resnet_debug"))
+@pytest.mark.parametrize("convert", [nn.SyncBatchNorm.convert_sync_batchnorm, convert_sync_batchnorm],
+                         ids=["torch", "ours"])
+def test_sync_batch_norm_encoder_runs_on_both_backends(convert):
+    """A SyncBatchNorm goes through the same row BatchNorm; without a process group it is a
+    BatchNorm over the visible sites, the reference's numbers (the all-reduce:
+    tests/test_sparse_norm.py)."""
+    enc = convert(encoder_with_random_norms("resnet_debug"))
     imgs = torch.randn(2, 3, 64, 64)
     mask = random_mask(2, 2, 2, 0.5, seed=3)
     ref = reference_stages(dict(enc.named_parameters()), dict(copy.deepcopy(enc).named_buffers()), imgs, mask)

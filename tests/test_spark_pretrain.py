@@ -68,3 +68,30 @@ def test_settings_spark_lacks_are_clear_errors(override, message, tmp_path):
     overrides = debug_overrides(tmp_path, model="resnet_debug", backend="dense_masked") + [override]
     with pytest.raises(ConfigError, match=message):
         run_pretrain(compose_config(overrides))
+
+
+def test_two_processes_with_sync_bn_normalise_over_the_global_batch(tmp_path):
+    """torchrun, 2 CPU processes (gloo) of batch 4 against one process of batch 8: with
+    model.sync_bn every BatchNorm (encoder, densify, decoder) sees the global batch, so the
+    first loss and every running statistic agree (without it each process normalises its own
+    half: running variances 0.4 apart, measured). The weights are not compared: Adam turns the
+    rounding of near-zero gradients into lr-sized steps either way."""
+    from tests.test_pretrain import read_metrics
+    from tests.test_pretrain_distributed import torchrun_standalone
+
+    steps = 2
+    one = run(tmp_path / "one", max_steps=steps, batch_size=8)
+    out = tmp_path / "two"
+    extra = {"model": "resnet_debug", "model.decoder_dim": 64, "backend": "native"}
+    proc = torchrun_standalone(debug_overrides(out, max_steps=steps, batch_size=4, **extra), tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "cpu x 2" in proc.stderr
+    two_state = load_checkpoint(out / "checkpoints" / f"step-{steps:08d}.pt")["model"]
+    one_state = load_checkpoint(one.checkpoint)["model"]
+    buffers = [k for k in one_state if ".running_" in k]
+    assert len(buffers) > 20
+    for key in buffers:
+        torch.testing.assert_close(two_state[key], one_state[key], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, key=key: f"{key}: {m}")
+    first = [read_metrics(path)[0]["loss"] for path in (out / "metrics.jsonl", one.metrics)]
+    assert first[0] == pytest.approx(first[1], rel=1e-5)

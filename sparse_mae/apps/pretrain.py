@@ -21,6 +21,7 @@ from sparse_mae.data.gpu_decode import collate, decode_batch
 from sparse_mae.data.transforms import model_input
 from sparse_mae.build import create_model
 from sparse_mae.models import pretraining_model_name
+from sparse_mae.models.sparse_norm import convert_sync_batchnorm
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
@@ -58,7 +59,7 @@ class PretrainTask(TrainTask):
             self.model = create_model(self.model_name, backend=self.backend, norm_pix_loss=cfg.model.norm_pix_loss,
                                       decoder_dim=cfg.model.decoder_dim).to(di.device)
             if cfg.model.sync_bn and di.enabled:  # BN statistics over the global batch's visible sites
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+                convert_sync_batchnorm(self.model)
         else:
             self.model = create_model(
                 self.model_name, backend=self.backend,

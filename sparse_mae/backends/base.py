@@ -11,7 +11,7 @@ construction. Two entry points, one per kind of pretraining model:
   hierarchical decoder reads all four), each exactly zero at removed sites. BatchNorm
   normalises over the visible sites of the whole batch (SparK's sparse BN) through
   sparse_mae/models/sparse_norm.py, the one place that runs a BatchNorm on sparse
-  features, so SyncBatchNorm (`nn.SyncBatchNorm.convert_sync_batchnorm(encoder)`)
+  features, so a SyncBatchNorm (its `convert_sync_batchnorm`, or torch's on GPUs)
   synchronises the visible-site statistics over DDP processes in every backend.
 
 A backend that cannot run an encoder raises NotImplementedError naming the ones that can.
