@@ -95,4 +95,3 @@ def upsample_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return mask
     return mask.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
-
