@@ -1,6 +1,7 @@
-"""`sparse-mae pretrain [hydra overrides]`: FCMAE pretraining (schema: config.apps.PretrainConfig).
+"""`sparse-mae pretrain [hydra overrides]`: FCMAE pretraining of ConvNeXt V2 and SparK pretraining
+of ResNets (`model=resnet50`); schema: config.apps.PretrainConfig.
 
-The app is the FCMAE loss on masked images and the reconstruction picture; the step loop,
+The app is the masked-reconstruction loss and the reconstruction picture; the step loop,
 checkpoints, resume and the non-finite policy are sparse_mae.train's engine. Every
 sample's crop, flip and mask come from its own seed (train.sampler), so a resumed run, or
 a run on more processes with the same global batch, sees exactly the same data.
@@ -18,6 +19,8 @@ from sparse_mae.backends import resolve_backend
 from sparse_mae.data.build import pretrain_dataset
 from sparse_mae.data.loader import to_model
 from sparse_mae.build import create_model
+from sparse_mae.models import pretraining_model_name
+from sparse_mae.models.sparse_norm import convert_sync_batchnorm
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
 from sparse_mae.train.distributed import DistInfo
@@ -50,11 +53,18 @@ class PretrainTask(TrainTask):
     def __init__(self, cfg: DictConfig, di: DistInfo):
         self.cfg, self.device, self.is_main = cfg, di.device, di.is_main
         self.backend = resolve_backend(cfg.backend.name)
-        self.model = create_model(
-            f"fcmae_convnextv2_{cfg.model.variant}", backend=self.backend,
-            norm_pix_loss=cfg.model.norm_pix_loss, decoder_dim=cfg.model.decoder_dim,
-            decoder_depth=cfg.model.decoder_depth, drop_path_rate=cfg.model.drop_path_rate,
-        ).to(di.device)
+        self.model_name = pretraining_model_name(str(cfg.model.variant))
+        if self.model_name.startswith("spark_"):
+            self.model = create_model(self.model_name, backend=self.backend, norm_pix_loss=cfg.model.norm_pix_loss,
+                                      decoder_dim=cfg.model.decoder_dim).to(di.device)
+            if cfg.model.sync_bn and di.enabled:  # BN statistics over the global batch's visible sites
+                convert_sync_batchnorm(self.model)
+        else:
+            self.model = create_model(
+                self.model_name, backend=self.backend,
+                norm_pix_loss=cfg.model.norm_pix_loss, decoder_dim=cfg.model.decoder_dim,
+                decoder_depth=cfg.model.decoder_depth, drop_path_rate=cfg.model.drop_path_rate,
+            ).to(di.device)
         self.amp = resolve_amp(cfg.amp, di.device, self.model.backend.autocast_devices, f"backend {self.backend}")
         self.dataset = pretrain_dataset(cfg.data)
         self.num_patches = (cfg.data.size // PATCH) ** 2
@@ -68,7 +78,7 @@ class PretrainTask(TrainTask):
 
     def describe(self) -> str:
         empty = len(getattr(self.dataset, "empty_files", []))
-        return (f"fcmae_convnextv2_{self.cfg.model.variant}, backend {self.backend}, {self.cfg.data.size}px"
+        return (f"{self.model_name}, backend {self.backend}, {self.cfg.data.size}px"
                 + (f", {empty} zero-byte image file(s) set aside" if empty else "")
                 + (f", {self.knn.describe()}" if self.knn is not None else ""))
 

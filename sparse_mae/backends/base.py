@@ -1,9 +1,20 @@
 """The one small interface every encoder backend implements.
 
 A backend owns no parameters and no architecture facts (those are the model's, in
-sparse_mae/models/geometry.py; FCMAE is handed a backend object). It runs the forward of
-a dense `ConvNeXtV2` encoder (the canonical parameter layout) over the visible patches
-only, so a checkpoint from any backend loads into any other by construction.
+sparse_mae/models/geometry.py and models/resnet.py; FCMAE and SparK are handed a backend
+object). It runs the forward of a dense encoder (the canonical parameter layout) over the
+visible patches only, so a checkpoint from any backend loads into any other by
+construction. Two entry points, one per kind of pretraining model:
+
+- `encode(convnext, imgs, mask)`: FCMAE's ConvNeXt V2, the last stage's features only.
+- `encode_stages(resnet, imgs, mask)`: SparK's ResNet, the features of every stage (its
+  hierarchical decoder reads all four), each exactly zero at removed sites. BatchNorm
+  normalises over the visible sites of the whole batch (SparK's sparse BN) through
+  sparse_mae/models/sparse_norm.py, the one place that runs a BatchNorm on sparse
+  features, so a SyncBatchNorm (its `convert_sync_batchnorm`, or torch's on GPUs)
+  synchronises the visible-site statistics over DDP processes in every backend.
+
+A backend that cannot run an encoder raises NotImplementedError naming the ones that can.
 """
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
+    from sparse_mae.models.resnet import ResNet
 
 # The geometry every backend shares (PATCH, STAGE_UPSAMPLE, ...) is the model's:
 # sparse_mae/models/geometry.py. The backends import the models, never the reverse.
@@ -42,6 +54,19 @@ class EncoderBackend:
         returns: (N, C3, H/32, W/32) features, exactly zero at removed sites.
         """
         raise NotImplementedError
+
+    def encode_stages(self, encoder: "ResNet", imgs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Run a ResNet encoder over the visible patches, keeping every stage.
+
+        imgs: (N, C_in, H, W), H and W multiples of 32.
+        mask: (N, H/32, W/32), 1 = removed, 0 = visible; every sample keeps >= 1 patch.
+        returns: layer1..4's outputs, [(N, encoder.stage_dims[i], H/s_i, W/s_i)] for the stage
+        grids s_i = geometry.STAGE_STRIDES = (4, 8, 16, 32), each exactly zero at removed sites.
+        In training mode the encoder's BatchNorms use (and update their running statistics
+        with) the visible sites only; in eval mode their running statistics.
+        """
+        raise NotImplementedError(f"backend {self.name!r} does not run ResNet encoders; "
+                                  f"use backend=dense_masked or backend=native")
 
     def decode_blocks(self, blocks: "Sequence[Block]", x: torch.Tensor) -> torch.Tensor:
         """Run the FCMAE decoder's ConvNeXt blocks over every site: (N, C, h, w) -> same.

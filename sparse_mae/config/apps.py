@@ -20,10 +20,14 @@ from sparse_mae.config.checks import (
     SizePairs,
     opt,
 )
-from sparse_mae.config.choices import BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, Variant
+from sparse_mae.config.choices import (
+    BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, PretrainVariant, Variant,
+)
 from sparse_mae.config.data import PATCH_MULTIPLE, DataConfig
 from sparse_mae.config.run import OptimConfig, RunConfig, SchedConfig
 from sparse_mae.models.geometry import PATCH, visible_count
+from sparse_mae.models.resnet import VARIANTS as RESNET_VARIANTS
+from sparse_mae.models.spark import DECODER_WIDTH_MULTIPLE
 
 # a bench backend name with this suffix runs that backend's model under torch.compile: the
 # reference a user would pick instead of a sparse engine (dense_masked+compile)
@@ -47,11 +51,40 @@ class Registered:
 
 @dataclass
 class FcmaeModelConfig:
-    variant: Variant = opt(MISSING, "encoder variant; `model=<variant>` sets it")
-    decoder_dim: int = opt(512, "width of the decoder's ConvNeXt block (paper: 512)", POSITIVE)
-    decoder_depth: int = opt(1, "decoder blocks (paper: 1)", POSITIVE)
-    norm_pix_loss: bool = opt(True, "loss on per-patch normalised pixels (paper)")
-    drop_path_rate: float = opt(0.0, "stochastic depth of the encoder", Range(0, 1, high_open=True))
+    """The pretraining model: a ConvNeXt V2 variant pretrains with FCMAE, a ResNet (resnet18,
+    resnet50, ...) with SparK."""
+
+    variant: PretrainVariant = opt(MISSING, "encoder variant; `model=<variant>` sets it (ConvNeXt V2: FCMAE; "
+                                            "resnet*: SparK)")
+    decoder_dim: int = opt(512, "FCMAE: width of the decoder's ConvNeXt block; SparK: width of the first of its "
+                                "five UNet blocks, a multiple of 32 (both papers: 512)", POSITIVE)
+    decoder_depth: int = opt(1, "FCMAE decoder blocks (paper: 1); SparK's decoder has its fixed five", POSITIVE)
+    norm_pix_loss: bool = opt(True, "loss on per-patch normalised pixels (both papers)")
+    drop_path_rate: float = opt(0.0, "stochastic depth of the ConvNeXt encoder (the ResNets have none: 0)",
+                                Range(0, 1, high_open=True))
+    sync_bn: bool = opt(True, "SparK on several processes: SyncBatchNorm, BatchNorm statistics over the visible "
+                              "sites of the global batch (SparK's default)")
+
+
+SPARK_BACKENDS = ("auto", "dense_masked", "native")  # the backends with encode_stages (ResNets)
+
+
+def spark_problem(node) -> Optional[str]:
+    """What SparK (a ResNet variant) cannot take: FCMAE-only options, a backend without ResNets."""
+    model, variant = node.model, node.model.variant
+    if model.decoder_depth != 1:
+        return f"model={variant}: SparK's decoder has a fixed five UNet blocks; leave model.decoder_depth at 1"
+    if model.drop_path_rate != 0:
+        return f"model={variant}: the ResNet encoder has no stochastic depth; set model.drop_path_rate=0"
+    if model.decoder_dim % DECODER_WIDTH_MULTIPLE:
+        return (f"model={variant}: model.decoder_dim={model.decoder_dim} must be a multiple of {DECODER_WIDTH_MULTIPLE} "
+                f"(SparK: 512)")
+    if not OmegaConf.is_missing(node.backend, "name") and str(node.backend.name) not in SPARK_BACKENDS:
+        return (f"model={variant} runs on backend {' / '.join(SPARK_BACKENDS)}, not backend={node.backend.name}; "
+                f"use backend=auto")
+    if node.init is not None:
+        return f"model={variant}: init= reads ConvNeXt V2 checkpoints only; start SparK runs without init"
+    return None
 
 
 @dataclass
@@ -106,7 +139,11 @@ class PretrainConfig(RunConfig):
     @staticmethod
     def relations(node) -> Optional[str]:
         """The image must have a patch to mask and one to keep: at data.size=32 the one patch
-        was kept, nothing was masked, and the loss over no patches was NaN."""
+        was kept, nothing was masked, and the loss over no patches was NaN. SparK's settings
+        (model=resnet*) must be ones it has."""
+        if not OmegaConf.is_missing(node.model, "variant") and str(node.model.variant) in RESNET_VARIANTS:
+            if problem := spark_problem(node):
+                return problem
         if OmegaConf.is_missing(node, "data") or OmegaConf.is_missing(node, "mask_ratio"):
             return None
         size, ratio = node.data.size, node.mask_ratio

@@ -5,8 +5,11 @@ from __future__ import annotations
 from sparse_mae.backends import list_backends
 from sparse_mae.config.checks import Choice
 from sparse_mae.models.convnextv2 import VARIANTS
+from sparse_mae.models.resnet import VARIANTS as RESNET_VARIANTS
 
 Variant = Choice("Variant", [(v, v) for v in VARIANTS])
+# pretraining takes a ConvNeXt V2 variant (FCMAE) or a ResNet (SparK)
+PretrainVariant = Choice("PretrainVariant", [(v, v) for v in (*VARIANTS, *RESNET_VARIANTS)])
 BackendName = Choice("BackendName", [(b, b) for b in ("auto", *list_backends())])
 Device = Choice("Device", [(d, d) for d in ("auto", "cpu", "cuda")])
 LoggerName = Choice("LoggerName", [(n, n) for n in ("wandb", "none")])

@@ -27,6 +27,7 @@ from sparse_mae.config.data import (
     ShardData,
 )
 from sparse_mae.models.convnextv2 import VARIANTS
+from sparse_mae.models.resnet import VARIANTS as RESNET_VARIANTS
 
 SCHEMAS: dict[str, type] = {
     "pretrain": PretrainConfig, "finetune": FinetuneConfig, "eval": EvalConfig,
@@ -40,7 +41,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     for app, schema in SCHEMAS.items():
         cs.store(name=f"{app}_schema", node=schema)
-    for variant in VARIANTS:
+    for variant in (*VARIANTS, *RESNET_VARIANTS):  # ResNets: SparK pretraining (pretrain only)
         cs.store(group="model", name=variant, node={"variant": variant})
     for backend in BackendName:
         cs.store(group="backend", name=backend.value, node={"name": backend.value})

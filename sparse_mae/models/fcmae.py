@@ -71,19 +71,11 @@ class FCMAE(nn.Module):
 
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, L, p*p*C), each patch in (p, q, c) order, patches row-major."""
-        n, c, h, w = imgs.shape
-        p = self.patch_size
-        x = imgs.reshape(n, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwpqc", x)
-        return x.reshape(n, (h // p) * (w // p), p * p * c)
+        return patchify(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
-        n = x.shape[0]
-        p, (h, w) = self.patch_size, grid
-        x = x.reshape(n, h, w, p, p, self.in_chans)
-        x = torch.einsum("nhwpqc->nchpwq", x)
-        return x.reshape(n, self.in_chans, h * p, w * p)
+        return unpatchify(x, grid, self.patch_size, self.in_chans)
 
     def random_masking(
         self, batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
@@ -123,21 +115,7 @@ class FCMAE(nn.Module):
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """MSE on (per-patch normalised) pixels, averaged over removed patches only; pred
         (N, L, p*p*C) of every patch or (K, p*p*C) of the removed ones. -> scalar."""
-        target = self.patchify(imgs)
-        removed_only = pred.dim() == 2
-        if removed_only:
-            target = target[mask.bool()]
-        if self.norm_pix_loss:  # per patch: (target - mean) / sqrt(unbiased var + 1e-6)
-            centred = target - target.mean(dim=-1, keepdim=True)
-            # the variance from the centred values' norm: torch's var over the last dim is a
-            # scalar Welford pass on CPU, 10x slower than the rest of the loss's forward
-            var = torch.linalg.vector_norm(centred, dim=-1, keepdim=True).square() / (target.shape[-1] - 1)
-            target = centred / (var + 1e-6) ** 0.5
-        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
-        if removed_only:
-            return per_patch.sum() / per_patch.shape[0]
-        mask = mask.to(per_patch.dtype)
-        return (per_patch * mask).sum() / mask.sum()
+        return masked_patch_loss(self.patchify(imgs), pred, mask, self.norm_pix_loss)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: torch.Tensor | None = None,
@@ -159,6 +137,43 @@ class FCMAE(nn.Module):
         pred = self.forward_decoder(latent, mask, removed_only=loss_only)
         loss = self.forward_loss(imgs, pred, mask)
         return loss, pred, mask
+
+
+def patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), each patch in (p, q, c) order, patches row-major."""
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int], p: int, in_chans: int) -> torch.Tensor:
+    """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
+    n = x.shape[0]
+    h, w = grid
+    x = x.reshape(n, h, w, p, p, in_chans)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(n, in_chans, h * p, w * p)
+
+
+def masked_patch_loss(target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
+    """MAE's loss (FCMAE's and SparK's): MSE on (per-patch normalised) pixels averaged over the
+    removed patches only. target (N, L, p*p*C) patchified images; pred (N, L, p*p*C) of every
+    patch or (K, p*p*C) of the removed ones; mask (N, L), 1 = removed. -> scalar."""
+    removed_only = pred.dim() == 2
+    if removed_only:
+        target = target[mask.bool()]
+    if norm_pix_loss:  # per patch: (target - mean) / sqrt(unbiased var + 1e-6)
+        centred = target - target.mean(dim=-1, keepdim=True)
+        # the variance from the centred values' norm: torch's var over the last dim is a
+        # scalar Welford pass on CPU, 10x slower than the rest of the loss's forward
+        var = torch.linalg.vector_norm(centred, dim=-1, keepdim=True).square() / (target.shape[-1] - 1)
+        target = centred / (var + 1e-6) ** 0.5
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
+    if removed_only:
+        return per_patch.sum() / per_patch.shape[0]
+    mask = mask.to(per_patch.dtype)
+    return (per_patch * mask).sum() / mask.sum()
 
 
 def check_mask_ratio(mask_ratio: float) -> None:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import sparse_mae_kernels
 from sparse_mae.backends.base import EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
+from sparse_mae.backends.native.resnet import ResNetLayout, ResNetRowEncoder
 from sparse_mae.models.geometry import KERNEL_SIZE, PATCH, STAGE_SITES_PER_PATCH, STAGE_UPSAMPLE
 from sparse_mae_kernels import constants as kernel_constants
 from sparse_mae_kernels.constants import TAPS
@@ -39,6 +40,7 @@ from sparse_mae_kernels.ops.tiles_grn import tiles_grn
 
 if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
+    from sparse_mae.models.resnet import ResNet
 
 # The kernels are compiled for one depthwise size (theirs); the model states its own.
 if kernel_constants.KERNEL_SIZE != KERNEL_SIZE:
@@ -59,6 +61,13 @@ class NativeBackend(EncoderBackend):
         if impl is not None:
             return RowEncoder(encoder, layout, impl).run(imgs)
         return TileEncoder(encoder, layout).run(imgs)
+
+    def encode_stages(self, encoder: ResNet, imgs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """SparK's ResNet on packed rows (resnet.py); plain torch ops, on any device."""
+        n, _, h, w = imgs.shape
+        if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
+            raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
+        return ResNetRowEncoder(encoder, ResNetLayout(mask.to(imgs.device))).run(imgs)
 
     def decode_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
         """The decoder's blocks as packed rows with every site present, through the encoder's
