@@ -5,10 +5,15 @@ section 4). Differences from the official FCMAE code, on purpose (docs/design.md
 coordinates come from the mask, GRN's norm is per sample, the output is densified with the
 grid shape.
 
-Layout: the stem runs dense; its output at the visible sites becomes a SparseTensor with
-int32 coordinates (batch, y, x) on the 1/4 grid and tensor stride 1. Each 2x2/2
-downsample doubles the tensor stride (coordinates stay in 1/4-grid units), so stage i
-has tensor stride 2**i and the 7x7 depthwise conv there reaches +-3 sites of its grid.
+Layout (ConvNeXt, `encode`): the stem runs dense; its output at the visible sites becomes a
+SparseTensor with int32 coordinates (batch, y, x) on the 1/4 grid and tensor stride 1.
+Each 2x2/2 downsample doubles the tensor stride (coordinates stay in 1/4-grid units), so
+stage i has tensor stride 2**i and the 7x7 depthwise conv there reaches +-3 sites of its grid.
+
+Layout (ResNet, `encode_stages`, SparK's encoder): the visible pixels are the SparseTensor
+(coordinates in pixel units, tensor stride 1); conv1, the max-pool and each layer's strided
+first block double the tensor stride, which is then the pixels per site of the layer's grid.
+ME's conventions that make its numbers the dense_masked ones: docs/minkowski.md, "ResNets".
 
 The backend owns no parameters: ME kernels are rebuilt from the encoder's canonical
 dense weights on every forward with differentiable reshapes, so gradients land on them.
