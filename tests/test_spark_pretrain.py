@@ -58,7 +58,6 @@ def test_model_resnet_builds_spark(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("backend=minkowski", "runs on backend auto / dense_masked / native"),
     ("model.decoder_depth=2", "fixed five UNet blocks"),
     ("model.drop_path_rate=0.1", "no stochastic depth"),
     ("model.decoder_dim=48", "multiple of 32"),

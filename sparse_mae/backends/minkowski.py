@@ -5,10 +5,15 @@ section 4). Differences from the official FCMAE code, on purpose (docs/design.md
 coordinates come from the mask, GRN's norm is per sample, the output is densified with the
 grid shape.
 
-Layout: the stem runs dense; its output at the visible sites becomes a SparseTensor with
-int32 coordinates (batch, y, x) on the 1/4 grid and tensor stride 1. Each 2x2/2
-downsample doubles the tensor stride (coordinates stay in 1/4-grid units), so stage i
-has tensor stride 2**i and the 7x7 depthwise conv there reaches +-3 sites of its grid.
+Layout (ConvNeXt, `encode`): the stem runs dense; its output at the visible sites becomes a
+SparseTensor with int32 coordinates (batch, y, x) on the 1/4 grid and tensor stride 1.
+Each 2x2/2 downsample doubles the tensor stride (coordinates stay in 1/4-grid units), so
+stage i has tensor stride 2**i and the 7x7 depthwise conv there reaches +-3 sites of its grid.
+
+Layout (ResNet, `encode_stages`, SparK's encoder): the visible pixels are the SparseTensor
+(coordinates in pixel units, tensor stride 1); conv1, the max-pool and each layer's strided
+first block double the tensor stride, which is then the pixels per site of the layer's grid.
+ME's conventions that make its numbers the dense_masked ones: docs/minkowski.md, "ResNets".
 
 The backend owns no parameters: ME kernels are rebuilt from the encoder's canonical
 dense weights on every forward with differentiable reshapes, so gradients land on them.
@@ -34,9 +39,11 @@ from sparse_mae.backends.minkowski_compat import (
     minkowski_import_error,
 )
 from sparse_mae.models.geometry import KERNEL_SIZE, PATCH, STAGE_UPSAMPLE
+from sparse_mae.models.sparse_norm import batch_norm_rows
 
 if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
+    from sparse_mae.models.resnet import ResNet
 
 # Below this, sum of squares is treated as 0 so sqrt's gradient stays finite (a channel
 # that is exactly zero over a sample); far below GRN's eps, so values are unchanged.
@@ -55,10 +62,17 @@ def depthwise_from_me(kernel: torch.Tensor) -> torch.Tensor:
     return kernel.permute(1, 0).reshape(c, 1, KERNEL_SIZE, KERNEL_SIZE).transpose(3, 2)
 
 
+def conv_to_me(weight: torch.Tensor) -> torch.Tensor:
+    """torch (Cout, Cin, kh, kw) -> ME convolution kernel (kh*kw, Cin, Cout). ME numbers the
+    kernel offsets with the first coordinate (y) fastest, so offset (ky, kx) is row kx*kh + ky;
+    a differentiable reshape, so the gradient of the ME kernel lands on the torch weight."""
+    cout, cin, kh, kw = weight.shape
+    return weight.permute(3, 2, 1, 0).reshape(kw * kh, cin, cout).contiguous()
+
+
 def strided_to_me(weight: torch.Tensor) -> torch.Tensor:
     """torch (Cout, Cin, 2, 2) -> ME convolution kernel (4, Cin, Cout) (inverse of docs/design.md 4)."""
-    cout, cin = weight.shape[:2]
-    return weight.transpose(3, 2).reshape(cout, cin, 4).permute(2, 1, 0).contiguous()
+    return conv_to_me(weight)
 
 
 def strided_from_me(kernel: torch.Tensor) -> torch.Tensor:
@@ -156,11 +170,11 @@ class MinkowskiBackend(EncoderBackend):
 
     @staticmethod
     def _densify(x, batch: int, grid_h: int, grid_w: int) -> torch.Tensor:
-        """Last-stage sparse tensor -> (N, C, H/32, W/32), zero at removed sites. The grid
+        """Sparse tensor -> (N, C, grid_h, grid_w), zero at removed sites. The grid
         shape and origin are explicit, so a grid whose last row/column is masked everywhere
         keeps its size (ME's own dense() cannot take an origin for CUDA tensors: it wants a
         CPU IntTensor and subtracts it from the GPU coordinates)."""
-        stride = x.tensor_stride[0]  # coordinates are in 1/4-grid units; one 1/32 site = stride
+        stride = x.tensor_stride[0]  # coordinate units per site of x's grid
         coords = x.C.long()
         dense = x.F.new_zeros(batch, x.F.shape[1], grid_h, grid_w)
         dense[coords[:, 0], :, coords[:, 1] // stride, coords[:, 2] // stride] = x.F
@@ -212,6 +226,92 @@ class MinkowskiBackend(EncoderBackend):
             x.coordinate_map_key, out_key, manager,
         )
         return ME.SparseTensor(out + conv.bias, coordinate_map_key=out_key, coordinate_manager=manager)
+
+    # -- ResNet (SparK) --------------------------------------------------------------------
+
+    def encode_stages(self, encoder: ResNet, imgs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """SparK's sparse encoder in ME: a SparseTensor over the visible pixels, every layer on
+        ME's kernel maps (docs/minkowski.md, "ResNets"), each stage densified."""
+        ME = import_minkowski()
+        self._check(ME, imgs, mask)
+        n, _, h, w = imgs.shape
+        x = self._visible_pixels(ME, imgs, mask)
+        x = self._conv(ME, encoder.conv1, x)
+        x = self._replace_features(ME, x, encoder.act1(batch_norm_rows(encoder.bn1, x.F)))
+        x = self._max_pool(ME, encoder.maxpool, x)
+        features = []
+        for layer in encoder.layers():
+            for block in layer:
+                x = self._resnet_block(ME, block, x)
+            grid = x.tensor_stride[0]  # pixels per site of this stage's grid
+            features.append(self._densify(x, n, h // grid, w // grid))
+        return features
+
+    @staticmethod
+    def _visible_pixels(ME, imgs: torch.Tensor, mask: torch.Tensor):
+        """The visible pixels as a SparseTensor: int32 (batch, y, x) in pixel units, tensor
+        stride 1. Every later layer's coordinates stay in pixel units, its tensor stride the
+        pixels per site of its grid (2 after conv1, 4 after the max-pool, ... 32)."""
+        visible = upsample_mask(mask.to(imgs.device, torch.bool).logical_not(), PATCH)
+        coords = torch.nonzero(visible).to(torch.int32).contiguous()
+        rows = coords.long()
+        return ME.SparseTensor(imgs[rows[:, 0], :, rows[:, 1], rows[:, 2]], coordinates=coords, tensor_stride=1)
+
+    @staticmethod
+    def _replace_features(ME, x, feats: torch.Tensor):
+        """feats (one row per site of x, x's order) on x's coordinates."""
+        return ME.SparseTensor(feats, coordinate_map_key=x.coordinate_map_key, coordinate_manager=x.coordinate_manager)
+
+    def _conv(self, ME, conv: torch.nn.Conv2d, x):
+        """A bias-free dense conv (k x k, stride t, padding k // 2) on x's sites. 1x1 stride 1: a
+        matmul on the features (what MinkowskiLinear does). Otherwise MinkowskiConvolution's
+        function with the dense weight: stride 1 is submanifold (output sites = input sites);
+        stride t maps onto ME's strided map (coordinates floored to multiples of t times the
+        tensor stride: the visible patches' sites of the coarser grid). An odd ME kernel is
+        centred on the output coordinate, offsets -k//2..k//2 times the input's tensor stride,
+        so output site y reads input sites t*y - k//2 + ky, as torch's conv with padding k//2;
+        sites absent from the map (hidden, or outside the image) read zero, as the padding."""
+        (k, _), (t, _) = conv.kernel_size, conv.stride
+        if k == 1 and t == 1:
+            return self._replace_features(ME, x, F.linear(x.F, conv.weight.flatten(1)))
+        from MinkowskiEngineBackend._C import ConvolutionMode  # not re-exported by ME; loaded with it
+
+        generator = ME.KernelGenerator(kernel_size=k, stride=t, dilation=1, dimension=2)
+        manager, in_key = x.coordinate_manager, x.coordinate_map_key
+        out_key = in_key if t == 1 else manager.stride(in_key, generator.kernel_stride)
+        out = ME.MinkowskiConvolutionFunction.apply(
+            x.F, conv_to_me(conv.weight), generator, ConvolutionMode.DEFAULT, in_key, out_key, manager,
+        )
+        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=manager)
+
+    @staticmethod
+    def _max_pool(ME, pool: torch.nn.MaxPool2d, x):
+        """MinkowskiMaxPooling's function: the maximum over the sites present in each window
+        (the visible ones; hidden sites and the padding never count), onto the strided map."""
+        from MinkowskiEngineBackend._C import PoolingMode  # not re-exported by ME; loaded with it
+
+        generator = ME.KernelGenerator(kernel_size=pool.kernel_size, stride=pool.stride, dilation=1, dimension=2)
+        manager, in_key = x.coordinate_manager, x.coordinate_map_key
+        out_key = manager.stride(in_key, generator.kernel_stride)
+        out = ME.MinkowskiLocalPoolingFunction.apply(
+            x.F, PoolingMode.LOCAL_MAX_POOLING, generator, in_key, out_key, manager,
+        )
+        return ME.SparseTensor(out, coordinate_map_key=out_key, coordinate_manager=manager)
+
+    def _resnet_block(self, ME, block, x):
+        """BasicBlock or Bottleneck; BatchNorm over the rows (the visible sites of the batch).
+        The shortcut and the branch end on the same coordinate map (the same strided key), so
+        their rows are the same sites in the same order."""
+        shortcut = x.F
+        if block.downsample is not None:
+            conv, bn = block.downsample
+            shortcut = batch_norm_rows(bn, self._conv(ME, conv, x).F)
+        *inner, (conv, bn, act) = block.branch()
+        for inner_conv, inner_bn, inner_act in inner:
+            x = self._conv(ME, inner_conv, x)
+            x = self._replace_features(ME, x, inner_act(batch_norm_rows(inner_bn, x.F)))
+        x = self._conv(ME, conv, x)
+        return self._replace_features(ME, x, act(batch_norm_rows(bn, x.F) + shortcut))
 
     # -- cost --------------------------------------------------------------------------
 

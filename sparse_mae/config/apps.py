@@ -66,9 +66,6 @@ class FcmaeModelConfig:
                               "sites of the global batch (SparK's default)")
 
 
-SPARK_BACKENDS = ("auto", "dense_masked", "native")  # the backends with encode_stages (ResNets)
-
-
 def spark_problem(node) -> Optional[str]:
     """What SparK (a ResNet variant) cannot take: FCMAE-only options, a backend without ResNets."""
     model, variant = node.model, node.model.variant
@@ -79,9 +76,6 @@ def spark_problem(node) -> Optional[str]:
     if model.decoder_dim % DECODER_WIDTH_MULTIPLE:
         return (f"model={variant}: model.decoder_dim={model.decoder_dim} must be a multiple of {DECODER_WIDTH_MULTIPLE} "
                 f"(SparK: 512)")
-    if not OmegaConf.is_missing(node.backend, "name") and str(node.backend.name) not in SPARK_BACKENDS:
-        return (f"model={variant} runs on backend {' / '.join(SPARK_BACKENDS)}, not backend={node.backend.name}; "
-                f"use backend=auto")
     if node.init is not None:
         return f"model={variant}: init= reads ConvNeXt V2 checkpoints only; start SparK runs without init"
     return None
