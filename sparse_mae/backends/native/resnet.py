@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+import sparse_mae_kernels
 from sparse_mae.backends.native.layout import SparseLayout
 from sparse_mae.models.geometry import PATCH
 from sparse_mae.models.sparse_norm import batch_norm_rows
+from sparse_mae_kernels.common import FLOAT_DTYPES
+from sparse_mae_kernels.ops.rows_gather_conv import rows_gather_conv as kernel_gather_conv
 
 if TYPE_CHECKING:
     from sparse_mae.models.resnet import ResNet
@@ -47,9 +50,20 @@ def rows_gather_conv(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor) -
     return F.linear(columns, weight.permute(0, 2, 3, 1).reshape(c_out, taps * c_in))
 
 
-# The one place the gather conv is chosen: a compiled kernel with rows_gather_conv's
-# signature replaces it here.
-gather_conv = rows_gather_conv
+def gather_conv(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor,
+                transposed: torch.Tensor | None = None) -> torch.Tensor:
+    """The one place the gather conv is chosen: the compiled kernel (C on the CPU, Triton on
+    CUDA; sparse_mae_kernels.ops.rows_gather_conv) where it runs, else `rows_gather_conv`'s
+    torch ops. `transposed`: the map's transpose where it is free (a submanifold map's is its
+    flipped taps), which lets the kernel's input gradient gather instead of scatter. float64
+    (the fidelity tests' dtype) has no kernel: torch ops."""
+    if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
+        return rows_gather_conv(x, nbr, weight)
+    if sparse_mae_kernels.use_triton(x.device):
+        return kernel_gather_conv(x, nbr, weight, transposed=transposed, impl="triton")
+    if sparse_mae_kernels.use_cpu_kernels(x.device):
+        return kernel_gather_conv(x, nbr, weight, transposed=transposed, impl="c")
+    return rows_gather_conv(x, nbr, weight)
 
 
 class ResNetLayout:
@@ -104,6 +118,14 @@ class ResNetLayout:
             self._maps[key] = canvas.view(-1)[origin.reshape(-1, 1) + taps]
         return self._maps[key]
 
+    def submanifold_transpose(self, side: int, kernel: int) -> torch.Tensor:
+        """The transpose of the stride-1 map at `side`: its taps flipped (the map is symmetric:
+        n reads m at tap k iff m reads n at tap K-1-k), built once per batch."""
+        key = (side, kernel, "transposed")
+        if key not in self._maps:
+            self._maps[key] = self.neighbours(side, kernel, 1).flip(1).contiguous()
+        return self._maps[key]
+
     def pixel_rows(self, imgs: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (P * 32 * 32, C): the visible pixels as rows, packed order."""
         return self.patches.visible_patches(imgs).permute(0, 2, 3, 1).reshape(-1, imgs.shape[1])
@@ -141,7 +163,9 @@ class ResNetRowEncoder:
         (k, _), (stride, _) = conv.kernel_size, conv.stride
         if k == 1 and stride == 1:
             return F.linear(x, conv.weight.flatten(1)), side
-        return gather_conv(x, self.layout.neighbours(side, k, stride), conv.weight), side // stride
+        nbr = self.layout.neighbours(side, k, stride)
+        transposed = self.layout.submanifold_transpose(side, k) if stride == 1 else None
+        return gather_conv(x, nbr, conv.weight, transposed), side // stride
 
     def max_pool(self, pool, x: torch.Tensor, side: int) -> tuple[torch.Tensor, int]:
         """Max over the visible taps (each output's own window holds at least one: its site t*y)."""
