@@ -7,10 +7,16 @@
 - Every other key (clip_grad, amp, backend, ema, mixup, label_smoothing, ...) changes the
   training from then on but not its meaning: allowed, with a warning listing each key,
   old and new.
+- data.root: where both the checkpoint and this start know the data's identity
+  (data/identity.py), the identities are compared, not the paths: the same data under
+  another path continues with a note; other data is refused, naming both. A checkpoint
+  written without one (an earlier version) compares the path as written.
 """
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
+
+from sparse_mae.data.identity import describe
 
 MUST_MATCH = ("model", "seed", "batch_size", "accum_iter", "epochs", "mask_ratio", "optim", "sched",
               "data.name", "data.root", "data.size", "data.num_images", "data.num_train", "data.num_val",
@@ -33,8 +39,10 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def config_changes(saved_yaml: str | None, cfg: DictConfig) -> tuple[list[str], list[str]]:
-    """-> (refused changes, warned changes), each "key: old -> new"."""
+def config_changes(saved_yaml: str | None, cfg: DictConfig,
+                   skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """-> (refused changes, warned changes), each "key: old -> new"; keys in `skip` are left
+    to the caller."""
     if not saved_yaml:
         return [], []
     old = _flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=False))
@@ -42,14 +50,22 @@ def config_changes(saved_yaml: str | None, cfg: DictConfig) -> tuple[list[str], 
     refused, warned = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
-        if a == b or _under(key, MAY_CHANGE):
+        if a == b or _under(key, MAY_CHANGE) or key in skip:
             continue
         (refused if _under(key, MUST_MATCH) else warned).append(f"{key}: {a} -> {b}")
     return refused, warned
 
 
-def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, warn) -> None:
-    refused, warned = config_changes(saved_yaml, cfg)
+def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, warn,
+                        saved_identity: dict | None = None, identity: dict | None = None) -> None:
+    by_identity = bool(saved_identity and identity)
+    refused, warned = config_changes(saved_yaml, cfg, skip=("data.root",) if by_identity else ())
+    if by_identity and saved_identity["digest"] != identity["digest"]:
+        refused.append(f"data: another data set under data.root; the run read {describe(saved_identity)}, "
+                       f"this start finds {describe(identity)}")
+    elif by_identity and saved_identity["root"] != identity["root"]:
+        warn(f"note: data.root moved from {saved_identity['root']} to {identity['root']}: the same data "
+             f"({identity['kind']} {identity['digest'][:12]}), so the run continues")
     if refused:
         weights = "init=" if "mask_ratio" in cfg else "pretrained="
         raise ValueError(
