@@ -3,12 +3,16 @@ the identity of the data its run read; resume compares identities, so the same d
 another spelling of its path, or moved (node-local staging, a copy), continues, and other
 data under the same path is refused.
 
-- shard folders (`data=shards`): the manifests' records, class names and per shard its
+- shard folders (`data=shards`): the manifests' records: the class names and, per shard, its
   sample count, data size and the SHA-256 of its index. The index holds every sample's
-  checksum over its label and bytes, so the records stand for the content. A root holding
+  checksum over its label and bytes, so the records stand for the content without a read
+  of the data (that the files agree with their records is the reader's check). A root in
   the fine-tuning layout (train/ and val/ shard folders) is both of them.
-- image folders and the Fashion-MNIST idx files: every file's path under the root and its
-  size (reading every image's bytes would cost a pass over the data set at every start).
+- image folders: the images the data set reads (data/imagefolder.find_images: the same walk,
+  the same symlink rule), each one's path under the root and its size. Reading every image
+  would cost a pass over the data set at every start; the walk costs one stat per file.
+- Fashion-MNIST: the SHA-256 of the idx files themselves (at most 60 MB, read in well
+  under a second).
 - the built-in images have none: the config draws them (data.num_images, draw_size, seed).
 """
 from __future__ import annotations
@@ -20,29 +24,39 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from sparse_mae.data.fashion_mnist import SPLITS, idx_path
+from sparse_mae.data.imagefolder import find_images
 from sparse_mae.data.shards import MANIFEST, read_manifest
+from sparse_mae.io import sha256_of
 
 SHARD_SPLITS = ("train", "val")  # the fine-tuning layout under one root
 
 
 def data_identity(data_cfg: DictConfig) -> dict | None:
-    """-> {"kind", "digest", "root"} of the data under data.root, or None (built-in images,
-    or a root that does not exist: the dataset's own error names that)."""
-    if data_cfg.get("root") is None:
+    """-> {"kind", "digest", "root" (resolved), "as_written" (data.root)} of the data under
+    data.root, or None: the built-in images, or a root without the data (the data set's own
+    error names what is wrong there)."""
+    if data_cfg.name == "builtin" or data_cfg.get("root") is None:
         return None
     root = Path(str(data_cfg.root)).expanduser()
     if not root.is_dir():
         return None
     if data_cfg.name == "shards":
-        folders = [root] if (root / MANIFEST).is_file() else [root / s for s in SHARD_SPLITS
-                                                              if (root / s / MANIFEST).is_file()]
-        if not folders:
-            return None
-        return {"kind": "shard manifests", "digest": shard_manifests_digest(root, folders), "root": str(root.resolve())}
-    return {"kind": "file list and sizes", "digest": listing_digest(root), "root": str(root.resolve())}
+        kind, digest = "shard manifests", shard_manifests_digest(root)
+    elif data_cfg.name == "fashion_mnist":
+        kind, digest = "idx files", idx_files_digest(root)
+    else:
+        kind, digest = "image files and sizes", image_listing_digest(root)
+    if digest is None:
+        return None
+    return {"kind": kind, "digest": digest, "root": str(root.resolve()), "as_written": str(data_cfg.root)}
 
 
-def shard_manifests_digest(root: Path, folders: list[Path]) -> str:
+def shard_manifests_digest(root: Path) -> str | None:
+    folders = [root] if (root / MANIFEST).is_file() else [root / s for s in SHARD_SPLITS
+                                                          if (root / s / MANIFEST).is_file()]
+    if not folders:
+        return None
     records = []
     for folder in folders:
         manifest = read_manifest(folder)
@@ -51,23 +65,27 @@ def shard_manifests_digest(root: Path, folders: list[Path]) -> str:
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()
 
 
-def listing_digest(root: Path) -> str:
-    """SHA-256 over every regular file's path (relative, as bytes: any file name) and size.
-    Links to folders are not walked, so a link back into the tree is not counted twice."""
-    entries = []
-    for folder, subfolders, names in os.walk(root):
-        subfolders.sort()
-        for name in names:
-            path = os.path.join(folder, name)
-            try:
-                size = os.stat(path).st_size
-            except OSError:  # a dangling link: not a file the data set can read
-                continue
-            entries.append((os.fsencode(os.path.relpath(path, root)), size))
+def image_listing_digest(root: Path) -> str:
+    """SHA-256 over each image's path under the root (its bytes: any file name) and size."""
+    files, _ = find_images(root)  # zero-byte files are never read: not part of the data
+    cut = len(os.fsencode(str(root))) + 1  # each path is root/...: the part under it (Path.relative_to is 2x slower)
     digest = hashlib.sha256()
-    for rel, size in sorted(entries):
-        digest.update(len(rel).to_bytes(4, "little") + rel + size.to_bytes(8, "little"))
+    for path in files:  # sorted by path
+        rel = os.fsencode(str(path))[cut:]
+        digest.update(len(rel).to_bytes(4, "little") + rel + path.stat().st_size.to_bytes(8, "little"))
     return digest.hexdigest()
+
+
+def idx_files_digest(root: Path) -> str | None:
+    """SHA-256 over the idx files there are (pretraining needs only the train split's)."""
+    lines = []
+    for split in SPLITS:
+        for what in ("images", "labels"):
+            try:
+                lines.append(f"{split} {what} {sha256_of(idx_path(root, split, what))}\n")
+            except FileNotFoundError:
+                continue
+    return hashlib.sha256("".join(lines).encode()).hexdigest() if lines else None
 
 
 def describe(identity: dict) -> str:

@@ -9,8 +9,9 @@
   old and new.
 - data.root: where both the checkpoint and this start know the data's identity
   (data/identity.py), the identities are compared, not the paths: the same data under
-  another path continues with a note; other data is refused, naming both. A checkpoint
-  written without one (an earlier version) compares the path as written.
+  another spelling or path continues with a note; other data is refused, naming both. A
+  checkpoint without one (the built-in images, or an earlier version) compares the path
+  as written.
 """
 from __future__ import annotations
 
@@ -58,14 +59,12 @@ def config_changes(saved_yaml: str | None, cfg: DictConfig,
 
 def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, warn,
                         saved_identity: dict | None = None, identity: dict | None = None) -> None:
+    """Raise ValueError (exit 2) for a refused change; `warn` the allowed ones. `identity`:
+    this start's data (data/identity.py), `saved_identity`: the checkpoint's."""
     by_identity = bool(saved_identity and identity)
     refused, warned = config_changes(saved_yaml, cfg, skip=("data.root",) if by_identity else ())
-    if by_identity and saved_identity["digest"] != identity["digest"]:
-        refused.append(f"data: another data set under data.root; the run read {describe(saved_identity)}, "
-                       f"this start finds {describe(identity)}")
-    elif by_identity and saved_identity["root"] != identity["root"]:
-        warn(f"note: data.root moved from {saved_identity['root']} to {identity['root']}: the same data "
-             f"({identity['kind']} {identity['digest'][:12]}), so the run continues")
+    if by_identity:
+        refused += data_changes(saved_identity, identity, warn)
     if refused:
         weights = "init=" if "mask_ratio" in cfg else "pretrained="
         raise ValueError(
@@ -74,3 +73,18 @@ def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, war
             f"its weights in a new output_dir ({weights}{checkpoint})")
     if warned:
         warn(f"warning: resuming {checkpoint} with changed settings (they apply from here on): " + "; ".join(warned))
+
+
+def data_changes(saved: dict, now: dict, warn) -> list[str]:
+    """data.root by identity: -> [the refusal] for other data; [] for the same data, with a
+    note where data.root is written otherwise or names another folder."""
+    if saved["digest"] != now["digest"]:
+        return [f"data.root={now['as_written']} holds other data: the run read {describe(saved)}, this start "
+                f"finds {describe(now)}; point data.root at the data the run read"]
+    if saved["root"] != now["root"]:
+        warn(f"note: the data moved from {saved['root']} to {now['root']}: the same data ({now['kind']} "
+             f"{now['digest'][:12]}), so the run continues")
+    elif saved.get("as_written") != now["as_written"]:
+        warn(f"note: data.root={now['as_written']} is the folder the run read as data.root={saved.get('as_written')} "
+             f"({now['root']}), so the run continues")
+    return []
