@@ -159,3 +159,25 @@ def test_other_data_under_the_same_path_is_refused_naming_both(tmp_path):
     assert identity("shards", first)["digest"][:12] in done.stderr
     assert identity("shards", other)["digest"][:12] in done.stderr
     assert "point data.root at the data the run read" in done.stderr and "init=" in done.stderr
+
+
+@pytest.mark.slow
+def test_under_two_processes_the_refusal_stops_every_rank_with_its_message(tmp_path):
+    """Rank 0 alone computes and compares the identity (inside run_on_main), so its refusal
+    must reach rank 1, which waits in the broadcast: both end with the message, none hangs
+    in a collective or aborts."""
+    from tests.test_pretrain_distributed import torchrun_standalone
+
+    first, other = shards_of(tmp_path, "first"), shards_of(tmp_path, "other", seed=8)
+    root, run_dir = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(first, root)
+    started = torchrun_standalone(shard_overrides(run_dir, root, max_steps=2, batch_size=4), tmp_path)
+    assert started.returncode == 0, started.stderr[-3000:]
+    shutil.rmtree(root)
+    shutil.copytree(other, root)
+    refused = torchrun_standalone([*shard_overrides(run_dir, root, batch_size=4), "resume=auto"], tmp_path,
+                                  timeout=180)
+    assert refused.returncode != 0
+    assert refused.stderr.count(f"data.root={root} holds other data") == 2, refused.stderr[-3000:]  # each rank
+    assert "terminate called" not in refused.stderr and "Timeout" not in refused.stderr
+    assert [c.name for c in sorted((run_dir / "checkpoints").glob("*.pt"))] == ["step-00000002.pt"]
