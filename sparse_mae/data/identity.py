@@ -3,11 +3,11 @@ the identity of the data its run read; resume compares identities, so the same d
 another spelling of its path, or moved (node-local staging, a copy), continues, and other
 data under the same path is refused.
 
-- shard folders (`data=shards`): the manifests' records: the class names and, per shard, its
-  sample count, data size and the SHA-256 of its index. The index holds every sample's
-  checksum over its label and bytes, so the records stand for the content without a read
-  of the data (that the files agree with their records is the reader's check). A root in
-  the fine-tuning layout (train/ and val/ shard folders) is both of them.
+- shard folders (`data=shards`): the manifest's fingerprint (data/manifest.py: the class
+  names, each shard's count and index digest; the index holds every sample's checksum over
+  its label and bytes), so no data is read for it (that the files agree with their records
+  is the reader's check). A root in the fine-tuning layout (train/ and val/ shard folders)
+  is both fingerprints.
 - image folders: the images the data set reads (data/imagefolder.find_images: the same walk,
   the same symlink rule), each one's path under the root and its size. Reading every image
   would cost a pass over the data set at every start; the walk costs one stat per file.
@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from sparse_mae.data.fashion_mnist import SPLITS, idx_path
 from sparse_mae.data.imagefolder import find_images
-from sparse_mae.data.shards import MANIFEST, read_manifest
+from sparse_mae.data.manifest import MANIFEST, read_manifest
 from sparse_mae.io import sha256_of
 
 SHARD_SPLITS = ("train", "val")  # the fine-tuning layout under one root
@@ -42,7 +42,7 @@ def data_identity(data_cfg: DictConfig) -> dict | None:
     if not root.is_dir():
         return None
     if data_cfg.name == "shards":
-        kind, digest = "shard manifests", shard_manifests_digest(root)
+        kind, digest = "shard fingerprint", shard_fingerprint(root)
     elif data_cfg.name == "fashion_mnist":
         kind, digest = "idx files", idx_files_digest(root)
     else:
@@ -52,17 +52,15 @@ def data_identity(data_cfg: DictConfig) -> dict | None:
     return {"kind": kind, "digest": digest, "root": str(root.resolve()), "as_written": str(data_cfg.root)}
 
 
-def shard_manifests_digest(root: Path) -> str | None:
+def shard_fingerprint(root: Path) -> str | None:
     folders = [root] if (root / MANIFEST).is_file() else [root / s for s in SHARD_SPLITS
                                                           if (root / s / MANIFEST).is_file()]
     if not folders:
         return None
-    records = []
-    for folder in folders:
-        manifest = read_manifest(folder)
-        shards = [[s.get("count"), s.get("data_bytes"), s.get("index_sha256")] for s in manifest.get("shards") or []]
-        records.append([folder.relative_to(root).as_posix(), manifest.get("classes"), shards])
-    return hashlib.sha256(json.dumps(records).encode()).hexdigest()
+    if folders == [root]:
+        return read_manifest(root)["fingerprint"]  # the one prepare printed
+    splits = [[folder.name, read_manifest(folder)["fingerprint"]] for folder in folders]
+    return hashlib.sha256(json.dumps(splits).encode()).hexdigest()
 
 
 def image_listing_digest(root: Path) -> str:
