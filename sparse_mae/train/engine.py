@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparse_mae.config import check_output_dir, validate
 from sparse_mae.data.loader import make_loader, to_model
+from sparse_mae.data.identity import data_identity
 from sparse_mae.io import atomic_write_bytes
 from sparse_mae.train.checkpoint import find_latest, save_checkpoint
 from sparse_mae.train.distributed import (
@@ -209,6 +210,7 @@ class _Engine:
     dir: RunDirectory
     make_task: Callable[[DictConfig, DistInfo], TrainTask]
     stop: StopRequest
+    data_identity: dict | None  # rank 0: what data.root holds (data/identity.py), saved in every checkpoint
     # set up by _run
     task: TrainTask
     run: Run  # what the task's hooks see
@@ -240,6 +242,7 @@ class _Engine:
         self.di = di
         self.dir = RunDirectory(run_dir)
         self.make_task = make_task
+        self.data_identity = None
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -247,7 +250,7 @@ class _Engine:
         di = self.di
         run_on_main(self.dir.lock)  # before anything is read or written; released by run() or by death
         try:
-            resume_path, resume_state = run_on_main(lambda: choose_checkpoint(self.cfg, self.dir), default=(None, None))
+            resume_path, resume_state = run_on_main(self._choose_checkpoint, default=(None, None))
             resume_path = broadcast_from_main(resume_path)
             if resume_path is not None:
                 resume_path = self.dir.checkpoints / resume_path  # a path of its own stays as it is
@@ -255,6 +258,11 @@ class _Engine:
         finally:
             if di.is_main:
                 self.dir.unlock()
+
+    def _choose_checkpoint(self) -> tuple[str | None, dict | None]:
+        """Rank 0: this start's data identity (saved in every checkpoint), then the checkpoint."""
+        self.data_identity = data_identity(self.cfg.data)
+        return choose_checkpoint(self.cfg, self.dir, self.data_identity)
 
     def _run(self, resume_path: Path | None, main_state: dict | None) -> tuple[RunResult, TrainTask]:
         cfg, di = self.cfg, self.di
@@ -507,7 +515,7 @@ class _Engine:
             state = {"model": self.task.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "step": c.step, "epoch": c.step // self.steps_per_epoch, "rng": rng,
                      "world_size": di.world_size, "config": self.config_yaml, "run_id": self.run_id,
-                     "engine": engine, **self.task.state_dict()}
+                     "engine": engine, "data_identity": self.data_identity, **self.task.state_dict()}
             self.last_checkpoint = save_checkpoint(self.dir.checkpoints, c.step, state, self.config_yaml,
                                                    keep_last=self.cfg.checkpoint.keep_last, run_id=self.run_id)
         self.saved_step = c.step

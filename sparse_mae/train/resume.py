@@ -28,10 +28,12 @@ from sparse_mae.train.resume_config import check_resume_config
 from sparse_mae.train.rundir import RunDirectory
 
 
-def choose_checkpoint(cfg: DictConfig, run_dir: RunDirectory) -> tuple[str | None, dict | None]:
+def choose_checkpoint(cfg: DictConfig, run_dir: RunDirectory,
+                      identity: dict | None = None) -> tuple[str | None, dict | None]:
     """Rank 0: -> (the checkpoint to continue from: an absolute path for resume=<path>, a name
     in the run's checkpoints/ for resume=auto, so each node finds it in its own view of a
-    shared output_dir; its state), or (None, None) for a fresh start."""
+    shared output_dir; its state), or (None, None) for a fresh start. `identity`: this start's
+    data (data/identity.py), compared with the checkpoint's."""
     def say(message: str) -> None:
         print(message, flush=True)
 
@@ -50,12 +52,14 @@ def choose_checkpoint(cfg: DictConfig, run_dir: RunDirectory) -> tuple[str | Non
                 f"later checkpoints ({', '.join(c.path.name for c in later[-3:])}) that continuing there would "
                 f"overwrite; nothing was changed. To branch from step {int(state['step'])}, add a new "
                 f"output_dir=...; to continue from the newest, pass resume=auto")
-        check_resume_config(state.get("config"), cfg, explicit, warn=say)
+        check_resume_config(state.get("config"), cfg, explicit, warn=say, saved_identity=state.get("data_identity"),
+                            identity=identity)
         return str(explicit.resolve()), state
     if wants_auto_resume(cfg.resume):
         path, state = newest_good_checkpoint(run_dir.checkpoints, warn=say)
         if path is not None:
-            check_resume_config(state.get("config"), cfg, path, warn=say)
+            check_resume_config(state.get("config"), cfg, path, warn=say, saved_identity=state.get("data_identity"),
+                                identity=identity)
             return path.name, state
     else:
         run_dir.check_fresh_start()

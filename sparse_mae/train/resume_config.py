@@ -7,10 +7,17 @@
 - Every other key (clip_grad, amp, backend, ema, mixup, label_smoothing, ...) changes the
   training from then on but not its meaning: allowed, with a warning listing each key,
   old and new.
+- data.root: where both the checkpoint and this start know the data's identity
+  (data/identity.py), the identities are compared, not the paths: the same data under
+  another spelling or path continues with a note; other data is refused, naming both. A
+  checkpoint without one (the built-in images, or an earlier version) compares the path
+  as written.
 """
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
+
+from sparse_mae.data.identity import describe
 
 MUST_MATCH = ("model", "seed", "batch_size", "accum_iter", "epochs", "mask_ratio", "optim", "sched",
               "data.name", "data.root", "data.size", "data.num_images", "data.num_train", "data.num_val",
@@ -33,8 +40,10 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
-def config_changes(saved_yaml: str | None, cfg: DictConfig) -> tuple[list[str], list[str]]:
-    """-> (refused changes, warned changes), each "key: old -> new"."""
+def config_changes(saved_yaml: str | None, cfg: DictConfig,
+                   skip: tuple[str, ...] = ()) -> tuple[list[str], list[str]]:
+    """-> (refused changes, warned changes), each "key: old -> new"; keys in `skip` are left
+    to the caller."""
     if not saved_yaml:
         return [], []
     old = _flat(OmegaConf.to_container(OmegaConf.create(saved_yaml), resolve=False))
@@ -42,14 +51,20 @@ def config_changes(saved_yaml: str | None, cfg: DictConfig) -> tuple[list[str], 
     refused, warned = [], []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
-        if a == b or _under(key, MAY_CHANGE):
+        if a == b or _under(key, MAY_CHANGE) or key in skip:
             continue
         (refused if _under(key, MUST_MATCH) else warned).append(f"{key}: {a} -> {b}")
     return refused, warned
 
 
-def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, warn) -> None:
-    refused, warned = config_changes(saved_yaml, cfg)
+def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, warn,
+                        saved_identity: dict | None = None, identity: dict | None = None) -> None:
+    """Raise ValueError (exit 2) for a refused change; `warn` the allowed ones. `identity`:
+    this start's data (data/identity.py), `saved_identity`: the checkpoint's."""
+    by_identity = bool(saved_identity and identity)
+    refused, warned = config_changes(saved_yaml, cfg, skip=("data.root",) if by_identity else ())
+    if by_identity:
+        refused += data_changes(saved_identity, identity, warn)
     if refused:
         weights = "init=" if "mask_ratio" in cfg else "pretrained="
         raise ValueError(
@@ -58,3 +73,18 @@ def check_resume_config(saved_yaml: str | None, cfg: DictConfig, checkpoint, war
             f"its weights in a new output_dir ({weights}{checkpoint})")
     if warned:
         warn(f"warning: resuming {checkpoint} with changed settings (they apply from here on): " + "; ".join(warned))
+
+
+def data_changes(saved: dict, now: dict, warn) -> list[str]:
+    """data.root by identity: -> [the refusal] for other data; [] for the same data, with a
+    note where data.root is written otherwise or names another folder."""
+    if saved["digest"] != now["digest"]:
+        return [f"data.root={now['as_written']} holds other data: the run read {describe(saved)}, this start "
+                f"finds {describe(now)}; point data.root at the data the run read"]
+    if saved["root"] != now["root"]:
+        warn(f"note: the data moved from {saved['root']} to {now['root']}: the same data ({now['kind']} "
+             f"{now['digest'][:12]}), so the run continues")
+    elif saved.get("as_written") != now["as_written"]:
+        warn(f"note: data.root={now['as_written']} is the folder the run read as data.root={saved.get('as_written')} "
+             f"({now['root']}), so the run continues")
+    return []
