@@ -21,7 +21,7 @@ from sparse_mae.config.checks import (
     opt,
 )
 from sparse_mae.config.choices import (
-    BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, PretrainVariant, Variant,
+    BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, EncoderVariant, Variant,
 )
 from sparse_mae.config.data import PATCH_MULTIPLE, DataConfig
 from sparse_mae.config.run import OptimConfig, RunConfig, SchedConfig
@@ -54,7 +54,7 @@ class FcmaeModelConfig:
     """The pretraining model: a ConvNeXt V2 variant pretrains with FCMAE, a ResNet (resnet18,
     resnet50, ...) with SparK."""
 
-    variant: PretrainVariant = opt(MISSING, "encoder variant; `model=<variant>` sets it (ConvNeXt V2: FCMAE; "
+    variant: EncoderVariant = opt(MISSING, "encoder variant; `model=<variant>` sets it (ConvNeXt V2: FCMAE; "
                                             "resnet*: SparK)")
     decoder_dim: int = opt(512, "FCMAE: width of the decoder's ConvNeXt block; SparK: width of the first of its "
                                 "five UNet blocks, a multiple of 32 (both papers: 512)", POSITIVE)
@@ -89,7 +89,7 @@ def spark_problem(node) -> Optional[str]:
 
 @dataclass
 class ClassifierModelConfig:
-    variant: Variant = opt(MISSING, "classifier variant; must match the pretrained checkpoint")
+    variant: EncoderVariant = opt(MISSING, "classifier variant; must match the pretrained checkpoint")
     drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1)",
                                 Range(0, 1, high_open=True))
 
@@ -205,7 +205,7 @@ class EvalConfig:
 
 @dataclass
 class ProbeModelConfig:
-    variant: Variant = opt(MISSING, "encoder variant; must match ckpt")
+    variant: EncoderVariant = opt(MISSING, "encoder variant; must match ckpt")
 
 
 @dataclass
@@ -251,9 +251,9 @@ class OnnxConfig:
 @dataclass
 class ExportConfig:
     ckpt: str = opt(MISSING, "our checkpoint (pretrain step-*.pt, an import, a fine-tuned checkpoint)")
-    format: ExportFormat = opt("sparse_mae", "sparse_mae | timm | official_dense | official_fcmae | onnx")
+    format: ExportFormat = opt("sparse_mae", "sparse_mae | timm | official_dense | official_fcmae | spark | onnx")
     out: str = opt(MISSING, ".safetensors (default layout) or .pt; .onnx for onnx")
-    variant: Optional[Variant] = opt(None, "null: detected from the shapes; else it must match")
+    variant: Optional[EncoderVariant] = opt(None, "null: detected from the shapes; else it must match")
     head: bool = opt(False, "encoder-only sources: add a fresh head (needs num_classes)")
     num_classes: Optional[int] = opt(None, "classes of the fresh head", POSITIVE)
     strict: bool = opt(True, "false: ignore unexpected keys in ckpt")
@@ -265,9 +265,10 @@ class ExportConfig:
 @dataclass
 class ImportConfig:
     ckpt: str = opt(MISSING, "plain state dict, or wrapped under 'model' / 'state_dict'; .pt/.pth/.safetensors")
-    format: LayoutFormat = opt(MISSING, "official_fcmae (gives our FCMAE model) | official_dense | timm | sparse_mae")
+    format: LayoutFormat = opt(MISSING, "official_fcmae (gives our FCMAE model) | spark (our SparK model) | "
+                                        "official_dense | timm | sparse_mae")
     out: str = opt(MISSING, "our checkpoint, a .pt file (.safetensors also accepted)")
-    variant: Optional[Variant] = opt(None, "null: detected from the shapes; else it must match")
+    variant: Optional[EncoderVariant] = opt(None, "null: detected from the shapes; else it must match")
     strict: bool = opt(True, "false: ignore unexpected keys")
 
 
