@@ -90,7 +90,8 @@ def spark_problem(node) -> Optional[str]:
 @dataclass
 class ClassifierModelConfig:
     variant: EncoderVariant = opt(MISSING, "classifier variant; must match the pretrained checkpoint")
-    drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1)",
+    drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1; the ResNets have "
+                                     "none: 0)",
                                 Range(0, 1, high_open=True))
 
 
@@ -191,6 +192,15 @@ class FinetuneConfig(RunConfig):
     optim: OptimConfig = opt(OptimConfig(blr=2.0e-4, betas=[0.9, 0.999], weight_decay=0.3),
                              "AdamW (paper atto fine-tuning: blr 2e-4, betas 0.9/0.999, wd 0.3)")
     sched: SchedConfig = opt(SchedConfig(warmup_epochs=5.0), "5 warmup epochs, then half-cosine")
+
+    @staticmethod
+    def relations(node) -> Optional[str]:
+        """A ResNet classifier has no stochastic depth: a rate asked for would be ignored."""
+        if (not OmegaConf.is_missing(node.model, "variant") and str(node.model.variant) in RESNET_VARIANTS
+                and node.model.drop_path_rate != 0):
+            return (f"model={node.model.variant}: the ResNet classifier has no stochastic depth; "
+                    f"set model.drop_path_rate=0")
+        return None
 
 
 @dataclass
