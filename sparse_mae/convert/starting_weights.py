@@ -26,7 +26,8 @@ def read_weights(path: str, fmt: str = "auto", variant: str | None = None,
         fmt = guess_format(foreign) or "sparse_mae"
     sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
     if variant is not None and spec.variant != str(variant):
-        raise ValueError(f"{option}={path} is a {spec.describe()} checkpoint but model={variant}; "
+        encoder = spec.variant if spec.resnet else f"convnextv2_{spec.variant}"
+        raise ValueError(f"{option}={path} is a {encoder} checkpoint but model={variant}; "
                          f"pass model={spec.variant}")
     return sd, spec, fmt
 
