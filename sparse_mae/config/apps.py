@@ -21,7 +21,7 @@ from sparse_mae.config.checks import (
     opt,
 )
 from sparse_mae.config.choices import (
-    BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, EncoderVariant, Variant,
+    BackendName, Device, DType, EncoderVariant, ExportFormat, InitFormat, LayoutFormat,
 )
 from sparse_mae.config.data import PATCH_MULTIPLE, DataConfig
 from sparse_mae.config.run import OptimConfig, RunConfig, SchedConfig
@@ -320,7 +320,8 @@ class BenchConfig:
 
     backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped",
                         Registered())
-    variants: list[Variant] = opt(["atto"], "encoder variants", NonEmpty())
+    variants: list[EncoderVariant] = opt(["atto"], "encoder variants (ConvNeXt V2: FCMAE; resnet*: SparK)",
+                                         NonEmpty())
     mask_ratios: list[float] = opt([0.6], "fractions of patches removed",
                                    Range(0, 1, low_open=True, high_open=True, nonempty=True, hint="the paper uses 0.6"))
     batch_sizes: list[int] = opt([8], "images per step", Range(1, nonempty=True))
