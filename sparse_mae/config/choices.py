@@ -7,7 +7,6 @@ from sparse_mae.config.checks import Choice
 from sparse_mae.models.convnextv2 import VARIANTS
 from sparse_mae.models.resnet import VARIANTS as RESNET_VARIANTS
 
-Variant = Choice("Variant", [(v, v) for v in VARIANTS])
 # any encoder: a ConvNeXt V2 variant (pretrained by FCMAE) or a ResNet (pretrained by SparK)
 EncoderVariant = Choice("EncoderVariant", [(v, v) for v in (*VARIANTS, *RESNET_VARIANTS)])
 BackendName = Choice("BackendName", [(b, b) for b in ("auto", *list_backends())])
