@@ -225,7 +225,8 @@ def conversion_check(source_sd: dict, source_spec: Spec, exported: dict, fmt: st
     masked image with the mask re-applied as the dense_masked reference does.
 
     Rebuilding goes through the inverse conversion, so a wrong transform in either
-    direction shows up as a large difference.
+    direction shows up as a large difference. ResNets compare the last stage of
+    `encode_stages` (eval mode: the running statistics), on the backends that run ResNets.
     """
     from sparse_mae.backends import available_backends, get_backend
     from sparse_mae.models.fcmae import random_mask
