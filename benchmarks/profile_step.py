@@ -5,7 +5,7 @@ configuration of a `sparse-mae bench` grid, after the grid's warm-up steps.
     .venv/bin/python benchmarks/profile_step.py backends=[native] variants=[tiny] dtypes=[bfloat16]
 
 Arguments are `sparse-mae bench` overrides (preset bench=backends unless one is given); the
-step is the one the bench times (sparse_mae.bench.measure.FcmaeStep: the engine's own
+step is the one the bench times (sparse_mae.bench.measure.PretrainStep: the engine's own
 training step), so a table explains a row of the bench. The timings themselves:
 `sparse-mae bench bench=backends`.
 """
@@ -18,7 +18,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from sparse_mae.apps.bench import compose_config
-from sparse_mae.bench.measure import FcmaeStep
+from sparse_mae.bench.measure import PretrainStep
 from sparse_mae.bench.runner import GRID_KEYS, plan, settings_from, skip_reason
 
 DEFAULT_PRESET = "bench=backends"
@@ -28,7 +28,7 @@ def profile_step(spec: dict, rows: int) -> str:
     """The operator table of one training step of `spec` (a bench configuration)."""
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    run = FcmaeStep(spec)
+    run = PretrainStep(spec)
     for k in range(spec["warmup"]):
         run.step(k)
     on_gpu = spec["device"] == "cuda"

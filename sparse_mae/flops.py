@@ -7,6 +7,11 @@ Two ways, which agree on dense models (a test checks it):
   costs the encoder exactly the same, so the useful sparse work is
   `visible_patches * encoder_macs_per_patch`.
 Norms, GELU and GRN are not counted (neither by the paper nor by FlopCounterMode).
+
+ResNets (SparK) the same way: every layer maps visible patches to visible patches
+(docs/design.md section 7), so each conv costs, per visible patch, its output sites in the
+patch x kernel taps x input x output channels; the max-pool counts none. SparK's decoder
+(densify projections and the UNet blocks) is dense and costs the same at any mask.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from sparse_mae.models.convnextv2 import VARIANTS
 from sparse_mae.models.geometry import (
     DOWNSAMPLE_STRIDE, KERNEL_SIZE, NUM_STAGES, PATCH, STAGE_SITES_PER_PATCH, STEM_STRIDE, visible_count,
 )
+from sparse_mae.models.resnet import ResNet
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -61,7 +67,7 @@ def decoder_macs(patches: float, removed: float, encoder_dim: int, decoder_dim: 
 
 @dataclass(frozen=True)
 class FcmaeGmacs:
-    """Per-image GMACs of one FCMAE forward."""
+    """Per-image GMACs of one pretraining forward (FCMAE's or SparK's)."""
 
     encoder_dense: float  # the encoder on every patch
     encoder_useful: float  # the encoder on the visible patches only
@@ -74,6 +80,79 @@ class FcmaeGmacs:
     @property
     def total_useful(self) -> float:
         return self.encoder_useful + self.decoder
+
+
+def _visible_patches(patches: int, mask: torch.Tensor | None, mask_ratio: float | None) -> float:
+    """Visible patches per image: from `mask` (N, L) (1 = removed) when given, else from
+    `mask_ratio` with the exact keep count the models draw (`visible_count`), else all."""
+    if mask is not None:
+        return float((mask == 0).sum()) / mask.shape[0]
+    if mask_ratio is not None:
+        return float(visible_count(patches, mask_ratio))
+    return float(patches)
+
+
+def conv_macs_per_patch(conv: torch.nn.Conv2d, in_stride: int) -> tuple[int, int]:
+    """(MACs of `conv` for one 32x32 patch, its output's stride): output sites in the patch x
+    kernel taps x input channels (per group) x output channels."""
+    out_stride = in_stride * conv.stride[0]
+    sites = (PATCH // out_stride) ** 2
+    kh, kw = conv.kernel_size
+    return sites * kh * kw * (conv.in_channels // conv.groups) * conv.out_channels, out_stride
+
+
+def resnet_macs_per_patch(encoder: ResNet) -> int:
+    """ResNet encoder MACs for one visible 32x32 patch (conv1, every block's convs and its
+    downsample conv; the max-pool counts none)."""
+    macs, stride = conv_macs_per_patch(encoder.conv1, 1)
+    stride *= encoder.maxpool.stride
+    for layer in encoder.layers():
+        for block in layer:
+            block_in = stride
+            for conv, _, _ in block.branch():
+                m, stride = conv_macs_per_patch(conv, stride)
+                macs += m
+            if block.downsample is not None:
+                macs += conv_macs_per_patch(block.downsample[0], block_in)[0]
+    return macs
+
+
+def spark_decoder_macs(model, patches: float) -> float:
+    """SparK's densify projections (at every site of their stage) and its light decoder (five
+    x2 UNet blocks, the 1x1 to pixels), all dense: per image of `patches` patches."""
+    macs = 0
+    for i, proj in enumerate(model.densify_projs):  # coarsest first: (2^i)^2 sites per patch
+        if isinstance(proj, torch.nn.Conv2d):
+            macs += conv_macs_per_patch(proj, PATCH // 2**i)[0]
+    stride = PATCH
+    for block in model.decoder.dec:
+        up = block.up_sample  # a transposed conv: each input site spreads kh*kw taps
+        macs += (PATCH // stride) ** 2 * up.kernel_size[0] * up.kernel_size[1] * up.in_channels * up.out_channels
+        stride //= up.stride[0]
+        for layer in block.conv:
+            if isinstance(layer, torch.nn.Conv2d):
+                macs += conv_macs_per_patch(layer, stride)[0]
+    macs += conv_macs_per_patch(model.decoder.proj, stride)[0]
+    return patches * macs
+
+
+def spark_gmacs(model, input_size=(224, 224), mask: torch.Tensor | None = None,
+                mask_ratio: float | None = None) -> "FcmaeGmacs":
+    """Per-image GMACs of one SparK forward (a SparK model, e.g. built on the meta device):
+    encoder dense and on the visible patches only, decoder (dense)."""
+    patches = (input_size[0] // PATCH) * (input_size[1] // PATCH)
+    per_patch = resnet_macs_per_patch(model.encoder)
+    return FcmaeGmacs(
+        encoder_dense=patches * per_patch / 1e9,
+        encoder_useful=_visible_patches(patches, mask, mask_ratio) * per_patch / 1e9,
+        decoder=spark_decoder_macs(model, patches) / 1e9,
+    )
+
+
+def resnet_classifier_gmacs(model: ResNet, input_size=(224, 224)) -> float:
+    patches = (input_size[0] // PATCH) * (input_size[1] // PATCH)
+    head = model.fc.in_features * model.fc.out_features if model.fc is not None else 0
+    return (patches * resnet_macs_per_patch(model) + head) / 1e9
 
 
 def classifier_gmacs(variant: str, input_size=(224, 224), num_classes: int = 1000, in_chans: int = 3) -> float:
@@ -106,12 +185,7 @@ def fcmae_gmacs(
         decoder_dim = variant_or_model.proj.out_channels
         decoder_depth = len(variant_or_model.decoder)
     patches = (input_size[0] // PATCH) * (input_size[1] // PATCH)
-    if mask is not None:
-        visible = float((mask == 0).sum()) / mask.shape[0]
-    elif mask_ratio is not None:
-        visible = float(visible_count(patches, mask_ratio))
-    else:
-        visible = float(patches)
+    visible = _visible_patches(patches, mask, mask_ratio)
     per_patch = encoder_macs_per_patch(depths, dims, in_chans)
     return FcmaeGmacs(
         encoder_dense=patches * per_patch / 1e9,

@@ -277,7 +277,7 @@ def test_the_bench_times_the_engines_own_step(tmp_path, monkeypatch):
     loss) fails here."""
     from sparse_mae.apps.pretrain import compose_config as pretrain_config
     from sparse_mae.apps.pretrain import run_pretrain
-    from sparse_mae.bench.measure import FcmaeStep
+    from sparse_mae.bench.measure import PretrainStep
     from sparse_mae.train import step as training_step
     from sparse_mae.train.step import fcmae_loss
 
@@ -303,8 +303,8 @@ def test_the_bench_times_the_engines_own_step(tmp_path, monkeypatch):
                            "data.num_images=4", "data.num_workers=0", "logger=none", "recon.num_images=0",
                            "amp=false", f"output_dir={tmp_path / 'run'}"])
     run_pretrain(cfg)
-    FcmaeStep({"backend": "native", "variant": "debug", "image_size": 64, "mask_ratio": 0.6, "batch_size": 2,
-               "dtype": "float32", "device": "cpu", "seed": 0}).step(0)
+    PretrainStep({"backend": "native", "variant": "debug", "image_size": 64, "mask_ratio": 0.6, "batch_size": 2,
+                  "dtype": "float32", "device": "cpu", "seed": 0}).step(0)
     engine, bench = calls
     assert engine == bench
     assert engine["same_loss"] and engine["defaults"]["betas"] == (0.9, 0.95) and engine["defaults"]["fused"]
@@ -363,3 +363,31 @@ def test_compiled_backends_are_accepted_by_name_and_unknown_ones_skipped(tmp_pat
     assert "not registered" in runner.skip_reason("nonsense+compile", "float32", "cpu")
     with pytest.raises(ValueError, match=r"under torch.compile \(e.g. dense_masked\+compile\)"):
         compose_config(["backends=[nonsense+compile]"])
+
+
+def test_resnet_rows_time_the_spark_training_step_and_count_its_flops(tmp_path, monkeypatch):
+    """A ResNet variant benches SparK through the step `pretrain model=resnet*` runs (the same
+    loss call, groups and recipe); dense_masked executes the dense FLOPs, native the useful ones."""
+    from sparse_mae.flops import spark_gmacs
+    from sparse_mae.train import step as training_step
+
+    models = []
+    real = training_step.train_step
+
+    def recording(model, *args, **kw):
+        models.append(type(model).__name__)
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(training_step, "train_step", recording)
+    rows, _ = bench(tmp_path, "variants=[resnet_debug]", "backends=[dense_masked,native]", "mask_ratios=[0.75]")
+    assert set(models) == {"SparK"}
+    dense, native = rows[("dense_masked", 0.75)], rows[("native", 0.75)]
+    assert dense["status"] == native["status"] == "ok"
+    with torch.device("meta"):
+        model = create_model("spark_resnet_debug")
+    mask = torch.ones(2, 4)
+    mask[:, 0] = 0  # one of the four patches kept at 0.75
+    g = spark_gmacs(model, (64, 64), mask=mask)
+    assert dense["dense_gmacs"] == pytest.approx(g.total_dense) and dense["useful_gmacs"] == pytest.approx(g.total_useful)
+    assert dense["executed_gmacs"] == pytest.approx(g.total_dense, rel=1e-9)
+    assert native["executed_gmacs"] == pytest.approx(g.total_useful, rel=1e-9)

@@ -28,3 +28,45 @@ def test_useful_gmacs_scale_with_visible_patches():
     # the pred layer runs on the removed patches: 39 and 29 (34 a sample) against 30
     pred_per_patch = 512 * 32 * 32 * 3 / 1e9
     assert g2.decoder == pytest.approx(g.decoder + (34 - 30) * pred_per_patch)
+
+
+# -- ResNets (SparK) -------------------------------------------------------------------------
+
+def test_resnet_conv_costs_match_a_hand_count():
+    """One layer by hand: per 32x32 patch, conv1 (7x7/2, 3->64) has 16x16 output sites, and
+    resnet50's layer2.0.conv2 (3x3/2, 128->128, input at /4) has 4x4 at /8."""
+    from sparse_mae.flops import conv_macs_per_patch
+
+    model = sparse_mae.create_model("resnet50", num_classes=0)
+    assert conv_macs_per_patch(model.conv1, 1) == (16 * 16 * 7 * 7 * 3 * 64, 2)
+    assert conv_macs_per_patch(model.layer2[0].conv2, 4) == (4 * 4 * 3 * 3 * 128 * 128, 8)
+    assert conv_macs_per_patch(model.layer2[0].downsample[0], 4) == (4 * 4 * 256 * 512, 8)
+
+
+@pytest.mark.parametrize("variant", ["resnet_debug", "resnet18", "resnet50"])
+@pytest.mark.parametrize("size", [(224, 224), (96, 160)])
+def test_resnet_classifier_gmacs_match_counter(variant, size):
+    from sparse_mae.flops import resnet_classifier_gmacs
+
+    with torch.device("meta"):
+        model = sparse_mae.create_model(variant, num_classes=10)
+    assert measured_gmacs(model, size) == pytest.approx(resnet_classifier_gmacs(model, size), rel=1e-9)
+
+
+def test_spark_gmacs_match_counter_dense_and_visible_only():
+    """On dense_masked the encoder does its dense work at any mask (so at mask 0 too), on the
+    native engine the visible patches' only; the decoder is the same dense work on both."""
+    from sparse_mae.flops import spark_gmacs
+
+    for backend, useful in (("dense_masked", False), ("native", True)):
+        model = sparse_mae.create_model("spark_resnet_debug", backend=backend)
+        for ratio in (0.4, 0.75):
+            g = spark_gmacs(model, (128, 128), mask_ratio=ratio)
+            expected = g.total_useful if useful else g.total_dense
+            assert measured_gmacs(model, (128, 128), mask_ratio=ratio) == pytest.approx(expected, rel=1e-9)
+        mask = torch.zeros(1, 16)  # mask 0: every patch visible, dense == useful
+        g0 = spark_gmacs(model, (128, 128), mask=mask)
+        assert g0.encoder_useful == g0.encoder_dense
+        assert measured_gmacs(model, (128, 128), mask=mask) == pytest.approx(g0.total_dense, rel=1e-9)
+    g = spark_gmacs(model, (224, 224), mask_ratio=0.6)
+    assert g.encoder_useful == pytest.approx(g.encoder_dense * 19 / 49)

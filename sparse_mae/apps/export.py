@@ -1,4 +1,4 @@
-"""`sparse-mae export ckpt=PATH format=F out=PATH`: our checkpoint -> timm / official / ONNX.
+"""`sparse-mae export ckpt=PATH format=F out=PATH`: our checkpoint -> timm / official / SparK / ONNX.
 
 Prints what it wrote and the conversion check: the dense classifier rebuilt from the
 exported tensors, run on a masked image with the mask re-applied as the dense_masked
@@ -32,7 +32,7 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int, opset: int)
     """Dense classifier (or encoder) -> ONNX with a dynamic batch dimension."""
     path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, model.in_chans, image_size, image_size)
-    output = "logits" if model.head is not None else "features"
+    output = "logits" if model.num_classes else "features"
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation / tracer notes
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (example,), str(path), input_names=["images"], output_names=[output],
@@ -64,7 +64,7 @@ def run_export(cfg: DictConfig) -> dict:
     else:
         if not out.suffix:
             out = out.with_suffix(".safetensors")
-        write_state_dict(exported, out, metadata)
+        write_state_dict(exported, out, metadata, wrapper="module" if fmt == "spark" else "model")
     report = {}
     if cfg.check:
         backends = list(cfg.check_backends) if cfg.check_backends else None

@@ -1,4 +1,4 @@
-"""`sparse-mae finetune [hydra overrides]`: fine-tune a dense ConvNeXt V2 classifier
+"""`sparse-mae finetune [hydra overrides]`: fine-tune a dense ConvNeXt V2 or ResNet classifier
 (schema: config.apps.FinetuneConfig).
 
 From pretrained weights (ours, an import, or any layout `import` reads) or random init:
@@ -23,6 +23,7 @@ from sparse_mae.apps.app import compose, hydra_main
 from sparse_mae.data.build import labelled_split
 from sparse_mae.data.loader import make_loader
 from sparse_mae.build import create_model
+from sparse_mae.models import RESNET_VARIANTS, model_name
 from sparse_mae.train.distributed import DistInfo
 from sparse_mae.train.ema import ModelEma
 from sparse_mae.train.amp import resolve_amp
@@ -67,8 +68,11 @@ class FinetuneTask(TrainTask):
         self.dataset, self.classes = labelled_split(cfg.data, "train")
         self.val_set, _ = labelled_split(cfg.data, "val", self.classes)
         self.num_classes = len(self.classes)
-        self.model = create_model(f"convnextv2_{cfg.model.variant}", num_classes=self.num_classes,
-                                  drop_path_rate=cfg.model.drop_path_rate).to(di.device)
+        variant = str(cfg.model.variant)
+        self.model_name = model_name("resnet" if variant in RESNET_VARIANTS else "convnextv2", variant)
+        # the ResNets have no stochastic depth (config.apps.FinetuneConfig.relations refuses a rate)
+        depth = {} if variant in RESNET_VARIANTS else {"drop_path_rate": cfg.model.drop_path_rate}
+        self.model = create_model(self.model_name, num_classes=self.num_classes, **depth).to(di.device)
         self.ema = ModelEma(self.model, cfg.ema.decay) if cfg.ema.enabled else None
         self.source = "random init"
         self.evals: list[dict] = []
@@ -79,7 +83,7 @@ class FinetuneTask(TrainTask):
 
     def describe(self) -> str:
         cfg = self.cfg
-        return (f"convnextv2_{cfg.model.variant} from {cfg.pretrained or 'random init'}, {self.num_classes} classes, "
+        return (f"{self.model_name} from {cfg.pretrained or 'random init'}, {self.num_classes} classes, "
                 f"{len(self.val_set)} val images at {cfg.data.size}px, layer decay {cfg.layer_decay}")
 
     def init_weights(self, log) -> None:

@@ -106,8 +106,10 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, keep
 
 
 def masked_max_pool(pool: nn.MaxPool2d, x: torch.Tensor, keeps: KeepMaps) -> torch.Tensor:
-    """Max over the visible sites of each window (removed sites count as -inf, not 0), zero at
-    removed outputs. Every visible output's window holds a visible site (docs/design.md section 7)."""
+    """Max over the visible sites of each window (removed sites count as the dtype's lowest
+    value, not 0), zero at removed outputs. Every visible output's window holds a visible site
+    (docs/design.md section 7). Not -inf: torch.compile's max-pool gives a window of -inf only
+    (a removed output) the index of its padding, and the backward's scatter then fails."""
     visible = keeps[x.shape[-2]].bool()
-    y = pool(x.masked_fill(~visible, float("-inf")))
+    y = pool(x.masked_fill(~visible, torch.finfo(x.dtype).min))
     return y.masked_fill(~keeps[y.shape[-2]].bool(), 0.0)

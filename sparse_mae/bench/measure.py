@@ -1,11 +1,13 @@
 """Measure one benchmark configuration: backend x variant x mask ratio x batch x dtype.
 
-`measure_configuration(spec)` builds the FCMAE model, then measures
+`measure_configuration(spec)` builds the pretraining model (FCMAE for a ConvNeXt V2 variant,
+SparK for a ResNet), then measures
 - executed forward MACs: torch's FlopCounterMode over one real forward plus the backend's
   `uncounted_macs` hooks for kernels the counter cannot see (encoder and decoder);
 - forward time (the training loss's forward, autograd on) and step time: the engine's own
   step (train.step.train_step: FCMAE loss with per-sample masks from seeds, backward, the
-  gradient norm, AdamW with the pretraining recipe's groups, betas and weight decay):
+  gradient norm, AdamW with the pretraining recipe's groups, betas and weight decay; SparK
+  runs the same loss call and groups, as `sparse-mae pretrain model=resnet*` does):
   `warmup` untimed calls, then `repeats` timed ones (CUDA events on GPU);
 - peak memory of the forward and of the step, on top of what existed before them (model,
   batch): CUDA max allocated on GPU; on CPU the peak RSS (VmHWM, reset through
@@ -26,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_mae.bench.timing import median_iqr, time_calls
 from sparse_mae.config import COMPILED
+from sparse_mae.models import RESNET_VARIANTS, pretraining_model_name
 from sparse_mae.models.convnextv2 import PATCH
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -136,8 +139,8 @@ def memory_guard(device: torch.device, guard_gib: float | None):
 # -- one configuration ------------------------------------------------------------------------
 
 
-class FcmaeStep:
-    """The training step the engine runs (train.step.train_step with the FCMAE loss, the
+class PretrainStep:
+    """The training step the engine runs (train.step.train_step with the FCMAE / SparK loss, the
     pretraining app's parameter groups and the schema's AdamW recipe), on random images of
     one configuration. Call k draws the batch's masks from seeds k * batch .. (k+1) * batch,
     as training draws them from sample seeds, so no engine can cache one mask's indices."""
@@ -153,7 +156,7 @@ class FcmaeStep:
         self.batch_size, self.mask_ratio = spec["batch_size"], spec["mask_ratio"]
         size = spec["image_size"]
         backend = spec["backend"].removesuffix(COMPILED)
-        self.model = create_model(f"fcmae_convnextv2_{spec['variant']}", backend=backend).to(self.device)
+        self.model = create_model(pretraining_model_name(spec["variant"]), backend=backend).to(self.device)
         self.model.train()
         # backend+compile: the loss runs the model under torch.compile (compiled in the warm-up
         # calls); the optimizer, clipping and the rest of the step are the engine's as for any row
@@ -204,11 +207,11 @@ def measure_configuration(spec: dict) -> dict:
     """spec keys: backend, variant, image_size, mask_ratio, batch_size, dtype, device,
     warmup, repeats, threads, seed, memory_guard_gib, fresh_process.
     -> measured fields (times in ms, memory in MiB, MACs per image in G)."""
-    from sparse_mae.flops import fcmae_gmacs
+    from sparse_mae.flops import fcmae_gmacs, spark_gmacs
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    run = FcmaeStep(spec)
+    run = PretrainStep(spec)
     model, imgs, device, batch = run.model, run.imgs, run.device, run.batch_size
     grid = imgs.shape[-1] // PATCH
     forward, step = run.forward, run.step
@@ -219,7 +222,8 @@ def measure_configuration(spec: dict) -> dict:
         run.forward(0, eager=True)
     uncounted = model.uncounted_macs(imgs, mask0)
     result["executed_gmacs"] = (counter.get_total_flops() / 2 + uncounted) / batch / 1e9
-    analytic = fcmae_gmacs(model, tuple(imgs.shape[-2:]), mask=mask0)
+    gmacs = spark_gmacs if spec["variant"] in RESNET_VARIANTS else fcmae_gmacs
+    analytic = gmacs(model, tuple(imgs.shape[-2:]), mask=mask0)
     result["dense_gmacs"] = analytic.total_dense
     result["useful_gmacs"] = analytic.total_useful
     result["visible_patches"] = int((mask0[0] == 0).sum())

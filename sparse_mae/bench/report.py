@@ -110,7 +110,8 @@ def markdown_table(rows: list[dict], env: dict, peaks: dict | None = None) -> st
     methods = sorted({r["memory_method"] for r in rows if r.get("memory_method")})
     mfu_against = sorted({r["mfu_peak"] for r in rows if r.get("mfu_peak")})
     lines = [
-        f"FCMAE benchmark, {rows[0]['image_size'] if rows else '?'}px, device {env['gpu'] or env['cpu']}, "
+        f"Pretraining benchmark (FCMAE; SparK for resnet*), {rows[0]['image_size'] if rows else '?'}px, "
+        f"device {env['gpu'] or env['cpu']}, "
         f"{env['threads']} threads, torch {env['torch']}, commit {env['git_commit']}, {env['date']}, "
         f"load average at the end {env.get('load_average')}.",
         "",

@@ -21,7 +21,7 @@ from sparse_mae.config.checks import (
     opt,
 )
 from sparse_mae.config.choices import (
-    BackendName, Device, DType, ExportFormat, InitFormat, LayoutFormat, PretrainVariant, Variant,
+    BackendName, Device, DType, EncoderVariant, ExportFormat, InitFormat, LayoutFormat,
 )
 from sparse_mae.config.data import PATCH_MULTIPLE, DataConfig
 from sparse_mae.config.run import OptimConfig, RunConfig, SchedConfig
@@ -54,7 +54,7 @@ class FcmaeModelConfig:
     """The pretraining model: a ConvNeXt V2 variant pretrains with FCMAE, a ResNet (resnet18,
     resnet50, ...) with SparK."""
 
-    variant: PretrainVariant = opt(MISSING, "encoder variant; `model=<variant>` sets it (ConvNeXt V2: FCMAE; "
+    variant: EncoderVariant = opt(MISSING, "encoder variant; `model=<variant>` sets it (ConvNeXt V2: FCMAE; "
                                             "resnet*: SparK)")
     decoder_dim: int = opt(512, "FCMAE: width of the decoder's ConvNeXt block; SparK: width of the first of its "
                                 "five UNet blocks, a multiple of 32 (both papers: 512)", POSITIVE)
@@ -83,8 +83,9 @@ def spark_problem(node) -> Optional[str]:
 
 @dataclass
 class ClassifierModelConfig:
-    variant: Variant = opt(MISSING, "classifier variant; must match the pretrained checkpoint")
-    drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1)",
+    variant: EncoderVariant = opt(MISSING, "classifier variant; must match the pretrained checkpoint")
+    drop_path_rate: float = opt(0.1, "stochastic depth (paper atto fine-tuning recipe: 0.1; the ResNets have "
+                                     "none: 0)",
                                 Range(0, 1, high_open=True))
 
 
@@ -186,6 +187,15 @@ class FinetuneConfig(RunConfig):
                              "AdamW (paper atto fine-tuning: blr 2e-4, betas 0.9/0.999, wd 0.3)")
     sched: SchedConfig = opt(SchedConfig(warmup_epochs=5.0), "5 warmup epochs, then half-cosine")
 
+    @staticmethod
+    def relations(node) -> Optional[str]:
+        """A ResNet classifier has no stochastic depth: a rate asked for would be ignored."""
+        if (not OmegaConf.is_missing(node.model, "variant") and str(node.model.variant) in RESNET_VARIANTS
+                and node.model.drop_path_rate != 0):
+            return (f"model={node.model.variant}: the ResNet classifier has no stochastic depth; "
+                    f"set model.drop_path_rate=0")
+        return None
+
 
 @dataclass
 class EvalConfig:
@@ -199,7 +209,7 @@ class EvalConfig:
 
 @dataclass
 class ProbeModelConfig:
-    variant: Variant = opt(MISSING, "encoder variant; must match ckpt")
+    variant: EncoderVariant = opt(MISSING, "encoder variant; must match ckpt")
 
 
 @dataclass
@@ -245,9 +255,9 @@ class OnnxConfig:
 @dataclass
 class ExportConfig:
     ckpt: str = opt(MISSING, "our checkpoint (pretrain step-*.pt, an import, a fine-tuned checkpoint)")
-    format: ExportFormat = opt("sparse_mae", "sparse_mae | timm | official_dense | official_fcmae | onnx")
+    format: ExportFormat = opt("sparse_mae", "sparse_mae | timm | official_dense | official_fcmae | spark | onnx")
     out: str = opt(MISSING, ".safetensors (default layout) or .pt; .onnx for onnx")
-    variant: Optional[Variant] = opt(None, "null: detected from the shapes; else it must match")
+    variant: Optional[EncoderVariant] = opt(None, "null: detected from the shapes; else it must match")
     head: bool = opt(False, "encoder-only sources: add a fresh head (needs num_classes)")
     num_classes: Optional[int] = opt(None, "classes of the fresh head", POSITIVE)
     strict: bool = opt(True, "false: ignore unexpected keys in ckpt")
@@ -259,9 +269,10 @@ class ExportConfig:
 @dataclass
 class ImportConfig:
     ckpt: str = opt(MISSING, "plain state dict, or wrapped under 'model' / 'state_dict'; .pt/.pth/.safetensors")
-    format: LayoutFormat = opt(MISSING, "official_fcmae (gives our FCMAE model) | official_dense | timm | sparse_mae")
+    format: LayoutFormat = opt(MISSING, "official_fcmae (gives our FCMAE model) | spark (our SparK model) | "
+                                        "official_dense | timm | sparse_mae")
     out: str = opt(MISSING, "our checkpoint, a .pt file (.safetensors also accepted)")
-    variant: Optional[Variant] = opt(None, "null: detected from the shapes; else it must match")
+    variant: Optional[EncoderVariant] = opt(None, "null: detected from the shapes; else it must match")
     strict: bool = opt(True, "false: ignore unexpected keys")
 
 
@@ -303,7 +314,8 @@ class BenchConfig:
 
     backends: Any = opt("all", "all registered backends, or a list; those not installed are listed as skipped",
                         Registered())
-    variants: list[Variant] = opt(["atto"], "encoder variants", NonEmpty())
+    variants: list[EncoderVariant] = opt(["atto"], "encoder variants (ConvNeXt V2: FCMAE; resnet*: SparK)",
+                                         NonEmpty())
     mask_ratios: list[float] = opt([0.6], "fractions of patches removed",
                                    Range(0, 1, low_open=True, high_open=True, nonempty=True, hint="the paper uses 0.6"))
     batch_sizes: list[int] = opt([8], "images per step", Range(1, nonempty=True))

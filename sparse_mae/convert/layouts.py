@@ -1,4 +1,4 @@
-"""Checkpoint layouts: our canonical names <-> timm, official dense, official FCMAE.
+"""Checkpoint layouts: our canonical names <-> timm, official dense, official FCMAE, SparK.
 
 Every conversion is a list of rules (canonical key, foreign key, tensor transform) built
 from the canonical shapes of a meta-device model, so the same table drives export,
@@ -9,8 +9,11 @@ stage / block / decoder indices inside key names and the sizes read off the stem
 decoder projection (`check_untrusted_keys`, the MAX_* bounds), so no layout is built from
 an absurd number; `check_layout` then refuses tensors whose elements overlap in memory.
 
-Kinds: "classifier" (our dense ConvNeXtV2: `stem.*`, `stages.*`, optional `head.*`) and
-"fcmae" (our FCMAE: `encoder.*`, `proj.*`, `mask_token`, `decoder.{j}.*`, `pred.*`).
+Kinds: "classifier" (our dense ConvNeXtV2: `stem.*`, `stages.*`, optional `head.*`; or our
+dense ResNet: `conv1.*`, `bn1.*`, `layer{i}.*`, optional `fc.*`), "fcmae" (our FCMAE:
+`encoder.*`, `proj.*`, `mask_token`, `decoder.{j}.*`, `pred.*`) and "spark" (our SparK:
+`encoder.*` a ResNet, `densify_*`, `mask_tokens.*`, `decoder.*`). The variant names the
+family: ConvNeXt V2's ("atto"...) and ResNet's ("resnet50"...) are disjoint.
 """
 from __future__ import annotations
 
@@ -23,8 +26,25 @@ import torch
 from sparse_mae.backends.minkowski import depthwise_from_me, depthwise_to_me, strided_from_me, strided_to_me
 from sparse_mae.models.convnextv2 import VARIANTS, build_convnextv2
 from sparse_mae.models.geometry import NUM_STAGES
+from sparse_mae.models.resnet import VARIANTS as RESNET_VARIANTS
+from sparse_mae.models.resnet import build_resnet
 
-FORMATS = ("sparse_mae", "timm", "official_dense", "official_fcmae")
+FORMATS = ("sparse_mae", "timm", "official_dense", "official_fcmae", "spark")
+CONVNEXT_ONLY_FORMATS = ("official_dense", "official_fcmae")  # the ConvNeXt V2 authors' code
+RESNET_ONLY_FORMATS = ("spark",)  # SparK's pretraining checkpoint (keyu-tian/SparK)
+PRETRAINING_FORMATS = ("official_fcmae", "spark")  # hold the decoder too
+# SparK's own model adds a prefix to each part (docs/design.md section 7): ours -> theirs
+SPARK_PREFIXES = (("encoder.", "sparse_encoder.sp_cnn."), ("decoder.", "dense_decoder."))
+# buffers SparK's model registers and marks deprecated (never read); shapes with the input size S
+SPARK_UNUSED_BUFFERS = ("imn_m", "imn_s", "norm_black")
+
+
+def is_resnet(variant: str) -> bool:
+    return variant in RESNET_VARIANTS
+
+
+def family_variants(resnet: bool) -> dict:
+    return RESNET_VARIANTS if resnet else VARIANTS
 # timm builds these variants with 1x1-conv MLPs (conv_mlp=True); tiny and larger use Linear.
 TIMM_CONV_MLP = frozenset({"atto", "femto", "pico", "nano"})
 
@@ -102,9 +122,35 @@ def _encoder_rule(ckey: str, fmt: str, variant: str) -> tuple[str, str]:
     raise KeyError(ckey)
 
 
+def _resnet_rule(ckey: str, fmt: str, kind: str) -> tuple[str, str]:
+    """Our ResNet / SparK key -> (foreign key, transform). Our ResNet is timm's layout by
+    construction (models/resnet.py) and our SparK names its parts as SparK does, so every
+    ResNet rule is a rename of a prefix at most."""
+    if kind == "classifier":
+        if fmt == "spark":
+            raise ValueError("format spark holds SparK's pretraining model (encoder + decoder); a dense ResNet "
+                             "exports as timm (SparK's own *_timm_style.pth files are that layout)")
+        return ckey, "same"
+    if fmt == "timm":
+        raise ValueError("format timm holds a dense classifier, not a SparK model")
+    if fmt == "spark":
+        for ours, theirs in SPARK_PREFIXES:
+            if ckey.startswith(ours):
+                return theirs + ckey.removeprefix(ours), "same"
+    return ckey, "same"  # densify_norms.*, densify_projs.*, mask_tokens.*
+
+
 def foreign_rule(ckey: str, fmt: str, variant: str, kind: str) -> tuple[str, str]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; valid formats: {', '.join(FORMATS)}")
+    if is_resnet(variant):
+        if fmt in CONVNEXT_ONLY_FORMATS:
+            raise ValueError(f"format {fmt} is the ConvNeXt V2 authors' layout; a ResNet exports as "
+                             f"timm, spark or sparse_mae")
+        return _resnet_rule(ckey, fmt, kind)
+    if fmt in RESNET_ONLY_FORMATS:
+        raise ValueError(f"format {fmt} is SparK's ResNet layout; a ConvNeXt V2 exports as "
+                         f"{', '.join(f for f in FORMATS if f not in RESNET_ONLY_FORMATS)}")
     if kind == "classifier":
         return _encoder_rule(ckey, fmt, variant)
     if fmt != "official_fcmae" and fmt != "sparse_mae":
@@ -125,13 +171,21 @@ class Spec:
     """Everything the key set and shapes depend on."""
 
     variant: str
-    kind: str  # classifier | fcmae
+    kind: str  # classifier | fcmae | spark
     num_classes: int = 0  # classifier only; 0 = no head
     in_chans: int = 3
     decoder_dim: int = 512  # fcmae only
     decoder_depth: int = 1
 
+    @property
+    def resnet(self) -> bool:
+        return is_resnet(self.variant)
+
     def describe(self) -> str:
+        if self.kind == "spark":
+            return f"spark_{self.variant} (decoder width {self.decoder_dim})"
+        if self.resnet:
+            return f"{self.variant} ({f'{self.num_classes}-class head' if self.num_classes else 'no head'})"
         if self.kind == "fcmae":
             return f"fcmae_convnextv2_{self.variant} (decoder {self.decoder_depth}x{self.decoder_dim})"
         head = f"{self.num_classes}-class head" if self.num_classes else "no head"
@@ -154,7 +208,10 @@ def canonical_shapes(spec: Spec) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         if spec.kind == "classifier":
-            model = build_convnextv2(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
+            build = build_resnet if spec.resnet else build_convnextv2
+            model = build(spec.variant, num_classes=spec.num_classes, in_chans=spec.in_chans)
+        elif spec.kind == "spark":
+            model = create_model(f"spark_{spec.variant}", in_chans=spec.in_chans, decoder_dim=spec.decoder_dim)
         else:  # the shapes are the same on every backend
             model = create_model(f"fcmae_convnextv2_{spec.variant}", in_chans=spec.in_chans,
                                  decoder_dim=spec.decoder_dim, decoder_depth=spec.decoder_depth)
@@ -283,14 +340,24 @@ def _check_storage(sd: dict, keys, source: str) -> None:
 def _kind_of(sd: dict, fmt: str) -> str:
     if fmt == "official_fcmae":
         return "fcmae"
+    if fmt == "spark":
+        return "spark"
     if fmt == "sparse_mae" and any(k.startswith("encoder.") for k in sd):
-        return "fcmae"
+        return "spark" if "encoder.conv1.weight" in sd else "fcmae"
     return "classifier"
 
 
 def _shape(sd: dict, key: str):
     t = sd.get(key)
     return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def _looks_resnet(sd: dict, fmt: str, kind: str) -> bool:
+    if kind == "spark" or fmt in RESNET_ONLY_FORMATS:
+        return True
+    if kind == "fcmae" or fmt in CONVNEXT_ONLY_FORMATS:
+        return False
+    return "conv1.weight" in sd  # ConvNeXt's stem is `stem.0`
 
 
 def infer_spec(sd: dict, fmt: str, variant: str | None = None,
@@ -302,21 +369,31 @@ def infer_spec(sd: dict, fmt: str, variant: str | None = None,
     """
     check_untrusted_keys(sd, source)  # before any layout is built from numbers in the dict
     kind = _kind_of(sd, fmt)
-    prefix = "encoder." if kind == "fcmae" else ""
+    resnet = _looks_resnet(sd, fmt, kind) if variant is None else is_resnet(str(variant))
+    if resnet and kind == "fcmae":
+        kind = "spark"
+    family = family_variants(resnet)
+    any_variant = next(iter(family))
+    prefix = "encoder." if kind != "classifier" else ""
 
     def fkey(ckey: str) -> str:
-        return foreign_rule(prefix + ckey, fmt, "atto", kind)[0]
+        return foreign_rule(prefix + ckey, fmt, any_variant, kind)[0]
 
-    stem_key = fkey("stem.0.weight")
+    stem_key = fkey("conv1.weight" if resnet else "stem.0.weight")
     stem = _shape(sd, stem_key)
     in_chans = stem[1] if stem and len(stem) == 4 else 3
     _check_size(in_chans, MAX_IN_CHANS, "{} input channels", stem_key, stem, source)
     num_classes, dec_dim, dec_depth = 0, 512, 1
     if kind == "classifier":
-        head_key = _encoder_rule("head.fc.weight", fmt, "atto")[0]
+        head_key = fkey("fc.weight" if resnet else "head.fc.weight")
         head = _shape(sd, head_key)
         num_classes = head[0] if head and len(head) == 2 else 0
         _check_size(num_classes, MAX_NUM_CLASSES, "{} classes", head_key, head, source)
+    elif kind == "spark":  # the first up-sampling block runs at the decoder's full width
+        up_key = foreign_rule("decoder.dec.0.up_sample.weight", fmt, any_variant, kind)[0]
+        up = _shape(sd, up_key)
+        dec_dim = up[0] if up and len(up) == 4 else 512
+        _check_size(dec_dim, MAX_DECODER_DIM, "a decoder width of {}", up_key, up, source)
     else:
         proj = _shape(sd, "proj.weight")
         dec_dim = proj[0] if proj and len(proj) == 4 else 512
@@ -330,17 +407,21 @@ def infer_spec(sd: dict, fmt: str, variant: str | None = None,
         hits = sum(1 for k, s in exp.items() if _shape(sd, k) == s)
         return 2 * hits - len(exp)  # penalise expected keys the dict lacks
 
-    scores = {v: score(v) for v in VARIANTS}
+    scores = {v: score(v) for v in family}
     looks_like = max(scores, key=scores.get)
     chosen = variant or looks_like
-    if chosen not in VARIANTS:
-        raise ValueError(f"unknown variant {chosen!r}; valid variants: {', '.join(VARIANTS)}")
+    if chosen not in family:
+        raise ValueError(f"unknown variant {chosen!r}; valid variants: {', '.join([*VARIANTS, *RESNET_VARIANTS])}")
     return Spec(chosen, kind, num_classes, in_chans, dec_dim, dec_depth), looks_like
 
 
 def guess_format(sd: dict) -> str | None:
     """Which layout the key names look like (names only; shapes are checked elsewhere)."""
     keys = list(sd)
+    if any(k.startswith("sparse_encoder.") for k in keys):
+        return "spark"
+    if "conv1.weight" in sd or "encoder.conv1.weight" in sd:
+        return "sparse_mae"  # our ResNet is timm's layout: the two read the same
     if any(k.startswith("encoder.downsample_layers.") for k in keys):
         return "official_fcmae"
     if any(k.startswith("downsample_layers.") for k in keys):

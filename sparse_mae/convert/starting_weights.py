@@ -1,7 +1,7 @@
 """Start a model from weights in any layout `sparse-mae import` reads (init= / pretrained=).
 
 Unlike resume, this carries no optimizer state, step or RNG: it starts a new run.
-- FCMAE model from an FCMAE checkpoint (ours or official_fcmae): every weight.
+- FCMAE / SparK model from its own kind of checkpoint (ours, official_fcmae, spark): every weight.
 - FCMAE model from a classifier (ours, timm, official_dense): the encoder; the decoder
   keeps its fresh init.
 - Classifier from either: the encoder; the head keeps its fresh init (a new task).
@@ -12,6 +12,8 @@ import torch
 
 from sparse_mae.convert import encoder_part, import_state_dict, read_state_dict
 from sparse_mae.convert.layouts import Spec, guess_format
+
+HEAD_PREFIXES = ("head.", "fc.")  # the classifier heads: ConvNeXt V2's, ResNet's
 
 
 def read_weights(path: str, fmt: str = "auto", variant: str | None = None,
@@ -24,7 +26,8 @@ def read_weights(path: str, fmt: str = "auto", variant: str | None = None,
         fmt = guess_format(foreign) or "sparse_mae"
     sd, spec = import_state_dict(foreign, fmt, variant=None, strict=True)
     if variant is not None and spec.variant != str(variant):
-        raise ValueError(f"{option}={path} is a convnextv2_{spec.variant} checkpoint but model={variant}; "
+        encoder = spec.variant if spec.resnet else f"convnextv2_{spec.variant}"
+        raise ValueError(f"{option}={path} is a {encoder} checkpoint but model={variant}; "
                          f"pass model={spec.variant}")
     return sd, spec, fmt
 
@@ -34,14 +37,14 @@ def load_starting_weights(model: torch.nn.Module, path: str, fmt: str = "auto", 
     """Load `path` into `model` (an FCMAE or a classifier of `variant`); -> what was loaded."""
     sd, spec, fmt = read_weights(path, fmt, variant, option)
     is_fcmae_model = hasattr(model, "encoder")
-    if is_fcmae_model and spec.kind == "fcmae":
+    if is_fcmae_model and spec.kind != "classifier":
         model.load_state_dict(sd, strict=True)
-        return f"all weights of the {fmt} FCMAE checkpoint {path}"
+        return f"all weights of the {fmt} {spec.kind} checkpoint {path}"
     encoder, _ = encoder_part(sd, spec)
-    encoder = {k: v for k, v in encoder.items() if not k.startswith("head.")}
+    encoder = {k: v for k, v in encoder.items() if not k.startswith(HEAD_PREFIXES)}
     target = model.encoder if is_fcmae_model else model
     missing, unexpected = target.load_state_dict(encoder, strict=False)
-    if unexpected or any(not k.startswith("head.") for k in missing):
+    if unexpected or any(not k.startswith(HEAD_PREFIXES) for k in missing):
         raise ValueError(f"{option}={path}: missing {missing}, unexpected {unexpected}")
     fresh = "decoder" if is_fcmae_model else "head"
     return f"the encoder of the {fmt} {spec.kind} checkpoint {path} (the {fresh} starts fresh)"

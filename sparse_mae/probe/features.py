@@ -1,6 +1,7 @@
 """Frozen encoder features as a classifier head sees them: the encoder's last map, global
-average pooled, then the final LayerNorm (the head's own for a classifier checkpoint; for
-an encoder-only one, a LayerNorm without affine, i.e. a fresh head's at init).
+average pooled, then for ConvNeXt V2 the final LayerNorm (the head's own for a classifier
+checkpoint; for an encoder-only one, a LayerNorm without affine, i.e. a fresh head's at
+init). A ResNet's `fc` reads the pooled map itself: no norm.
 """
 from __future__ import annotations
 
@@ -11,20 +12,26 @@ import torch.nn.functional as F
 
 from sparse_mae.data.loader import to_model
 from sparse_mae.models.convnextv2 import LN_EPS, ConvNeXtV2, build_convnextv2
+from sparse_mae.models.resnet import VARIANTS as RESNET_VARIANTS
+from sparse_mae.models.resnet import build_resnet
 from sparse_mae.train.signals import StopRequest, until_stopped
 
 
 class FeatureHead(torch.nn.Module):
-    """(N, C, h, w) map -> (N, C): mean over sites, then LayerNorm (affine only when given)."""
+    """(N, C, h, w) map -> (N, C): mean over sites, then LayerNorm (affine only when given);
+    `layer_norm=False` (ResNets): the mean only."""
 
-    def __init__(self, dim: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    def __init__(self, dim: int, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                 layer_norm: bool = True):
         super().__init__()
-        self.dim = dim
+        self.dim, self.layer_norm = dim, layer_norm
         self.register_buffer("weight", None if weight is None else weight.detach().clone().float())
         self.register_buffer("bias", None if bias is None else bias.detach().clone().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.float().mean(dim=(2, 3))
+        if not self.layer_norm:
+            return pooled
         return F.layer_norm(pooled, (self.dim,), self.weight, self.bias, LN_EPS)
 
 
@@ -36,16 +43,22 @@ def load_encoder(path: str | None, variant: str, fmt: str = "auto", seed: int = 
     from sparse_mae.convert import encoder_part
     from sparse_mae.convert.starting_weights import read_weights
 
+    resnet = variant in RESNET_VARIANTS
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = build_convnextv2(variant, num_classes=0)
+        encoder = (build_resnet if resnet else build_convnextv2)(variant, num_classes=0)
     dim = encoder.num_features
     if path is None:
-        return encoder.eval(), FeatureHead(dim), f"a random-init convnextv2_{variant} encoder (seed {seed})"
+        name = variant if resnet else f"convnextv2_{variant}"
+        return (encoder.eval(), FeatureHead(dim, layer_norm=not resnet),
+                f"a random-init {name} encoder (seed {seed})")
     sd, spec, fmt = read_weights(path, fmt, variant, option)
     weights, _ = encoder_part(sd, spec)
     norm_weight, norm_bias = weights.get("head.norm.weight"), weights.get("head.norm.bias")
-    encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")}, strict=True)
+    encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith(("head.", "fc."))}, strict=True)
+    if resnet:
+        return encoder.eval(), FeatureHead(dim, layer_norm=False), f"the encoder of the {fmt} {spec.kind} " \
+            f"checkpoint {path} (average pooled, as its fc reads it)"
     head = FeatureHead(dim, norm_weight, norm_bias)
     norm = "the classifier head's LayerNorm" if norm_weight is not None else "a LayerNorm without affine"
     return encoder.eval(), head, f"the encoder of the {fmt} {spec.kind} checkpoint {path} ({norm})"
