@@ -104,17 +104,7 @@ def conv_macs_per_patch(conv: torch.nn.Conv2d, in_stride: int) -> tuple[int, int
 def resnet_macs_per_patch(encoder: ResNet) -> int:
     """ResNet encoder MACs for one visible 32x32 patch (conv1, every block's convs and its
     downsample conv; the max-pool counts none)."""
-    macs, stride = conv_macs_per_patch(encoder.conv1, 1)
-    stride *= encoder.maxpool.stride
-    for layer in encoder.layers():
-        for block in layer:
-            block_in = stride
-            for conv, _, _ in block.branch():
-                m, stride = conv_macs_per_patch(conv, stride)
-                macs += m
-            if block.downsample is not None:
-                macs += conv_macs_per_patch(block.downsample[0], block_in)[0]
-    return macs
+    return sum(conv_macs_per_patch(conv, stride)[0] for conv, stride in encoder.convs())
 
 
 def spark_decoder_macs(model, patches: float) -> float:

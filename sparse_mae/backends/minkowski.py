@@ -39,11 +39,12 @@ from sparse_mae.backends.minkowski_compat import (
     minkowski_import_error,
 )
 from sparse_mae.models.geometry import KERNEL_SIZE, PATCH, STAGE_UPSAMPLE
+from sparse_mae.flops import conv_macs_per_patch
+from sparse_mae.models.resnet import ResNet, is_pointwise
 from sparse_mae.models.sparse_norm import batch_norm_rows
 
 if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
-    from sparse_mae.models.resnet import ResNet
 
 # Below this, sum of squares is treated as 0 so sqrt's gradient stays finite (a channel
 # that is exactly zero over a sample); far below GRN's eps, so values are unchanged.
@@ -317,7 +318,13 @@ class MinkowskiBackend(EncoderBackend):
 
     def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
         """MACs of the depthwise and downsample convs (ME kernels and indexed adds, which
-        FlopCounterMode does not see), counted from ME's own kernel maps for this mask."""
+        FlopCounterMode does not see), counted from ME's own kernel maps for this mask. A
+        ResNet's: its ME convs (all but the 1x1 stride-1 matmuls) as the dense-equivalent work
+        of the visible sites, every tap counted: ME skips absent taps, so it runs at most this."""
+        if isinstance(encoder, ResNet):
+            visible = int((mask == 0).sum())
+            return visible * sum(conv_macs_per_patch(conv, stride)[0] for conv, stride in encoder.convs()
+                                 if not is_pointwise(conv))
         ME = import_minkowski()
         self._check(ME, imgs, mask)
         coords = self._stage0_coordinates(mask.cpu())

@@ -61,6 +61,12 @@ def _downsample(in_chs: int, out_chs: int, stride: int) -> nn.Sequential | None:
     return nn.Sequential(nn.Conv2d(in_chs, out_chs, 1, stride=stride, bias=False), nn.BatchNorm2d(out_chs, eps=BN_EPS))
 
 
+def is_pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 stride-1 conv: a matmul on each site's channels (the sparse engines run it on the
+    rows; every other conv reads neighbours)."""
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+
+
 class BasicBlock(nn.Module):
     """3x3 (stride) -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU."""
 
@@ -188,6 +194,20 @@ class ResNet(nn.Module):
 
     def layers(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def convs(self) -> list[tuple[nn.Conv2d, int]]:
+        """Every conv in forward order with its input's stride in pixels (conv1's 1, layer1's 4):
+        the one walk the FLOP counter and the native engine's kernel count share."""
+        found, stride = [(self.conv1, 1)], self.conv1.stride[0] * self.maxpool.stride
+        for layer in self.layers():
+            for block in layer:
+                block_in = stride
+                for conv, _, _ in block.branch():
+                    found.append((conv, stride))
+                    stride *= conv.stride[0]
+                if block.downsample is not None:
+                    found.append((block.downsample[0], block_in))
+        return found
 
     def init_weights(self, zero_init_last: bool) -> None:
         # timm's: He-normal (fan out) convs, BN at (1, 0), and the last BN of each residual

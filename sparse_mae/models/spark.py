@@ -180,9 +180,10 @@ class SparK(nn.Module):
         return masked_patch_loss(self.patchify(imgs), pred, mask, self.norm_pix_loss)
 
     def uncounted_macs(self, imgs: torch.Tensor, mask: torch.Tensor) -> int:
-        """MACs FlopCounterMode cannot see: none, every op of the sparse ResNet path and of the
-        decoder is a torch op (a compiled gather conv would add its MACs here)."""
-        return 0
+        """MACs of one forward FlopCounterMode cannot see: the backend's compiled encoder ops
+        (the decoder is torch ops). mask (N, L)."""
+        n, _, h, w = imgs.shape
+        return self.backend.uncounted_macs(self.encoder, imgs, mask.reshape(n, h // PATCH, w // PATCH))
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: torch.Tensor | None = None,

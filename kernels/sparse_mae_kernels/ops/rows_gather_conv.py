@@ -44,6 +44,8 @@ autograd function.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -270,12 +272,36 @@ def fused_weight(w_rows: torch.Tensor, taps: int) -> torch.Tensor:
     return packed.view(taps, c_pad // 2, 2, o_pad).transpose(2, 3).contiguous()
 
 
+def c_fused_runs(dtype: torch.dtype, weight_bytes: int) -> bool:
+    """Whether the C forward of a weight of `weight_bytes` in `dtype` takes the fused gather-GEMM
+    (small weights, where this build has it: AVX-512, and AVX512-BF16 for bfloat16)."""
+    return weight_bytes <= FUSED_MAX_WEIGHT_BYTES.get(dtype, -1) and _c_has_fused(dtype)
+
+
+@functools.cache
+def _c_has_fused(dtype: torch.dtype) -> bool:
+    # an empty call: the C entry point says whether it has a fused kernel for the dtype
+    return bool(cpu_build.function(*C_FUSED)(None, cpu_build.DTYPE_CODES[dtype], None, None, None, None,
+                                             0, 1, 1, 1, 1))
+
+
+def uncounted_macs(m_out: int, weight: torch.Tensor, dtype: torch.dtype, impl: str) -> int:
+    """MACs of one forward that FlopCounterMode does not see: the whole product in Triton and in
+    the C fused kernel; none when the C gather feeds torch.mm (a counted op). dtype: x's."""
+    c_out, c_in, kh, kw = weight.shape
+    macs = m_out * kh * kw * c_in * c_out
+    if impl == "triton":
+        return macs
+    dtype = cpu_build.kernel_dtype(dtype)
+    return macs if c_fused_runs(dtype, weight.numel() * torch.empty(0, dtype=dtype).element_size()) else 0
+
+
 def c_forward(x, nbr, w_rows):
     """y (M_out, C_out) = columns(x) @ w_rows^T in x's dtype, float32 sums: the fused kernel for
     a small weight where this build has it, else the C gather and oneDNN's GEMM."""
     m_out, taps = nbr.shape
     c_out = w_rows.shape[0]
-    if m_out and c_out and w_rows.numel() * w_rows.element_size() <= FUSED_MAX_WEIGHT_BYTES[x.dtype]:
+    if m_out and c_out and w_rows.numel() * w_rows.element_size() <= FUSED_MAX_WEIGHT_BYTES.get(x.dtype, -1):
         y = torch.empty(m_out, c_out, dtype=x.dtype)
         packed, zero_row = fused_weight(w_rows, taps), x.new_zeros(x.shape[1])  # alive through the call
         ran = cpu_build.function(*C_FUSED)(

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import sparse_mae_kernels
 from sparse_mae.backends.base import EncoderBackend
 from sparse_mae.backends.native.layout import SparseLayout, StageLayout
-from sparse_mae.backends.native.resnet import ResNetLayout, ResNetRowEncoder
+from sparse_mae.backends.native.resnet import ResNetLayout, ResNetRowEncoder, kernel_conv_macs
+from sparse_mae.models.resnet import ResNet
 from sparse_mae.models.geometry import KERNEL_SIZE, PATCH, STAGE_SITES_PER_PATCH, STAGE_UPSAMPLE
 from sparse_mae_kernels import constants as kernel_constants
 from sparse_mae_kernels.constants import TAPS
@@ -40,7 +41,6 @@ from sparse_mae_kernels.ops.tiles_grn import tiles_grn
 
 if TYPE_CHECKING:
     from sparse_mae.models.convnextv2 import Block, ConvNeXtV2
-    from sparse_mae.models.resnet import ResNet
 
 # The kernels are compiled for one depthwise size (theirs); the model states its own.
 if kernel_constants.KERNEL_SIZE != KERNEL_SIZE:
@@ -63,7 +63,8 @@ class NativeBackend(EncoderBackend):
         return TileEncoder(encoder, layout).run(imgs)
 
     def encode_stages(self, encoder: ResNet, imgs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """SparK's ResNet on packed rows (resnet.py); plain torch ops, on any device."""
+        """SparK's ResNet on packed rows (resnet.py): the gather convs in C / Triton where they
+        run, every other op a torch op, on any device."""
         n, _, h, w = imgs.shape
         if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
             raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
@@ -92,7 +93,10 @@ class NativeBackend(EncoderBackend):
         return len(blocks) * n * h * w * TAPS * c
 
     def uncounted_macs(self, encoder: ConvNeXtV2, imgs: torch.Tensor, mask: torch.Tensor) -> int:
-        """The depthwise convs in C or Triton are invisible to FlopCounterMode; torch ops are not."""
+        """The depthwise convs in C or Triton are invisible to FlopCounterMode; torch ops are not.
+        A ResNet's: its gather convs where the kernel runs them."""
+        if isinstance(encoder, ResNet):
+            return kernel_conv_macs(encoder, imgs, mask)
         if row_impl(imgs.device) is None:
             return 0
         visible = int((mask == 0).sum())

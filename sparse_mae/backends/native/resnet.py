@@ -25,9 +25,11 @@ import torch.nn.functional as F
 import sparse_mae_kernels
 from sparse_mae.backends.native.layout import SparseLayout
 from sparse_mae.models.geometry import PATCH
+from sparse_mae.models.resnet import is_pointwise
 from sparse_mae.models.sparse_norm import batch_norm_rows
-from sparse_mae_kernels.common import FLOAT_DTYPES
+from sparse_mae_kernels.common import FLOAT_DTYPES, compute_dtype
 from sparse_mae_kernels.ops.rows_gather_conv import rows_gather_conv as kernel_gather_conv
+from sparse_mae_kernels.ops.rows_gather_conv import uncounted_macs as kernel_uncounted_macs
 
 if TYPE_CHECKING:
     from sparse_mae.models.resnet import ResNet
@@ -64,6 +66,21 @@ def gather_conv(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor,
     if sparse_mae_kernels.use_cpu_kernels(x.device):
         return kernel_gather_conv(x, nbr, weight, transposed=transposed, impl="c")
     return rows_gather_conv(x, nbr, weight)
+
+
+def kernel_conv_macs(encoder: ResNet, imgs: torch.Tensor, mask: torch.Tensor) -> int:
+    """MACs of this batch's gather convs that the compiled kernel runs outside torch ops
+    (FlopCounterMode cannot see them; each output row reads every tap, absent ones as zeros);
+    0 where torch ops run them."""
+    if not (imgs.dtype in FLOAT_DTYPES and next(encoder.parameters()).dtype in FLOAT_DTYPES):
+        return 0
+    impl = ("triton" if sparse_mae_kernels.use_triton(imgs.device)
+            else "c" if sparse_mae_kernels.use_cpu_kernels(imgs.device) else None)
+    if impl is None:
+        return 0
+    visible, dtype = int((mask == 0).sum()), compute_dtype(imgs)
+    return sum(kernel_uncounted_macs(visible * (PATCH // (stride * conv.stride[0])) ** 2, conv.weight, dtype, impl)
+               for conv, stride in encoder.convs() if not is_pointwise(conv))
 
 
 class ResNetLayout:
@@ -161,7 +178,7 @@ class ResNetRowEncoder:
     def conv(self, conv, x: torch.Tensor, side: int) -> tuple[torch.Tensor, int]:
         """A bias-free conv (padding k // 2) on rows at `side` -> (rows, the output's side)."""
         (k, _), (stride, _) = conv.kernel_size, conv.stride
-        if k == 1 and stride == 1:
+        if is_pointwise(conv):
             return F.linear(x, conv.weight.flatten(1)), side
         nbr = self.layout.neighbours(side, k, stride)
         transposed = self.layout.submanifold_transpose(side, k) if stride == 1 else None
