@@ -521,6 +521,9 @@ class RowsGatherConv(torch.autograd.Function):
         return grad_x, None, grad_w, None, None
 
 
+# torch.compile must run the op whole: traced into, its C calls wrote outputs dynamo had
+# already replaced (the compiled SparK step's loss was NaN)
+@torch.compiler.disable
 def rows_gather_conv(x, nbr, weight, *, transposed=None, impl: str | None = None,
                      check_values: bool | None = None):
     """Dense conv weight (C_out, C_in, kh, kw) over sparse sites: (M_in, C_in) rows and an
