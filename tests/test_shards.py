@@ -681,6 +681,27 @@ def test_a_damaged_knn_root_exits_2_before_the_first_step(tmp_path, labelled_sha
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 
+@pytest.mark.slow  # two processes under torchrun
+def test_under_two_processes_a_damaged_knn_root_stops_every_rank_with_exit_2(tmp_path, labelled_shards):
+    """Rank 0 alone opens the kNN splits; its refusal used to leave rank 1 to die with a
+    traceback when rank 0 went away. Now every rank prints the refusal and stops."""
+    from tests.test_pretrain import debug_overrides
+    from tests.test_pretrain_distributed import torchrun_standalone
+
+    root = tmp_path / "knn"
+    shutil.copytree(labelled_shards, root)
+    damage_split(root / "val", "deleted")
+    result = torchrun_standalone([*debug_overrides(tmp_path / "run", max_steps=2), "knn.enabled=true",
+                                  f"knn.root={root}", "knn.num_train=16", "knn.num_val=8"], tmp_path, timeout=180)
+    assert result.returncode != 0
+    assert result.stderr.count("shard-00001.data cannot be read") >= 2, result.stderr[-3000:]  # each rank says why
+    # torchrun's launcher reports the failed child with its own traceback; the ranks print none
+    frames = [line for line in result.stderr.splitlines() if line.lstrip().startswith("File ")]
+    assert not [f for f in frames if "sparse_mae/" in f], result.stderr[-3000:]
+    assert "terminate called" not in result.stderr, result.stderr[-3000:]
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
 def test_each_damaged_sample_counts_once_and_its_stand_in_is_drawn_from_its_seed(tmp_path, labelled_shards):
     """A run of 8 damaged samples: counted 8 (not 8 + 7 + ... + 1 = 36 rows walked), and the
     good sample after the run is not served 9 times in a pass."""

@@ -23,7 +23,7 @@ from sparse_mae.models import pretraining_model_name
 from sparse_mae.models.sparse_norm import convert_sync_batchnorm
 from sparse_mae.models.convnextv2 import PATCH
 from sparse_mae.models.fcmae import masks_from_seeds
-from sparse_mae.train.distributed import DistInfo
+from sparse_mae.train.distributed import DistInfo, run_on_main
 from sparse_mae.train.amp import resolve_amp
 from sparse_mae.train.engine import Run, RunResult, TrainTask, train
 from sparse_mae.errors import TrainingDiverged
@@ -71,10 +71,11 @@ class PretrainTask(TrainTask):
         self.recon_path: Path | None = None
         self._recon_batch = None
         self.knn = None
-        if cfg.knn.enabled and di.is_main:
+        if cfg.knn.enabled:
             from sparse_mae.probe.monitor import KnnMonitor
 
-            self.knn = KnnMonitor(cfg.data, cfg.knn, di.device, self.amp)
+            # rank 0 opens and checks the kNN splits; a refusal there stops every rank (exit 2)
+            self.knn = run_on_main(lambda: KnnMonitor(cfg.data, cfg.knn, di.device, self.amp))
 
     def describe(self) -> str:
         empty = len(getattr(self.dataset, "empty_files", []))
