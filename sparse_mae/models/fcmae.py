@@ -27,7 +27,50 @@ if TYPE_CHECKING:  # type hints only: the backends sit above the models
     from sparse_mae.backends.base import EncoderBackend
 
 
-class FCMAE(nn.Module):
+class MaskedPretrainer(nn.Module):
+    """What FCMAE and SparK share: a backend object running the encoder over the visible
+    patches, the patch (un)folding, the mask draw and the per-patch normalised loss. A
+    subclass sets `patch_size`, `in_chans`, `norm_pix_loss` and names the backend method
+    its encoder needs (`backend_method`)."""
+
+    backend_method = "encode"
+    patch_size: int
+    in_chans: int
+    norm_pix_loss: bool
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def set_backend(self, backend: EncoderBackend) -> None:
+        """Switch engines in place (an `EncoderBackend` instance, e.g.
+        `sparse_mae.get_backend("native")`); parameters are shared by construction."""
+        if isinstance(backend, str) or not callable(getattr(backend, self.backend_method, None)):
+            raise TypeError(f"backend must be an encoder backend object (sparse_mae.get_backend(name)), "
+                            f"got {backend!r}")
+        self.backend = backend
+
+    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, L, p*p*C), each patch in (p, q, c) order, patches row-major."""
+        return patchify(imgs, self.patch_size)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
+        return unpatchify(x, grid, self.patch_size, self.in_chans)
+
+    def random_masking(
+        self, batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """-> mask (N, L) float, 1 = removed; exactly visible_count(L, mask_ratio) kept per sample."""
+        return random_mask(batch, num_patches, mask_ratio, device=device, generator=generator)
+
+    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """MSE on (per-patch normalised) pixels, averaged over removed patches only; pred
+        (N, L, p*p*C) of every patch or (K, p*p*C) of the removed ones. -> scalar."""
+        return masked_patch_loss(self.patchify(imgs), pred, mask, self.norm_pix_loss)
+
+
+class FCMAE(MaskedPretrainer):
     def __init__(
         self,
         backend: EncoderBackend,
@@ -55,33 +98,7 @@ class FCMAE(nn.Module):
             m.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    def set_backend(self, backend: EncoderBackend) -> None:
-        """Switch engines in place (an `EncoderBackend` instance, e.g.
-        `sparse_mae.get_backend("native")`); parameters are shared by construction."""
-        if isinstance(backend, str) or not callable(getattr(backend, "encode", None)):
-            raise TypeError(f"backend must be an encoder backend object (sparse_mae.get_backend(name)), "
-                            f"got {backend!r}")
-        self.backend = backend
-
     # -- steps -------------------------------------------------------------------------
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, L, p*p*C), each patch in (p, q, c) order, patches row-major."""
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(N, L, p*p*C) -> (N, C, H, W); the inverse of patchify."""
-        return unpatchify(x, grid, self.patch_size, self.in_chans)
-
-    def random_masking(
-        self, batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """-> mask (N, L) float, 1 = removed; exactly visible_count(L, mask_ratio) kept per sample."""
-        return random_mask(batch, num_patches, mask_ratio, device=device, generator=generator)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """imgs (N, C, H, W), mask (N, L) -> latent (N, C3, H/32, W/32), zero at removed patches."""
@@ -111,11 +128,6 @@ class FCMAE(nn.Module):
         decoder_input = torch.empty(n, self.mask_token.shape[1], *grid, device=imgs.device)
         return (self.backend.uncounted_macs(self.encoder, imgs, mask.reshape(n, *grid))
                 + self.backend.uncounted_decode_macs(self.decoder, decoder_input))
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE on (per-patch normalised) pixels, averaged over removed patches only; pred
-        (N, L, p*p*C) of every patch or (K, p*p*C) of the removed ones. -> scalar."""
-        return masked_patch_loss(self.patchify(imgs), pred, mask, self.norm_pix_loss)
 
     def forward(
         self, imgs: torch.Tensor, mask_ratio: float | None = None, mask: torch.Tensor | None = None,

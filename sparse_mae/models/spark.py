@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from sparse_mae.models.fcmae import check_mask, masked_patch_loss, patchify, random_mask, unpatchify
+from sparse_mae.models.fcmae import MaskedPretrainer, check_mask
 from sparse_mae.models.geometry import PATCH
 from sparse_mae.models.resnet import VARIANTS, ResNet, check_images
 from sparse_mae.models.sparse_norm import visible_batch_norm
@@ -88,7 +88,9 @@ def _init_decoder(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-class SparK(nn.Module):
+class SparK(MaskedPretrainer):
+    backend_method = "encode_stages"
+
     def __init__(
         self,
         backend: EncoderBackend,
@@ -121,31 +123,7 @@ class SparK(nn.Module):
                 self.densify_projs.append(nn.Conv2d(enc_width, dec_width, k, padding=k // 2, bias=True))
             dec_width //= 2
 
-    @property
-    def backend_name(self) -> str:
-        return self.backend.name
-
-    def set_backend(self, backend: EncoderBackend) -> None:
-        """Switch engines in place (an `EncoderBackend`); parameters are shared by construction."""
-        if isinstance(backend, str) or not callable(getattr(backend, "encode_stages", None)):
-            raise TypeError(f"backend must be an encoder backend object (sparse_mae.get_backend(name)), "
-                            f"got {backend!r}")
-        self.backend = backend
-
     # -- steps -------------------------------------------------------------------------
-
-    def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, L, f*f*C), each patch in (p, q, c) order, patches row-major."""
-        return patchify(imgs, self.patch_size)
-
-    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(N, L, f*f*C) -> (N, C, H, W); the inverse of patchify."""
-        return unpatchify(x, grid, self.patch_size, self.in_chans)
-
-    def random_masking(self, batch: int, num_patches: int, mask_ratio: float, device=None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """-> mask (N, L) float, 1 = removed; exactly visible_count(L, mask_ratio) kept per sample."""
-        return random_mask(batch, num_patches, mask_ratio, device=device, generator=generator)
 
     def forward_encoder(self, imgs: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
         """imgs (N, C, H, W), mask (N, L) -> layer1..4 features [(N, C_i, H/s_i, W/s_i)],
@@ -174,10 +152,6 @@ class SparK(nn.Module):
         `removed_only`, pred (K, f*f*C) of the K removed patches in (n, l) order (all the loss reads)."""
         pred = self.patchify(self.decoder(to_dec))
         return pred[mask.bool()] if removed_only else pred
-
-    def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """MSE on per-patch normalised pixels over the removed patches (FCMAE's loss). -> scalar."""
-        return masked_patch_loss(self.patchify(imgs), pred, mask, self.norm_pix_loss)
 
     def uncounted_macs(self, imgs: torch.Tensor, mask: torch.Tensor) -> int:
         """MACs of one forward FlopCounterMode cannot see: the backend's compiled encoder ops
