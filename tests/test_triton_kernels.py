@@ -125,10 +125,10 @@ def test_matches_the_tile_ops_on_the_native_layout(device, stage):
 def test_native_backend_on_the_triton_kernels_equals_dense_masked(device, monkeypatch):
     """End to end: the native engine running the Triton kernels (forced on, here in the
     interpreter) gives the dense_masked loss and gradients, at the harness's fp32 tolerances."""
-    from sparse_mae.backends.native import engine
+    import sparse_mae_kernels
     from tests.equivalence import assert_same_as_reference, make_case
 
-    monkeypatch.setattr(engine, "row_impl", lambda dev: "triton")
+    monkeypatch.setattr(sparse_mae_kernels, "row_impl", lambda dev: "triton")
     model, imgs, mask = make_case("debug", (64, 64), batch=2, mask_ratio=0.5, seed=3)
     model, imgs, mask = model.to(device), imgs.to(device), mask.to(device)
     assert_same_as_reference(model, imgs, mask, "native")

@@ -70,3 +70,13 @@ def use_cpu_kernels(device: torch.device | str) -> bool:
             stacklevel=2,
         )
     return False
+
+
+def row_impl(device: torch.device | str) -> str | None:
+    """The kernels to run on `device`: 'triton' on CUDA, 'c' on the CPU, each when switched on
+    and usable; None: the caller's torch ops."""
+    if use_triton(device):
+        return "triton"
+    if use_cpu_kernels(device):
+        return "c"
+    return None

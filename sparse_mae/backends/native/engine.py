@@ -57,7 +57,7 @@ class NativeBackend(EncoderBackend):
         if tuple(mask.shape) != (n, h // PATCH, w // PATCH):
             raise ValueError(f"mask must be (N, H/32, W/32) = {(n, h // PATCH, w // PATCH)}, got {tuple(mask.shape)}")
         layout = SparseLayout(mask.to(imgs.device))
-        impl = row_impl(imgs.device)
+        impl = sparse_mae_kernels.row_impl(imgs.device)
         if impl is not None:
             return RowEncoder(encoder, layout, impl).run(imgs)
         return TileEncoder(encoder, layout).run(imgs)
@@ -74,7 +74,7 @@ class NativeBackend(EncoderBackend):
         """The decoder's blocks as packed rows with every site present, through the encoder's
         fused row kernels (depthwise conv + LayerNorm, GRN with GELU and fc1's bias, residual
         with fc2's bias): no NCHW <-> NHWC permutes and no separate elementwise passes."""
-        impl = row_impl(x.device)
+        impl = sparse_mae_kernels.row_impl(x.device)
         if impl is None or len(blocks) == 0:
             return super().decode_blocks(blocks, x)
         n, c, h, w = x.shape
@@ -87,7 +87,7 @@ class NativeBackend(EncoderBackend):
         return rows.view(n, h, w, c).permute(0, 3, 1, 2)
 
     def uncounted_decode_macs(self, blocks, x: torch.Tensor) -> int:
-        if row_impl(x.device) is None:
+        if sparse_mae_kernels.row_impl(x.device) is None:
             return 0
         n, c, h, w = x.shape
         return len(blocks) * n * h * w * TAPS * c
@@ -97,7 +97,7 @@ class NativeBackend(EncoderBackend):
         A ResNet's: its gather convs where the kernel runs them."""
         if isinstance(encoder, ResNet):
             return kernel_conv_macs(encoder, imgs, mask)
-        if row_impl(imgs.device) is None:
+        if sparse_mae_kernels.row_impl(imgs.device) is None:
             return 0
         visible = int((mask == 0).sum())
         return sum(
@@ -105,15 +105,6 @@ class NativeBackend(EncoderBackend):
             for i, (depth, dim) in enumerate(zip(encoder.depths, encoder.dims))
         )
 
-
-def row_impl(device: torch.device) -> str | None:
-    """The row kernels for `device`: 'triton' on CUDA, 'c' on the CPU, each when switched on
-    and usable (sparse_mae_kernels); None: the tile path's torch ops."""
-    if sparse_mae_kernels.use_triton(device):
-        return "triton"
-    if sparse_mae_kernels.use_cpu_kernels(device):
-        return "c"
-    return None
 
 
 def _check_gelu(act: nn.Module) -> None:

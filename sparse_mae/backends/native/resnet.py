@@ -61,11 +61,10 @@ def gather_conv(x: torch.Tensor, nbr: torch.Tensor, weight: torch.Tensor,
     (the fidelity tests' dtype) has no kernel: torch ops."""
     if x.dtype not in FLOAT_DTYPES or weight.dtype not in FLOAT_DTYPES:
         return rows_gather_conv(x, nbr, weight)
-    if sparse_mae_kernels.use_triton(x.device):
-        return kernel_gather_conv(x, nbr, weight, transposed=transposed, impl="triton")
-    if sparse_mae_kernels.use_cpu_kernels(x.device):
-        return kernel_gather_conv(x, nbr, weight, transposed=transposed, impl="c")
-    return rows_gather_conv(x, nbr, weight)
+    impl = sparse_mae_kernels.row_impl(x.device)
+    if impl is None:
+        return rows_gather_conv(x, nbr, weight)
+    return kernel_gather_conv(x, nbr, weight, transposed=transposed, impl=impl)
 
 
 def kernel_conv_macs(encoder: ResNet, imgs: torch.Tensor, mask: torch.Tensor) -> int:
@@ -74,8 +73,7 @@ def kernel_conv_macs(encoder: ResNet, imgs: torch.Tensor, mask: torch.Tensor) ->
     0 where torch ops run them."""
     if not (imgs.dtype in FLOAT_DTYPES and next(encoder.parameters()).dtype in FLOAT_DTYPES):
         return 0
-    impl = ("triton" if sparse_mae_kernels.use_triton(imgs.device)
-            else "c" if sparse_mae_kernels.use_cpu_kernels(imgs.device) else None)
+    impl = sparse_mae_kernels.row_impl(imgs.device)
     if impl is None:
         return 0
     visible, dtype = int((mask == 0).sum()), compute_dtype(imgs)
