@@ -106,6 +106,41 @@ def test_export_of_zero_weights_matches_manifest_and_detects_variant(manifest):
     assert back_spec == spec
 
 
+@pytest.mark.parametrize("variant", ["atto", "tiny"])  # 1x1-conv MLPs and Linear ones
+def test_timm_encoder_layout_keeps_timms_head_norm(variant):
+    """timm's convnextv2_* built with num_classes=0 keeps `head.norm` (only `head.fc` goes), so
+    its strict load of an encoder-only export wants those keys: the 1000-class manifest
+    without `head.fc.*`."""
+    reference = _read_manifest(MANIFEST_DIR / f"timm_convnextv2_{variant}.json")
+    without_classifier = {k: s for k, s in reference.items() if not k.startswith("head.fc.")}
+    assert expected_shapes(Spec(variant, "classifier", 0), "timm") == without_classifier
+
+
+def test_timm_encoder_export_writes_a_fresh_head_norm_and_import_drops_it():
+    sd = random_fcmae_state()
+    exported, spec = export_state_dict(sd, "timm")
+    assert spec.num_classes == 0
+    assert torch.equal(exported["head.norm.weight"], torch.ones(32))  # LayerNorm's initial values
+    assert torch.equal(exported["head.norm.bias"], torch.zeros(32))
+    back, _ = import_state_dict(exported, "timm")
+    assert_same_tensors(back, encoder_of(sd))
+    older = {k: v for k, v in exported.items() if not k.startswith("head.norm.")}  # our exports before
+    assert_same_tensors(import_state_dict(older, "timm")[0], encoder_of(sd))
+
+
+def test_auto_format_reads_a_timm_encoder_export(tmp_path):
+    """debug builds Linear MLPs, so only the head norm without a classifier tells timm's
+    encoder layout from ours (which has no head.norm without head.fc)."""
+    from sparse_mae.convert.starting_weights import read_weights
+
+    sd = random_fcmae_state()
+    exported, _ = export_state_dict(sd, "timm")
+    path = write_state_dict(exported, tmp_path / "timm.safetensors", {})
+    back, spec, read_as = read_weights(str(path), "auto", "debug")
+    assert read_as == "timm" and spec == Spec("debug", "classifier", 0)
+    assert_same_tensors(back, encoder_of(sd))
+
+
 # -- round trips -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", CONVNEXT_FORMATS)

@@ -228,8 +228,24 @@ def layout(spec: Spec, fmt: str) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+def foreign_only(spec: Spec, fmt: str) -> dict[str, tuple[tuple[int, ...], float]]:
+    """Keys a foreign layout holds that our model has no place for: key -> (shape, the value
+    an export fills it with). An import drops them and accepts a file without them.
+
+    timm's ConvNeXt keeps its head's LayerNorm when built without a classifier (num_classes=0
+    makes only `head.fc` an Identity), so its strict load of an encoder wants `head.norm.*`;
+    our encoder has no head. The export writes LayerNorm's initial values, which timm's
+    model starts from too; forward_features never reads them.
+    """
+    if fmt == "timm" and spec.kind == "classifier" and not spec.resnet and spec.num_classes == 0:
+        dim = (VARIANTS[spec.variant].dims[-1],)
+        return {"head.norm.weight": (dim, 1.0), "head.norm.bias": (dim, 0.0)}
+    return {}
+
+
 def expected_shapes(spec: Spec, fmt: str) -> dict[str, tuple[int, ...]]:
-    return {r.foreign: r.foreign_shape for r in layout(spec, fmt)}
+    return {**{r.foreign: r.foreign_shape for r in layout(spec, fmt)},
+            **{k: shape for k, (shape, _) in foreign_only(spec, fmt).items()}}
 
 
 # -- detection and validation ------------------------------------------------------------
@@ -428,7 +444,8 @@ def guess_format(sd: dict) -> str | None:
         return "official_dense"
     if any(k.startswith(("stem.", "encoder.stem.")) for k in keys):
         conv_mlp = any(k.endswith("mlp.fc1.weight") and sd[k].dim() == 4 for k in keys)
-        return "timm" if conv_mlp else "sparse_mae"  # timm and ours share names otherwise
+        timm_encoder = "head.norm.weight" in sd and "head.fc.weight" not in sd  # foreign_only
+        return "timm" if conv_mlp or timm_encoder else "sparse_mae"  # timm and ours share names otherwise
     return None
 
 
@@ -441,12 +458,13 @@ def check_layout(sd: dict, spec: Spec, fmt: str, looks_like: str | None = None, 
                  source: str = "checkpoint") -> None:
     """Raise CheckpointMismatchError listing missing / unexpected / wrong-shape keys."""
     exp = expected_shapes(spec, fmt)
-    missing = [k for k in exp if k not in sd]
+    optional = foreign_only(spec, fmt)  # our exports before they were added lack them
+    missing = [k for k in exp if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in exp] if strict else []
     wrong = [f"{k}: got {tuple(sd[k].shape)}, expected {exp[k]}" for k in exp
              if k in sd and tuple(sd[k].shape) != exp[k]]
     if not (missing or unexpected or wrong):
-        _check_storage(sd, exp, source)
+        _check_storage(sd, [k for k in exp if k in sd], source)
         return
     parts = [f"{source} does not match the {fmt} layout of {spec.describe()}:"]
     if missing:
@@ -472,8 +490,10 @@ def check_layout(sd: dict, spec: Spec, fmt: str, looks_like: str | None = None, 
 
 def to_format(sd: dict, fmt: str, spec: Spec) -> dict[str, torch.Tensor]:
     """Canonical state dict (already checked against `spec`) -> `fmt` layout."""
-    return {r.foreign: TRANSFORMS[r.transform][0](sd[r.canonical]).contiguous().clone()
-            for r in layout(spec, fmt)}
+    out = {r.foreign: TRANSFORMS[r.transform][0](sd[r.canonical]).contiguous().clone()
+           for r in layout(spec, fmt)}
+    out.update({k: torch.full(shape, value) for k, (shape, value) in foreign_only(spec, fmt).items()})
+    return out
 
 
 def from_format(sd: dict, fmt: str, spec: Spec) -> dict[str, torch.Tensor]:
