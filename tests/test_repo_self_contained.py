@@ -16,7 +16,7 @@ OUTSIDE_PATHS = (".." + "/shared", "/" + "work" + "/")
 NOTES_NAME = "DESIGN" + ".md"
 NOTES_MENTION = re.compile(r"[\w./-]*" + re.escape(NOTES_NAME))
 SECTION_REFERENCE = re.compile(r"docs/design\.md,?\s+(?:sections?\s+)?(\d+(?:\s*(?:-|–|,|and)\s*\d+)*)")
-SKIPPED_FOLDERS = {".git", ".venv", "__pycache__", ".pytest_cache", "outputs", "multirun", "wandb", "runs"}
+SKIPPED_FOLDERS = {".git", ".venv", ".venv-timm", "__pycache__", ".pytest_cache", "outputs", "multirun", "wandb", "runs"}
 
 
 def tracked_files() -> list[Path]:
