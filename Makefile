@@ -22,4 +22,4 @@ $(STAMP): pyproject.toml tools/setup_env.sh
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-timm .pytest_cache

@@ -264,6 +264,51 @@ def test_system_nvcc_forced_but_mismatched_is_a_clear_error(tmp_path):
 # -- a CUDA_HOME from NVIDIA's wheels ------------------------------------------------------------
 
 
+# -- tools/timm_env.sh (the side venv with real timm) -------------------------------------------
+
+TIMM_ENV = REPO / "tools" / "timm_env.sh"
+TIMM_PINS = "torch==2.14.1 torchvision==0.29.1 timm==1.0.31"
+
+
+def fake_python_for_timm_env(tmp_path: Path, pip_status: int) -> tuple[Path, Path]:
+    """A stand-in for python3 whose `-m venv DIR` makes a venv whose pip exits `pip_status`
+    and logs each call; -> (the fake python3, the pip log)."""
+    log = tmp_path / "pip.log"
+    venv_python = _script(tmp_path / "fake" / "venv_python", f"""case "$*" in
+  "-m pip"*) echo "$*" >> '{log}'; exit {pip_status} ;;
+  *) exit 0 ;;
+esac
+""")
+    python = _script(tmp_path / "fake" / "python3", f"""[ "$1 $2" = "-m venv" ] || exit 9
+mkdir -p "$3/bin" && cp '{venv_python}' "$3/bin/python"
+""")
+    return python, log
+
+
+def run_timm_env(python: Path, venv: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(TIMM_ENV)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(python), "TIMM_VENV": str(venv)})
+
+
+def test_timm_env_names_the_pins_when_pip_fails(tmp_path):
+    python, _ = fake_python_for_timm_env(tmp_path, pip_status=1)
+    r = run_timm_env(python, tmp_path / "venv")
+    assert r.returncode == 1
+    assert f"[timm-env] ERROR: pip could not install {TIMM_PINS} into {tmp_path / 'venv'}" in r.stderr
+    assert not (tmp_path / "venv" / ".timm-env-stamp").exists()  # the next run tries again
+
+
+def test_timm_env_installs_once_and_again_when_the_pins_change(tmp_path):
+    python, log = fake_python_for_timm_env(tmp_path, pip_status=0)
+    venv = tmp_path / "venv"
+    for _ in range(2):
+        assert run_timm_env(python, venv).returncode == 0
+    assert log.read_text().splitlines() == [f"-m pip install --quiet {TIMM_PINS}"]  # the second run: the stamp
+    (venv / ".timm-env-stamp").write_text("torch==2.14.0 torchvision==0.29.0 timm==1.0.30\n")
+    assert run_timm_env(python, venv).returncode == 0
+    assert len(log.read_text().splitlines()) == 2
+
+
 def _touch(path: Path, text: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
