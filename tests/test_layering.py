@@ -6,6 +6,7 @@ finds `sparse_mae_kernels` and `sparse_mae_conf` in the tree."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,13 @@ def test_nothing_imports_the_folder_names_kernels_or_conf(folder):
     bare = {f"{p.relative_to(REPO)}: {m}" for p in (REPO / folder).rglob("*.py") for m in runtime_imports(p)
             if m.split(".")[0] in ("kernels", "conf")}
     assert not bare
+
+
+def test_the_timm_check_imports_torch_and_timm_only():
+    """tools/timm_check.py is the independent loader of our exports (tests/test_timm_loads_exports.py):
+    it must share no code with the exporter."""
+    used = {m.split(".")[0] for m in runtime_imports(REPO / "tools" / "timm_check.py")}
+    assert used - set(sys.stdlib_module_names) == {"torch", "timm"}
 
 
 # -- the whole layer order -----------------------------------------------------------------
