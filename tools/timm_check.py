@@ -57,10 +57,12 @@ def key_problems(model: torch.nn.Module, sd: dict) -> dict[str, list[str]]:
 @torch.no_grad()
 def timm_outputs(model: torch.nn.Module, images: torch.Tensor, names) -> dict[str, torch.Tensor]:
     features = model.forward_features(images)
-    found = {"features": features,
-             "pre_logits": lambda: model.forward_head(features, pre_logits=True),
-             "logits": lambda: model.forward_head(features)}
-    return {n: found[n] if n == "features" else found[n]() for n in names}
+    out = {"features": features}
+    if "pre_logits" in names:
+        out["pre_logits"] = model.forward_head(features, pre_logits=True)
+    if "logits" in names:
+        out["logits"] = model.forward_head(features)
+    return out
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
