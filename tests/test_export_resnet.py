@@ -28,7 +28,7 @@ from sparse_mae.convert.layouts import Spec, canonical_shapes
 from sparse_mae.models.geometry import PATCH
 
 # timm's resnet* key -> shape (its state_dict order), written from timm's ResNet / Bottleneck /
-# BasicBlock; timm itself cannot be installed here (it needs torchvision).
+# BasicBlock; real timm loads our exports in its own venv: tests/test_timm_loads_exports.py.
 MANIFEST_DIR = Path(__file__).parent / "data" / "resnet_layouts"
 MANIFEST_VARIANTS = ("resnet18", "resnet50", "resnet101")
 RESNET_FORMATS = ("sparse_mae", "timm", "spark")
