@@ -6,8 +6,11 @@
         --finetune-steps 200 --fractions 0.01                              # longer fine-tuning from the same encoder
     .venv/bin/python benchmarks/studies/fashion_mnist_study.py --pretrained outputs/fashion-mnist-study/pretrained.pt \
         --finetune-steps 150 --fractions 0.1 --finetune-lr 1e-3           # another fine-tuning lr, both starts
+    .venv/bin/python benchmarks/studies/fashion_mnist_study.py --variant resnet18 --no-finetune
+                                                   # SparK on ResNet-18, probes only -> docs/fashion-mnist/resnet18
 
-1. Pretrain once (FCMAE, the debug variant at 128px, decoder width 128) on the 60,000
+1. Pretrain once (FCMAE, the debug variant at 128px, decoder width 128; a ResNet variant
+   pretrains with SparK, the same decoder width 128) on the 60,000
    training images with the kNN monitor on; kNN accuracy of the random init is step 0.
 2. Linear probe (BatchNorm without affine + Linear on frozen features) and fine-tuning
    with 1%, 10% and 100% of the training labels (class-balanced, drawn per seed), 3 seeds,
@@ -46,6 +49,7 @@ from sparse_mae.data.dataset import SeededDataset
 from sparse_mae.data.fashion_mnist import CLASSES, FashionMnist, FashionMnistSource, labelled_fraction
 from sparse_mae.data.transforms import EvalTransform
 from sparse_mae import create_model
+from sparse_mae.models import RESNET_VARIANTS, pretraining_model_name
 from sparse_mae.probe.classify import knn_classify, linear_probe
 from sparse_mae.probe.features import batches_of, embed, load_encoder
 from sparse_mae.probe.monitor import KnnMonitor
@@ -97,7 +101,8 @@ def mean_sd(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default=VARIANT, help="encoder variant (debug: what a shared 2-core CPU affords)")
+    ap.add_argument("--variant", default=VARIANT, help="encoder variant (debug: what a shared 2-core CPU affords; "
+                    "resnet18 etc. pretrain with SparK)")
     ap.add_argument("--root", default=None, help="Fashion-MNIST idx folder (default: Debian's)")
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--knn-every", type=int, default=50)
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-val", type=int, default=2000, help="test images every accuracy is measured on")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=None, help="default: docs/fashion-mnist (--quick: outputs/fashion-mnist-quick)")
+    ap.add_argument("--no-finetune", action="store_true", help="probes only (linear and kNN): the fine-tuning "
+                    "half is over half the study's time")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, measures nothing")
     ap.add_argument("--pretrained", default=None, help="fine-tune only, from this pretraining checkpoint (the "
                     "study keeps its own as outputs/fashion-mnist-study/pretrained.pt)")
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seeds = args.seeds[:2]
     root = {"data.root": args.root} if args.root else {}
     out = Path(args.out or REPO / ("outputs/fashion-mnist-quick" if args.quick else "docs/fashion-mnist"))
+    out = out if args.out or args.variant == VARIANT else out / args.variant
     out.mkdir(parents=True, exist_ok=True)
     began = time.time()
     timings: dict[str, float] = {}
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                                          "knn.every_steps": args.knn_every, "checkpoint.every_steps":
                                          args.pretrain_steps, "output_dir": tmp / "pretrain"}))
         torch.manual_seed(cfg.seed)  # as the engine seeds before it builds the model
-        start_model = create_model(f"fcmae_convnextv2_{args.variant}", backend="dense_masked",
+        start_model = create_model(pretraining_model_name(args.variant), backend="dense_masked",
                                    decoder_dim=DECODER_DIM)
         step0 = KnnMonitor(cfg.data, cfg.knn, torch.device("cpu"))(start_model.encoder)
         t = time.time()
@@ -187,10 +195,12 @@ def main(argv: list[str] | None = None) -> None:
 
         # -- 2b. fine-tuning, the same budget of steps at every fraction
         t = time.time()
-        rows += finetune_rows(args, pre.checkpoint, FRACTIONS, num_val, root, tmp)
+        if not args.no_finetune:
+            rows += finetune_rows(args, pre.checkpoint, FRACTIONS, num_val, root, tmp)
         timings["finetune_s"] = time.time() - t
         # kept (outputs/ is not committed) for --pretrained: longer fine-tuning from the same encoder
-        kept = REPO / "outputs" / "fashion-mnist-study" / "pretrained.pt"
+        kept = REPO / "outputs" / "fashion-mnist-study" / ("" if args.variant == VARIANT else args.variant) \
+            / "pretrained.pt"
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(pre.checkpoint, kept)
     timings["total_s"] = time.time() - began
@@ -254,10 +264,14 @@ def load_average() -> str:
         return "unknown"
 
 
+def methods(rows: list[dict]) -> list[str]:
+    return [m for m in ("fine-tune", "linear probe", "kNN") if any(r["method"] == m for r in rows)]
+
+
 def goals(rows: list[dict], seeds: list[int]) -> dict[str, bool]:
     """Pretrained beats random init on every seed, per method and label fraction."""
     met = {}
-    for method in ("fine-tune", "linear probe", "kNN"):
+    for method in methods(rows):
         for fraction in FRACTIONS:
             pairs = [[r["top1"] for r in rows if r["method"] == method and r["fraction"] == fraction and
                       r["seed"] == s and r["start"] == start] for s in seeds for start in ("pretrained", "random init")]
@@ -275,16 +289,18 @@ def write_results(out: Path, args, rows, curve, monitor, timings, pre) -> None:
               "goals": goals(rows, args.seeds), "load_average_at_end": load_average(),
               "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}"}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    lines = [f"# Fashion-MNIST study: pretrained vs random init ({'QUICK SMOKE RUN, not the study' if args.quick else 'measured'})",
+    recipe = (f"SparK on {args.variant}" if args.variant in RESNET_VARIANTS else f"FCMAE on ConvNeXt V2 {args.variant}")
+    lines = [f"# Fashion-MNIST study, {recipe}: pretrained vs random init ({'QUICK SMOKE RUN, not the study' if args.quick else 'measured'})",
              "", f"`benchmarks/studies/fashion_mnist_study.py` at commit {commit}; {result['machine']}; "
              f"{timings['total_s'] / 60:.1f} min in all (pretraining {timings['pretrain_s'] / 60:.1f}, probes "
-             f"{timings['probes_s'] / 60:.1f}, fine-tuning {timings['finetune_s'] / 60:.1f}); load average at the "
+             f"{timings['probes_s'] / 60:.1f}, fine-tuning " + ("not run: --no-finetune" if args.no_finetune else
+             f"{timings['finetune_s'] / 60:.1f}") + "); load average at the "
              f"end {result['load_average_at_end']}.", "",
              f"Top-1 on the first {args.num_val} test images, mean ± sd over seeds {args.seeds} "
              f"(per-seed values in results.json); top-5 in results.json.", "",
              "| method | labels | pretrained | random init | pretrained wins on every seed |", "|---|---|---|---|---|"]
     met = result["goals"]
-    for method in ("fine-tune", "linear probe", "kNN"):
+    for method in methods(rows):
         for fraction in FRACTIONS:
             sel = [r for r in rows if r["method"] == method and r["fraction"] == fraction]
             pre_t = [r["top1"] for r in sel if r["start"] == "pretrained"]
@@ -308,8 +324,9 @@ def plot(path: Path, rows, curve, seeds) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-    for ax, method in zip(axes, ("fine-tune", "linear probe", "kNN")):
+    shown = methods(rows)
+    fig, axes = plt.subplots(1, len(shown) + 1, figsize=(4.5 * (len(shown) + 1), 4))
+    for ax, method in zip(axes, shown):
         for start, colour in (("pretrained", "tab:blue"), ("random init", "tab:orange")):
             for seed in seeds:
                 pts = sorted((r["fraction"], r["top1"]) for r in rows
@@ -322,11 +339,11 @@ def plot(path: Path, rows, curve, seeds) -> None:
         ax.set_title(method)
         ax.legend()
         ax.grid(alpha=0.3)
-    axes[3].plot([c["step"] for c in curve], [c["top1"] for c in curve], "o-")
-    axes[3].set_xlabel("pretraining step")
-    axes[3].set_ylabel("kNN top-1 (%)")
-    axes[3].set_title("kNN monitor during pretraining")
-    axes[3].grid(alpha=0.3)
+    axes[-1].plot([c["step"] for c in curve], [c["top1"] for c in curve], "o-")
+    axes[-1].set_xlabel("pretraining step")
+    axes[-1].set_ylabel("kNN top-1 (%)")
+    axes[-1].set_title("kNN monitor during pretraining")
+    axes[-1].grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
