@@ -59,6 +59,29 @@ def test_the_fashion_mnist_study_writes_where_the_docs_show_its_results():
     assert (REPO / "docs" / "fashion-mnist" / "results.md").is_file()
 
 
+@pytest.mark.slow
+def test_the_study_pretrains_a_resnet_with_spark_and_probes_it(tmp_path):
+    """--variant resnet_debug --no-finetune: SparK pretraining, then the linear probe and kNN
+    only; the results say which recipe ran and that fine-tuning did not."""
+    import json
+
+    from sparse_mae.data.fashion_mnist import DEFAULT_ROOT
+
+    if not Path(DEFAULT_ROOT).is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    study = load(BENCHMARKS / "studies" / "fashion_mnist_study.py")
+    study.main(["--quick", "--variant", "resnet_debug", "--no-finetune", "--seeds", "0", "1", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method"] for r in result["rows"]} == {"linear probe", "kNN"}
+    assert {r["start"] for r in result["rows"]} == {"pretrained", "random init"}
+    assert set(result["goals"]) == {f"{m} {f:.0%}" for m in ("linear probe", "kNN") for f in study.FRACTIONS}
+    assert result["knn_curve"][0]["step"] == 0 and result["knn_curve"][-1]["step"] == 6
+    table = (tmp_path / "results.md").read_text()
+    assert "SparK on resnet_debug" in table and "fine-tuning not run: --no-finetune" in table
+    assert "| fine-tune |" not in table
+    assert (tmp_path / "study.png").stat().st_size > 0
+
+
 def test_profile_step_profiles_the_step_the_bench_times(capsys):
     profile_step = load(BENCHMARKS / "profile_step.py")
     assert profile_step.main(["bench=micro", "backends=[dense_masked,not_a_backend]", "mask_ratios=[0.5]",
