@@ -76,3 +76,16 @@ def test_classifier_bad_input(bad, match):
     model = sparse_mae.create_model("convnextv2_debug")
     with pytest.raises(ValueError, match=match):
         model(bad)
+
+
+@pytest.mark.parametrize("name,label", [("fcmae_convnextv2_debug", "FCMAE"), ("spark_resnet_debug", "SparK")])
+def test_pretraining_forward_takes_a_mask_ratio_or_a_mask_not_both(name, label):
+    model = sparse_mae.create_model(name, backend="dense_masked")
+    imgs = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    for kwargs in ({}, {"mask_ratio": 0.5, "mask": mask}):
+        with pytest.raises(ValueError, match=rf"give {label}\.forward either mask_ratio .* or mask"):
+            model(imgs, **kwargs)
+    loss, _, used = model(imgs, mask=mask)
+    assert torch.equal(used, mask) and torch.isfinite(loss)
+    assert model(imgs, mask_ratio=0.5)[2].sum(1).tolist() == [2.0, 2.0]

@@ -69,6 +69,20 @@ class MaskedPretrainer(nn.Module):
         (N, L, p*p*C) of every patch or (K, p*p*C) of the removed ones. -> scalar."""
         return masked_patch_loss(self.patchify(imgs), pred, mask, self.norm_pix_loss)
 
+    def input_mask(self, imgs: torch.Tensor, mask_ratio: float | None, mask: torch.Tensor | None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """Checks imgs (N, C, H, W) and returns the forward's mask (N, L) on their device:
+        drawn at `mask_ratio` or the given `mask`, checked (exactly one of the two)."""
+        check_images(imgs, self.in_chans)
+        n, _, h, w = imgs.shape
+        num_patches = (h // self.patch_size) * (w // self.patch_size)
+        if (mask is None) == (mask_ratio is None):
+            raise ValueError(f"give {type(self).__name__}.forward either mask_ratio (a mask is drawn; the paper uses "
+                             f"0.6) or mask")
+        if mask is None:
+            return self.random_masking(n, num_patches, mask_ratio, device=imgs.device, generator=generator)
+        return check_mask(mask, n, num_patches).to(imgs.device)
+
 
 class FCMAE(MaskedPretrainer):
     def __init__(
@@ -136,15 +150,7 @@ class FCMAE(MaskedPretrainer):
         """imgs (N, C, H, W) -> (loss scalar, pred (N, L, p*p*C), mask (N, L)). The mask is
         drawn at `mask_ratio` or given as `mask` (one of the two). With `loss_only`
         (training) pred is (K, p*p*C), the K removed patches only: the same loss."""
-        check_images(imgs, self.in_chans)
-        n, _, h, w = imgs.shape
-        num_patches = (h // self.patch_size) * (w // self.patch_size)
-        if (mask is None) == (mask_ratio is None):
-            raise ValueError("give FCMAE.forward either mask_ratio (a mask is drawn; the paper uses 0.6) or mask")
-        if mask is None:
-            mask = self.random_masking(n, num_patches, mask_ratio, device=imgs.device, generator=generator)
-        else:
-            mask = check_mask(mask, n, num_patches).to(imgs.device)
+        mask = self.input_mask(imgs, mask_ratio, mask, generator)
         latent = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(latent, mask, removed_only=loss_only)
         loss = self.forward_loss(imgs, pred, mask)

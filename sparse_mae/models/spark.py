@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from sparse_mae.models.fcmae import MaskedPretrainer, check_mask
+from sparse_mae.models.fcmae import MaskedPretrainer
 from sparse_mae.models.geometry import PATCH
-from sparse_mae.models.resnet import VARIANTS, ResNet, check_images
+from sparse_mae.models.resnet import VARIANTS, ResNet
 from sparse_mae.models.sparse_norm import visible_batch_norm
 
 if TYPE_CHECKING:  # type hints only: the backends sit above the models
@@ -166,15 +166,7 @@ class SparK(MaskedPretrainer):
         """imgs (N, C, H, W) -> (loss scalar, pred (N, L, f*f*C), mask (N, L)), FCMAE's contract:
         the mask drawn at `mask_ratio` (SparK: 0.6) or given; with `loss_only` pred is
         (K, f*f*C), the removed patches only."""
-        check_images(imgs, self.in_chans)
-        n, _, h, w = imgs.shape
-        num_patches = (h // PATCH) * (w // PATCH)
-        if (mask is None) == (mask_ratio is None):
-            raise ValueError("give SparK.forward either mask_ratio (a mask is drawn; the paper uses 0.6) or mask")
-        if mask is None:
-            mask = self.random_masking(n, num_patches, mask_ratio, device=imgs.device, generator=generator)
-        else:
-            mask = check_mask(mask, n, num_patches).to(imgs.device)
+        mask = self.input_mask(imgs, mask_ratio, mask, generator)
         features = self.forward_encoder(imgs, mask)
         pred = self.forward_decoder(self.densify(features, mask), mask, removed_only=loss_only)
         return self.forward_loss(imgs, pred, mask), pred, mask
